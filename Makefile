@@ -1,0 +1,56 @@
+# kubeforge — the verbs. Every target sets up what it needs on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: help install tools crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime bench-trainer bench-checkpoint bench-serving bench-operator lint
+
+help: ## list the verbs
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install kubeforge with all extras (quick when done)
+
+$(STAMP): pyproject.toml
+	@t0=$$SECONDS; \
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip >/dev/null; \
+	$(PY) -m pip install -q -e '.[operator,runtime,dev]'; \
+	rm -f $(VENV)/.installed-*; touch $@; \
+	echo "install: $$((SECONDS - t0))s"
+
+tools: ## build the control plane, kwok, MinIO, kubectl and helm from Go modules (cached)
+	@t0=$$SECONDS; hack/cluster/build.sh; echo "tools: $$((SECONDS - t0))s"
+
+crds: install ## render crds/*.yaml from the API models
+	$(VENV)/bin/kubeforge-crds --out crds
+
+cluster-up: install tools ## start the local control plane (a no-op when it runs)
+	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py up; echo "cluster-up: $$((SECONDS - t0))s"
+
+cluster-down: ## stop the local control plane, leaving no process behind
+	@if [ -x $(PY) ]; then $(PY) hack/cluster/devcluster.py down; fi
+
+cluster-status: install ## show the local control plane's processes
+	@$(PY) hack/cluster/devcluster.py status
+
+demo: cluster-up ## the main job on the local cluster: CRDs, operator, examples
+	@hack/demo.sh
+
+test: install tools ## the whole suite (starts the local cluster itself)
+	@t0=$$SECONDS; $(PY) -m pytest tests; rc=$$?; echo "tests: $$((SECONDS - t0))s"; exit $$rc
+
+test-unit: install ## only the pure unit tests
+	$(PY) -m pytest tests/unit
+
+test-cluster: install tools ## only the tests against the local control plane
+	$(PY) -m pytest tests/cluster
+
+test-runtime: install ## only the torch tests (trainer, checkpoints, server) on the CPU
+	$(PY) -m pytest tests/runtime
+
+lint: install
+	$(VENV)/bin/ruff check operator trainer_image tests bench

@@ -1,0 +1,46 @@
+"""Where the Go-built tools live: read hack/cluster/versions.env and the cache root.
+
+Used by the local control plane, the tests and the benchmarks; `hack/cluster/build.sh` builds
+what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in (HERE / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out[k] = v
+    return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBEFORGE_CACHE", Path.home() / ".cache" / "kubeforge"))
+
+
+_PART_OF = {
+    "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "kube-scheduler": "kubernetes",
+    "kubectl": "kubernetes", "etcd": "etcd", "kwok": "kwok", "helm": "helm", "minio": "minio",
+}
+
+
+def binary(name: str, build: bool = True) -> Path:
+    """Path of a tool binary; builds its part first when missing and ``build`` is set."""
+    part = _PART_OF[name]
+    version = versions()[f"{part.upper()}_VERSION"]
+    path = cache_root() / "bin" / f"{part}-{version}" / name
+    if not (path.parent / ".complete").exists():
+        if not build:
+            raise FileNotFoundError(f"{name} is not built yet: run hack/cluster/build.sh {part}")
+        subprocess.run([str(HERE / "build.sh"), part], check=True)
+    return path

@@ -1,0 +1,48 @@
+"""The operator → worker pod contract, in one place.
+
+Both sides import this module: the operator builds pod specs from it, the trainer and the
+server read their inputs by these names and exit with these codes. It imports neither torch
+nor kopf. Change a name here and both sides follow; never spell one of these strings
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of the trainer (``python -m kubeforge_runtime.train``).
+
+    The operator classifies a worker's termination by these codes:
+    SUCCESS ends the job when worker 0 returns it; PREEMPTED is an infrastructure
+    failure (replace the pod, never count against the budget); CONFIG_ERROR fails the job at
+    once and is never retried; anything else is a retryable application failure.
+    """
+
+    SUCCESS = 0
+    #: SIGTERM was received (preemption, node drain): the step finished, a checkpoint was
+    #: requested, and the process left cleanly.
+    PREEMPTED = 75
+    #: The configuration is invalid (unknown key, impossible value). Retrying cannot help.
+    CONFIG_ERROR = 78
+
+
+#: Environment variables the operator sets on worker pods.
+ENV_CONFIG_FILE = "KUBEFORGE_CONFIG"  # path of the trainer config YAML (mounted ConfigMap)
+ENV_CHECKPOINT_URI = "KUBEFORGE_CHECKPOINT_URI"  # store root: s3://bucket/prefix or file:///path
+ENV_CHECKPOINT_POLICY = "KUBEFORGE_CHECKPOINT_POLICY"  # JSON of CheckpointPolicy.spec.schedule/retention
+ENV_JOB_NAMESPACE = "KUBEFORGE_JOB_NAMESPACE"
+ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
+ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"
+#: S3 settings; credentials come only from a Secret via envFrom (AWS_ACCESS_KEY_ID,
+#: AWS_SECRET_ACCESS_KEY), never from the custom resource.
+ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
+ENV_S3_REGION = "AWS_REGION"
+
+#: Where the operator mounts the trainer config inside worker pods.
+CONFIG_MOUNT_DIR = "/etc/kubeforge"
+CONFIG_FILE_NAME = "trainer.yaml"
+#: Default ports.
+TRAINER_METRICS_PORT = 9400
+SERVING_PORT = 8000
