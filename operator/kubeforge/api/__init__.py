@@ -1,1 +1,15 @@
-"""Typed models of the kubeforge.dev/v1alpha1 kinds: the single source of the CRD schemas."""
+"""Typed models of the kubeforge.dev/v1alpha1 kinds: the single source of the CRD schemas,
+of `kubectl explain` text and of docs/reference.md."""
+
+from kubeforge.api.checkpointpolicy import CheckpointPolicy, CheckpointPolicySpec, CheckpointPolicyStatus
+from kubeforge.api.common import API_VERSION, GROUP, VERSION, Kind
+from kubeforge.api.inferenceservice import InferenceService, InferenceServiceSpec, InferenceServiceStatus
+from kubeforge.api.trainingjob import TrainingJob, TrainingJobSpec, TrainingJobStatus
+
+KINDS: tuple[type[Kind], ...] = (TrainingJob, CheckpointPolicy, InferenceService)
+
+__all__ = [
+    "API_VERSION", "GROUP", "KINDS", "VERSION", "CheckpointPolicy", "CheckpointPolicySpec",
+    "CheckpointPolicyStatus", "InferenceService", "InferenceServiceSpec", "InferenceServiceStatus", "Kind",
+    "TrainingJob", "TrainingJobSpec", "TrainingJobStatus",
+]

@@ -1,0 +1,165 @@
+"""TrainingJob: elastic torchrun across N..M GPU nodes running the in-image trainer."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from kubeforge.api.common import (
+    Kind,
+    ApiModel,
+    ComputeResources,
+    EnvVar,
+    LocalObjectReference,
+    Rule,
+    StatusBase,
+    Toleration,
+    Volume,
+    VolumeMount,
+)
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
+
+
+class Workers(ApiModel):
+    """How many worker pods (nodes) and GPUs each; torchrun runs --nnodes=min:max."""
+
+    min_replicas: int = Field(default=1, ge=1, le=4096, description="Fewest workers the job runs with.")
+    max_replicas: int = Field(default=1, ge=1, le=4096, description="Most workers; pods for all are created.")
+    gpus_per_worker: int = Field(default=8, ge=0, le=64, description=(
+        "nvidia.com/gpu per worker pod; torchrun starts one process per GPU (one process when 0)."))
+    gpu_product: str | None = Field(default=None, description=(
+        "Require nodes whose nvidia.com/gpu.product label has this value, e.g. NVIDIA-H100-80GB-HBM3."))
+    resources: ComputeResources = Field(default_factory=ComputeResources, description="CPU and memory per worker.")
+    shm_size: str = Field(default="16Gi", pattern=r"^[0-9]+([KMGT]i)?$", description="Size of the memory-backed /dev/shm.")
+    max_agent_restarts: int = Field(default=3, ge=0, le=100, description=(
+        "torchrun --max-restarts: in-pod worker-group restarts before the pod fails."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas",
+             field_path=".minReplicas", reason="FieldValueInvalid"),
+    )
+
+
+class FailurePolicy(ApiModel):
+    """How failures are counted and handled. Infrastructure failures (node loss, eviction,
+    preemption) never count against maxRestarts."""
+
+    max_restarts: int = Field(default=3, ge=0, le=1000, description="Application failures tolerated before the job fails.")
+    restart_policy: Literal["ReplaceFailed", "RestartGroup"] = Field(default="ReplaceFailed", description=(
+        "ReplaceFailed recreates only the failed worker; RestartGroup recreates every worker."))
+    node_failure_grace_seconds: int = Field(default=30, ge=0, le=3600, description=(
+        "How long a worker's node may be NotReady/Unknown before the worker is force-deleted and replaced."))
+    insufficient_capacity_timeout_seconds: int = Field(default=300, ge=0, description=(
+        "How long fewer than minReplicas may run before the job reports InsufficientCapacity."))
+
+
+class Trainer(ApiModel):
+    """What the workers run: the image and the trainer config (model, data, optimizer, parallelism)."""
+
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the worker container.")
+    config: dict[str, Any] = Field(default_factory=dict, description=(
+        "The trainer config (the YAML of `python -m kubeforge_runtime.train --config`), mounted as a "
+        "ConfigMap file. The trainer validates it before training and exits with the configuration-error "
+        "code on an unknown key or an impossible value, which fails the job at once."),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+class PodOverrides(ApiModel):
+    """Additions to the worker pods, without forking the pod template."""
+
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    volumes: list[Volume] = Field(default_factory=list, description="Extra volumes.")
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, description="Extra mounts in the worker container.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Extra tolerations.")
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the worker pods.")
+    scheduler_name: str | None = Field(default=None, description="Scheduler (e.g. a gang scheduler) of the worker pods.")
+    service_account_name: str | None = Field(default=None, description="ServiceAccount of the worker pods.")
+
+
+class Export(ApiModel):
+    """The final model export (Hugging Face Llama layout) that InferenceServices serve."""
+
+    enabled: bool = Field(default=True, description="Write the export when training finishes; Succeeded waits for it.")
+
+
+class TrainingJobSpec(ApiModel):
+    """What to train, on how many GPU nodes, and how to survive failures."""
+
+    workers: Workers = Field(default_factory=Workers, description="Worker count range and shape.")
+    trainer: Trainer = Field(default_factory=Trainer, description="Image and trainer config.")
+    checkpoint_policy_ref: LocalObjectReference | None = Field(default=None, description=(
+        "The CheckpointPolicy to use; without one the job does not checkpoint and restarts from step 0."))
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, description="Failure budget and handling.")
+    export: Export = Field(default_factory=Export, description="Final model export.")
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Additions to the worker pods.")
+    suspend: bool = Field(default=False, description="Delete the workers and keep status and checkpoints; resume on false.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail the job once it ran this long.")
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description=(
+        "Delete the TrainingJob this long after it succeeded or failed."))
+
+
+class WorkerCounts(ApiModel):
+    """Worker pods by state."""
+
+    desired: int = Field(default=0, description="Worker pods the job wants (maxReplicas).")
+    active: int = Field(default=0, description="Worker pods that exist and have not finished.")
+    ready: int = Field(default=0, description="Worker pods running and ready.")
+    failed: int = Field(default=0, description="Worker pods that failed and await replacement.")
+
+
+class Restarts(ApiModel):
+    """Restarts so far; stored here so they never reset."""
+
+    application: int = Field(default=0, description="Application failures (count against maxRestarts).")
+    infrastructure: int = Field(default=0, description="Infrastructure replacements (node loss, eviction, preemption).")
+
+
+class CheckpointRef(ApiModel):
+    """The newest committed checkpoint on the store."""
+
+    step: int = Field(description="Training step.")
+    uri: str = Field(description="Where it is.")
+    time: str | None = Field(default=None, description="When it was committed.")
+
+
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class TrainingJobStatus(StatusBase):
+    """Observed state of the job."""
+
+    phase: Phase | None = Field(default=None, description="Summary for humans; conditions are the API.")
+    workers: WorkerCounts | None = Field(default=None, description="Worker pods by state.")
+    restarts: Restarts | None = Field(default=None, description="Restart counters.")
+    start_time: str | None = Field(default=None, description="When the job first ran.")
+    completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
+    last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest committed checkpoint.")
+    export_uri: str | None = Field(default=None, description="Where the committed export is.")
+    message: str | None = Field(default=None, description="Latest human-readable summary.")
+
+
+class TrainingJob(Kind):
+    """Elastic, fault-tolerant training across N..M GPU nodes with the in-image FSDP trainer.
+
+    The operator creates one headless Service and one Pod per worker running elastic
+    torchrun, replaces workers lost to node failure or preemption, and resumes from the last
+    committed checkpoint."""
+
+    kind: ClassVar[str] = "TrainingJob"
+    plural: ClassVar[str] = "trainingjobs"
+    short_names: ClassVar[tuple[str, ...]] = ("tjob",)
+    spec_model: ClassVar[type[ApiModel]] = TrainingJobSpec
+    status_model: ClassVar[type[ApiModel]] = TrainingJobStatus
+    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+        {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.ready"},
+        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts.application"},
+        {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )

@@ -1,0 +1,41 @@
+"""Operator settings, grouped with their defaults. Environment variables (KUBEFORGE_*) and
+command-line flags of ``kubeforge-operator`` fill them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorSettings:
+    """How the operator process runs."""
+
+    #: Port of the Prometheus /metrics endpoint.
+    metrics_port: int = 8081
+    #: Port of the liveness endpoint (/healthz), served by kopf's probes.
+    health_port: int = 8080
+    #: Namespaces to watch; empty means the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    #: "json" for one JSON object per log line, "plain" for humans.
+    log_format: str = "json"
+    #: Log level name.
+    log_level: str = "INFO"
+    #: Peering name for several replicas (kopf peering objects); empty runs standalone.
+    peering: str = ""
+    #: Address to bind the endpoints on.
+    bind_address: str = "0.0.0.0"
+
+    @classmethod
+    def from_env(cls) -> "OperatorSettings":
+        env = os.environ
+        ns = tuple(n for n in env.get("KUBEFORGE_NAMESPACES", "").split(",") if n)
+        return cls(
+            metrics_port=int(env.get("KUBEFORGE_METRICS_PORT", cls.metrics_port)),
+            health_port=int(env.get("KUBEFORGE_HEALTH_PORT", cls.health_port)),
+            namespaces=ns,
+            log_format=env.get("KUBEFORGE_LOG_FORMAT", cls.log_format),
+            log_level=env.get("KUBEFORGE_LOG_LEVEL", cls.log_level),
+            peering=env.get("KUBEFORGE_PEERING", cls.peering),
+            bind_address=env.get("KUBEFORGE_BIND_ADDRESS", cls.bind_address),
+        )
