@@ -1,0 +1,279 @@
+"""The engine: schedule, run one step over the paged cache, sample, detokenize, stop.
+
+Synchronous and single-threaded on purpose: ``AsyncEngine`` runs it in its own thread and
+talks to it only through queues, so the scheduler, the block pool and the KV tensors have
+one owner and need no locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from kubeforge_runtime.model.llama import Llama
+from kubeforge_runtime.serve.kv_cache import KVBlockPool
+from kubeforge_runtime.serve.metrics import ServingMetrics
+from kubeforge_runtime.serve.runner import PagedRunner, PrefillChunk, StepBatch
+from kubeforge_runtime.serve.sampling import SamplingParams, make_generator, sample
+from kubeforge_runtime.serve.scheduler import Scheduler, Sequence
+from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the engine; the CLI flags of the same names fill it."""
+
+    #: tokens per KV block
+    block_size: int = 16
+    #: KV blocks in the pool; None sizes the pool from ``kv_cache_memory_fraction``
+    num_blocks: int | None = None
+    #: fraction of device memory (GPU) or of the container's memory (CPU) the process may
+    #: use, weights included; the KV pool gets what the weights leave
+    kv_cache_memory_fraction: float | None = None
+    #: sequences in one step at most
+    max_num_seqs: int = 64
+    #: tokens computed in one step at most (prefill chunks and decodes together)
+    max_num_batched_tokens: int = 512
+    #: context limit; None means the model's ``max_position_embeddings``
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes this process may use: the GPU's total memory, or the cgroup limit (else
+    physical memory) on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            return int(raw)
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def resolve_num_blocks(cfg: EngineConfig, model: Llama, max_model_len: int) -> int:
+    """Pool size from the explicit count, or from the memory fraction minus the weights.
+
+    Without either flag: 0.9 of a GPU, 0.2 of the CPU budget, capped on the CPU to what
+    ``max_num_seqs`` full-length sequences could ever hold twice over (a CPU pod's memory is
+    shared with everything else in it, and beyond that size the pool only grows the cache).
+    """
+    p = next(model.parameters())
+    bs = cfg.block_size
+    per_seq = -(-max_model_len // bs)
+    if cfg.num_blocks is not None:
+        n = cfg.num_blocks
+    else:
+        frac = cfg.kv_cache_memory_fraction
+        if frac is None:
+            frac = 0.9 if p.device.type == "cuda" else 0.2
+        weights = sum(t.numel() * t.element_size() for t in model.parameters())
+        c = model.cfg
+        per_block = 2 * c.num_hidden_layers * bs * c.num_key_value_heads * c.head_dim * p.element_size()
+        n = int((_memory_budget(p.device) * frac - weights * 1.1) // per_block)
+        if p.device.type != "cuda" and cfg.kv_cache_memory_fraction is None:
+            n = min(n, 2 * cfg.max_num_seqs * per_seq)
+    if n < per_seq:
+        raise ValueError(f"the KV pool must hold at least one full-length sequence: {n} blocks of {bs} tokens "
+                         f"< {per_seq} blocks for max_model_len {max_model_len}")
+    return n
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, model: Llama, tokenizer: ByteTokenizer | HFTokenizer, config: EngineConfig,
+                 metrics: ServingMetrics | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings,
+                                 model.cfg.max_position_embeddings)
+        self.block_size = config.block_size
+        self.num_blocks = resolve_num_blocks(config, model, self.max_model_len)
+        self.pool = KVBlockPool(self.num_blocks, config.enable_prefix_caching)
+        self.runner = PagedRunner(model, self.num_blocks, config.block_size, self.max_model_len)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.metrics = metrics or ServingMetrics(model_name="model")
+        self._seqs: dict[str, Sequence] = {}
+        self._step_prefix = (0, 0)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"duplicate request id {request_id}")
+        if not prompt_ids:
+            raise ValueError("the prompt must have at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len {self.max_model_len}")
+        seq = Sequence(request_id, prompt_ids, params, self.block_size, arrival_time,
+                       make_generator(params, self.runner.device))
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            seq.finish_reason = "abort"
+            self.scheduler.release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def _build_batch(self, entries: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        dec_idx: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        logits_idx: list[int] = []
+        sampled: list[Sequence] = []
+        arange_bs = torch.arange(bs)
+        for seq, n in entries:
+            start = seq.num_computed_tokens
+            t0 = len(input_ids)
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            bt = seq.block_ids
+            slot_mapping += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
+            ctx = start + n
+            if n == 1:
+                dec_idx.append(t0)
+                dec_tables.append(bt)
+                dec_lens.append(ctx)
+            else:
+                slots = (torch.tensor(bt[:-(-ctx // bs)])[:, None] * bs + arange_bs).flatten()[:ctx]
+                prefills.append(PrefillChunk(t0, n, ctx, slots))
+            if ctx == seq.num_tokens:
+                logits_idx.append(t0 + n - 1)
+                sampled.append(seq)
+        if dec_idx:
+            max_ctx = max(dec_lens)
+            nb = -(-max_ctx // bs)
+            table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in dec_tables])
+            dec_slots = (table[:, :, None] * bs + arange_bs).flatten(1)[:, :max_ctx]
+        else:
+            dec_slots = torch.zeros((0, 1), dtype=torch.long)
+        batch = StepBatch(
+            torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
+            torch.tensor(dec_idx, dtype=torch.long), dec_slots, torch.tensor(dec_lens, dtype=torch.long),
+            prefills, torch.tensor(logits_idx, dtype=torch.long))
+        return batch, sampled
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs of the requests that produced a token or ended."""
+        sched = self.scheduler.schedule()
+        m = self.metrics
+        if sched.num_preempted:
+            m.num_preemptions.inc(sched.num_preempted)
+        q, h = self.scheduler.prefix_queries, self.scheduler.prefix_hits
+        if (q, h) != self._step_prefix:
+            m.prefix_cache_queries.inc(q - self._step_prefix[0])
+            m.prefix_cache_hits.inc(h - self._step_prefix[1])
+            self._step_prefix = (q, h)
+        outputs: list[RequestOutput] = []
+        if sched.entries:
+            batch, sampled = self._build_batch(sched.entries)
+            logits = self.runner.forward(batch)
+            for seq, n in sched.entries:
+                self.scheduler.after_compute(seq, n)
+            tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+            now = time.monotonic()
+            for seq, tok in zip(sampled, tokens, strict=True):
+                outputs.append(self._append_token(seq, tok, now))
+        m.num_requests_running.set(self.num_running)
+        m.num_requests_waiting.set(self.num_waiting)
+        m.kv_cache_usage.set(self.pool.usage())
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        m = self.metrics
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            m.time_to_first_token.observe(now - seq.arrival_time)
+            m.prompt_tokens.inc(seq.num_prompt_tokens)
+        else:
+            assert seq.last_token_time is not None
+            m.inter_token_latency.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        m.generation_tokens.inc()
+        seq.token_ids.append(token)
+        p = seq.params
+        reason: str | None = None
+        if (token == self.tokenizer.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        text = self.tokenizer.decode(seq.output_ids)
+        for s in p.stop:
+            idx = text.find(s)
+            if idx >= 0:
+                text, reason = text[:idx], "stop"
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        seq.text = text
+        if reason is None:
+            safe = _stable_length(text, p.stop)
+        else:
+            safe = len(text)
+        delta = text[seq.num_sent_chars:safe] if safe > seq.num_sent_chars else ""
+        seq.num_sent_chars = max(seq.num_sent_chars, safe)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.release(seq)
+            self._seqs.pop(seq.request_id, None)
+            m.e2e_request_latency.observe(now - seq.arrival_time)
+            m.request_success_for(reason).inc()
+        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_tokens)
+
+
+def _stable_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of an unfinished output may be streamed: not a trailing incomplete UTF-8
+    character (decoded as U+FFFD and changed by the next token), nor a tail that could still
+    grow into a stop string (it would have to be taken back)."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return end - hold

@@ -1,0 +1,124 @@
+"""The model forward pass over the paged KV cache.
+
+One step runs every scheduled sequence at once as a flat list of tokens (prefill chunks and
+single decode tokens side by side): embeddings, projections and MLPs see one (T, D) matrix,
+whatever mix of requests it came from. Only attention is per sequence, because each reads its
+own history through its block table:
+
+- decode tokens (one new token each) are batched: the runner gathers every decoding
+  sequence's keys and values by slot index into a padded (B, C) batch and masks the padding;
+- prefill chunks run one sequence at a time with a causal mask offset by the tokens the
+  sequence already has in the cache (a prefix-cache hit or an earlier chunk).
+
+New keys and values are written to their slots before attention reads, so a chunk attends to
+itself and to its past through the same gather. Gather-then-SDPA is the portable way to do
+paged attention in plain torch; it is correct on the GPU as well, only slower than a fused
+paged kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from kubeforge_runtime.model.llama import Llama, rope_cos_sin
+from kubeforge_runtime.serve.kv_cache import KVCacheTensors
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    """One sequence's new tokens in this step, when there is more than one."""
+
+    token_start: int  # offset in the flat token list
+    num_tokens: int
+    context_len: int  # tokens in the cache after this step, this chunk included
+    slots: torch.Tensor  # (context_len,) slot of every position 0..context_len-1
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """A step's inputs, built on the host by the engine and moved to the device once."""
+
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    slot_mapping: torch.Tensor  # (T,) where each new token's k/v is written
+    decode_token_idx: torch.Tensor  # (Bd,) flat index of each decode token
+    decode_slots: torch.Tensor  # (Bd, C) history slots, padded with slot 0
+    decode_context_lens: torch.Tensor  # (Bd,)
+    prefills: list[PrefillChunk]
+    logits_idx: torch.Tensor  # (S,) flat indices whose next-token logits are wanted
+
+
+class PagedRunner:
+    """Owns the KV tensors and runs ``Llama``'s modules over them (weights are shared with
+    the trainer's model class, not copied)."""
+
+    def __init__(self, model: Llama, num_blocks: int, block_size: int, max_model_len: int) -> None:
+        self.model = model
+        cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = block_size
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.kv = KVCacheTensors(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                                 cfg.head_dim, self.dtype, self.device)
+        cos, sin = rope_cos_sin(torch.arange(max_model_len, device=self.device), cfg.head_dim, cfg.rope_theta)
+        self.cos_table, self.sin_table = cos, sin
+
+    def to_device(self, b: StepBatch) -> StepBatch:
+        if self.device.type == "cpu":
+            return b
+        d = self.device
+        return StepBatch(
+            b.input_ids.to(d, non_blocking=True), b.positions.to(d, non_blocking=True),
+            b.slot_mapping.to(d, non_blocking=True), b.decode_token_idx.to(d, non_blocking=True),
+            b.decode_slots.to(d, non_blocking=True), b.decode_context_lens.to(d, non_blocking=True),
+            [dataclasses.replace(p, slots=p.slots.to(d, non_blocking=True)) for p in b.prefills],
+            b.logits_idx.to(d, non_blocking=True))
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits (S, V) at ``batch.logits_idx``; writes the step's keys and values."""
+        b = self.to_device(batch)
+        m = self.model
+        t = b.input_ids.shape[0]
+        cos, sin = self.cos_table[b.positions], self.sin_table[b.positions]
+        x_TD = m.embed_tokens(b.input_ids)
+        dec_mask = None
+        if b.decode_token_idx.numel():
+            c = b.decode_slots.shape[1]
+            # (Bd, 1, 1, C): True where the key is part of the sequence
+            dec_mask = (torch.arange(c, device=self.device)[None, :] < b.decode_context_lens[:, None])[:, None, None, :]
+        for layer_idx, layer in enumerate(m.layers):
+            k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
+            h = layer.input_layernorm(x_TD)
+            q, k, v = layer.self_attn.qkv(h[None], cos, sin)  # (1,H,T,E), (1,K,T,E), (1,K,T,E)
+            q_THE = q[0].transpose(0, 1)
+            k_cache[b.slot_mapping] = k[0].transpose(0, 1)
+            v_cache[b.slot_mapping] = v[0].transpose(0, 1)
+            y_THE = torch.empty_like(q_THE)
+            if dec_mask is not None:
+                qd = q_THE[b.decode_token_idx][:, :, None, :]  # (Bd,H,1,E)
+                kd = k_cache[b.decode_slots].transpose(1, 2)  # (Bd,K,C,E)
+                vd = v_cache[b.decode_slots].transpose(1, 2)
+                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
+                y_THE[b.decode_token_idx] = yd[:, :, 0, :]
+            for p in b.prefills:
+                s, n = p.token_start, p.num_tokens
+                qp = q_THE[s:s + n].transpose(0, 1)[None]  # (1,H,n,E)
+                kp = k_cache[p.slots].transpose(0, 1)[None]  # (1,K,ctx,E)
+                vp = v_cache[p.slots].transpose(0, 1)[None]
+                if p.context_len == n:
+                    yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+                else:
+                    past = p.context_len - n
+                    qpos = torch.arange(n, device=self.device)[:, None] + past
+                    mask = torch.arange(p.context_len, device=self.device)[None, :] <= qpos
+                    yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+                y_THE[s:s + n] = yp[0].transpose(0, 1)
+            x_TD = x_TD + layer.self_attn.o_proj(y_THE.reshape(t, -1))
+            x_TD = x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
+        last = x_TD[b.logits_idx]
+        return m.lm_head(m.norm(last))
