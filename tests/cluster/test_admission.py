@@ -1,0 +1,118 @@
+"""The API server rejects invalid resources at admission, naming the field and the rule."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devcluster import Cluster
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def example(kind: str) -> dict[str, Any]:
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == kind:
+                return copy.deepcopy(doc)
+    raise LookupError(kind)
+
+
+def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    *parents, last = path.split(".")
+    node = obj
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return obj
+
+
+_DELETE = object()
+
+# (kind, path to change, new value, text the error must contain)
+INVALID = [
+    ("TrainingJob", "spec.workers.minReplicas", "two", "spec.workers.minReplicas"),
+    ("TrainingJob", "spec.workers.minReplicas", -1, "spec.workers.minReplicas"),
+    ("TrainingJob", "spec.workers", {"minReplicas": 4, "maxReplicas": 2}, "minReplicas must be less than or equal"),
+    ("TrainingJob", "spec.unknownField", 1, "unknownField"),
+    ("TrainingJob", "spec.workers.gpusPerWorker", 100, "spec.workers.gpusPerWorker"),
+    ("TrainingJob", "spec.failurePolicy.restartPolicy", "Sometimes", "spec.failurePolicy.restartPolicy"),
+    ("TrainingJob", "spec.checkpointPolicyRef", {}, "spec.checkpointPolicyRef.name"),
+    ("TrainingJob", "spec", _DELETE, "spec"),
+    ("TrainingJob", "spec.trainer.imagePullPolicy", "Maybe", "spec.trainer.imagePullPolicy"),
+    ("TrainingJob", "spec.pod.volumeMounts", [{"name": "data", "mountPath": "relative/path"}],
+     "spec.pod.volumeMounts[0].mountPath"),
+    ("TrainingJob", "spec.failurePolicy.nodeFailureGraceSeconds", -5, "spec.failurePolicy.nodeFailureGraceSeconds"),
+    ("CheckpointPolicy", "spec.storage.volume", {"claimName": "ckpt"}, "exactly one of s3 or volume must be set"),
+    ("CheckpointPolicy", "spec.schedule", {"asyncSave": True}, "everySteps or everySeconds must be set"),
+    ("CheckpointPolicy", "spec.storage.s3.bucket", "Bad_Bucket", "spec.storage.s3.bucket"),
+    ("CheckpointPolicy", "spec.storage", _DELETE, "spec.storage"),
+    ("CheckpointPolicy", "spec.retention.keepLast", 0, "spec.retention.keepLast"),
+    ("CheckpointPolicy", "spec.schedule.everySteps", 1.5, "spec.schedule.everySteps"),
+    ("InferenceService", "spec.model.uri", "s3://kubeforge/models/x", "exactly one of uri or trainingJobRef must be set"),
+    ("InferenceService", "spec.model", {"uri": "http://example.com/model"}, "spec.model.uri"),
+    ("InferenceService", "spec.autoscaling.minReplicas", 5, "minReplicas must be less than or equal"),
+    ("InferenceService", "spec.autoscaling.metric", "GPU", "spec.autoscaling.metric"),
+    ("InferenceService", "spec.replicas", -3, "spec.replicas"),
+    ("InferenceService", "spec.engine", {"kvCacheMemoryFraction": 1.5}, "spec.engine.kvCacheMemoryFraction"),
+    ("InferenceService", "spec.autoscaling", {"minReplicas": 1}, "spec.autoscaling.maxReplicas"),
+    ("InferenceService", "spec.autoscaling.scaleUpPolicies", [{"type": "Nodes", "value": 1, "periodSeconds": 60}],
+     "spec.autoscaling.scaleUpPolicies[0].type"),
+]
+
+
+@pytest.fixture(scope="module")
+def admission_ns(crds: Cluster) -> Iterator[str]:
+    crds.kubectl("create", "namespace", "admission-tests", check=False)
+    yield "admission-tests"
+    crds.kubectl("delete", "namespace", "admission-tests", "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("kind,path,value,expected", INVALID,
+                         ids=[f"{k}:{p}={v if v is not _DELETE else 'missing'}" for k, p, v, _ in INVALID])
+def test_invalid_spec_is_rejected_naming_the_field(crds: Cluster, admission_ns: str, kind: str, path: str,
+                                                   value: Any, expected: str) -> None:
+    obj = _set(example(kind), path, value)
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert out.returncode != 0, f"accepted an invalid {kind} ({path}={value!r})"
+    assert expected in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_admitted(crds: Cluster, admission_ns: str, path: Path) -> None:
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", str(path), check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def test_admission_applies_model_defaults(crds: Cluster, admission_ns: str) -> None:
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-o", "json", "-f",
+                       str(REPO / "examples/02-trainingjob-tiny.yaml"))
+    spec = json.loads(out.stdout)["spec"]
+    assert spec["failurePolicy"]["restartPolicy"] == "ReplaceFailed"
+    assert spec["suspend"] is False
+    assert spec["export"] == {"enabled": True}
+
+
+def test_kubectl_explain_prints_field_descriptions(crds: Cluster) -> None:
+    out = crds.kubectl("explain", "trainingjob.spec").stdout
+    assert "What to train, on how many GPU nodes" in out
+    assert "workers" in out and "Worker count range and shape." in out
+    out = crds.kubectl("explain", "inferenceservice.spec.autoscaling.scaleDownCooldownSeconds").stdout
+    assert "Scale-down stabilization window." in out
+
+
+def test_short_names_and_category_resolve(crds: Cluster, admission_ns: str) -> None:
+    for short in ("tjob", "ckptpol", "infsvc", "kubeforge"):
+        out = crds.kubectl("get", short, "-n", admission_ns, check=False)
+        assert out.returncode == 0, out.stderr
