@@ -1,0 +1,52 @@
+"""The checkpoint store, shared by the operator and the trainer (no torch, no kopf).
+
+Layout under a store root (``s3://bucket/prefix`` or ``file:///path``)::
+
+    <namespace>/<job>/checkpoints/step-0000000042/...        sharded checkpoint files
+    <namespace>/<job>/checkpoints/step-0000000042/commit.json marker, written last
+    <namespace>/<job>/export/...  + export/commit.json       Hugging Face model, own marker
+
+A checkpoint exists only once its marker does (step, time, world size, bytes, per-file size
+and sha256); without one it is never restored and is deleted after a grace period.
+
+API (what the operator and the trainer call)::
+
+    store = open_store(uri, endpoint_url=None, region=None, force_path_style=True,
+                       access_key_id=None, secret_access_key=None, **S3Options fields)
+    store.check()                                        # raises StoreError: bucket/dir unreachable
+    store.list_checkpoints(ns, job) -> list[CheckpointInfo]   # committed and not, oldest first
+    store.committed_checkpoints(ns, job) -> list[CheckpointInfo]
+    store.newest_committed(ns, job) -> CheckpointInfo | None  # .step .marker.time .marker.world_size
+    store.checkpoint_uri(ns, job, step) -> str
+    store.summary(ns, job) -> CheckpointSummary          # committed, bytes, newest_step, newest_time, incomplete
+    store.read_marker(ns, job, step) -> CommitMarker | None
+    store.write_marker(ns, job, marker)                  # the commit; files must be durable first
+    store.verify(ns, job, step) -> list[str]             # problems; [] means every file matches
+    store.delete(ns, job, step)                          # marker first, then the files
+    store.export_marker(ns, job) -> ExportMarker | None
+    store.export_uri(ns, job) -> str
+    store.write_export(ns, job, local_dir, step) -> ExportMarker
+    store.download_export(ns, job, dest) -> ExportMarker
+
+    plan = plan_retention(store.list_checkpoints(ns, job), keep_last=K, keep_every=M,
+                          protected_steps={restoring_step}, incomplete_grace_seconds=3600)
+    store.apply_retention(ns, job, plan) -> list[int]    # deleted steps
+
+Errors: ``StoreError`` (unreachable after retries, access denied), ``NotFound``,
+``CorruptCheckpoint`` (a file does not match its marker).
+"""
+
+from kubeforge.store.backends import NotFound, ObjectInfo, S3Options, StoreError, open_backend
+from kubeforge.store.layout import (
+    MARKER_NAME, CommitMarker, ExportMarker, FileDigest, checkpoint_prefix, export_prefix, job_prefix,
+    step_dir_name, utc_now,
+)
+from kubeforge.store.retention import RetentionPlan, plan_retention
+from kubeforge.store.store import CheckpointInfo, CheckpointSummary, CorruptCheckpoint, Store, open_store
+
+__all__ = [
+    "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
+    "FileDigest", "NotFound", "ObjectInfo", "RetentionPlan", "S3Options", "Store", "StoreError",
+    "checkpoint_prefix", "export_prefix", "job_prefix", "open_backend", "open_store", "plan_retention",
+    "step_dir_name", "utc_now",
+]

@@ -1,0 +1,123 @@
+"""Key names and commit markers of the store layout (DESIGN.md, "Store layout").
+
+Every key is relative to the store root (``s3://bucket/prefix`` or ``file:///path``)::
+
+    <namespace>/<job>/checkpoints/step-<0000000042>/<files...>
+    <namespace>/<job>/checkpoints/step-<0000000042>/commit.json     written last
+    <namespace>/<job>/export/<config.json, *.safetensors, tokenizer.json...>
+    <namespace>/<job>/export/commit.json                             written last
+
+A directory counts only once its ``commit.json`` exists: writers upload every file first and
+the marker last, readers never look at a directory without one, and deleters remove the
+marker first. The marker carries each file's size and sha256 so a reader can prove what it
+got is what was written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MARKER_NAME = "commit.json"
+STEP_DIGITS = 10
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MARKER_VERSION = 1
+
+
+class FileDigest(BaseModel):
+    """Size and sha256 of one file of a checkpoint or export."""
+
+    model_config = ConfigDict(frozen=True)
+    size: int
+    sha256: str
+
+
+class CommitMarker(BaseModel):
+    """The commit marker of one checkpoint: its existence is the commit."""
+
+    model_config = ConfigDict(frozen=True)
+    version: int = MARKER_VERSION
+    step: int
+    time: str = Field(description="RFC 3339 UTC time of the commit")
+    world_size: int
+    bytes: int
+    files: dict[str, FileDigest] = Field(description="file name relative to the checkpoint directory")
+    info: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=1).encode()
+
+
+class ExportMarker(BaseModel):
+    """The commit marker of a job's export (a Hugging Face Llama directory)."""
+
+    model_config = ConfigDict(frozen=True)
+    version: int = MARKER_VERSION
+    step: int | None
+    time: str
+    format: str = "hf-llama"
+    bytes: int
+    files: dict[str, FileDigest]
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=1).encode()
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not value or "/" in value or value in (".", ".."):
+        raise ValueError(f"{what} must be a non-empty name without '/', got {value!r}")
+    return value
+
+
+def job_prefix(namespace: str, job: str) -> str:
+    return f"{_check_name(namespace, 'namespace')}/{_check_name(job, 'job')}"
+
+
+def checkpoints_prefix(namespace: str, job: str) -> str:
+    return f"{job_prefix(namespace, job)}/checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a ``step-<digits>`` directory name, None for anything else."""
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_prefix(namespace: str, job: str, step: int) -> str:
+    return f"{checkpoints_prefix(namespace, job)}/{step_dir_name(step)}"
+
+
+def export_prefix(namespace: str, job: str) -> str:
+    return f"{job_prefix(namespace, job)}/export"
+
+
+def sha256_stream(stream: BinaryIO, chunk: int = 8 << 20) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        buf = stream.read(chunk)
+        if not buf:
+            return h.hexdigest(), n
+        h.update(buf)
+        n += len(buf)
+
+
+def file_digest(path: Path) -> FileDigest:
+    with open(path, "rb") as f:
+        sha, size = sha256_stream(f)
+    return FileDigest(size=size, sha256=sha)

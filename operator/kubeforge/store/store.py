@@ -1,0 +1,267 @@
+"""The checkpoint store: the layout of ``layout.py`` over an object backend.
+
+One class for both sides. The trainer uploads files, writes markers and downloads verified
+files; the operator lists, summarises, plans retention and deletes. Nothing here knows about
+torch or Kubernetes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from kubeforge.store import layout
+from kubeforge.store.backends import NotFound, ObjectBackend, S3Options, StoreError, open_backend
+from kubeforge.store.layout import CommitMarker, ExportMarker, FileDigest
+
+if TYPE_CHECKING:
+    from kubeforge.store.retention import RetentionPlan
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpoint(StoreError):
+    """A committed checkpoint's files do not match its marker (missing, resized or changed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One ``step-N`` directory as listed: committed when its marker exists and parses.
+
+    ``bytes`` is what the listing found (for an incomplete checkpoint, what was written so
+    far); ``modified`` is its newest object's time, which dates incomplete leftovers."""
+
+    step: int
+    prefix: str
+    committed: bool
+    bytes: int
+    modified: dt.datetime
+    marker: CommitMarker | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSummary:
+    """What the operator reports per job: committed count and bytes, the newest one."""
+
+    committed: int
+    bytes: int
+    newest_step: int | None
+    newest_time: str | None
+    incomplete: int
+
+
+class Store:
+    """A store root (``s3://bucket/prefix`` or ``file:///path``) holding many jobs."""
+
+    def __init__(self, backend: ObjectBackend) -> None:
+        self.backend = backend
+        self.uri = backend.uri
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    # ------------------------------------------------------------------ addresses
+
+    def checkpoint_uri(self, namespace: str, job: str, step: int) -> str:
+        return f"{self.uri}/{layout.checkpoint_prefix(namespace, job, step)}"
+
+    def export_uri(self, namespace: str, job: str) -> str:
+        return f"{self.uri}/{layout.export_prefix(namespace, job)}"
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def list_checkpoints(self, namespace: str, job: str) -> list[CheckpointInfo]:
+        """Every ``step-N`` directory of the job, committed or not, oldest first."""
+        base = layout.checkpoints_prefix(namespace, job)
+        found: dict[int, list[Any]] = {}
+        for obj in self.backend.list(base):
+            rel = obj.key[len(base) + 1:]
+            step_dir, _, _name = rel.partition("/")
+            step = layout.parse_step_dir(step_dir)
+            if step is not None:
+                found.setdefault(step, []).append(obj)
+        out = []
+        for step in sorted(found):
+            objs = found[step]
+            prefix = layout.checkpoint_prefix(namespace, job, step)
+            marker = None
+            if any(o.key == f"{prefix}/{layout.MARKER_NAME}" for o in objs):
+                marker = self._read_commit_marker(prefix)
+            out.append(CheckpointInfo(step=step, prefix=prefix, committed=marker is not None,
+                                      bytes=marker.bytes if marker else sum(o.size for o in objs),
+                                      modified=max(o.modified for o in objs), marker=marker))
+        return out
+
+    def committed_checkpoints(self, namespace: str, job: str) -> list[CheckpointInfo]:
+        return [c for c in self.list_checkpoints(namespace, job) if c.committed]
+
+    def newest_committed(self, namespace: str, job: str) -> CheckpointInfo | None:
+        committed = self.committed_checkpoints(namespace, job)
+        return committed[-1] if committed else None
+
+    def _read_commit_marker(self, prefix: str) -> CommitMarker | None:
+        try:
+            return CommitMarker.model_validate_json(self.backend.get_bytes(f"{prefix}/{layout.MARKER_NAME}"))
+        except NotFound:
+            return None
+        except ValidationError as e:
+            log.warning("store: unreadable commit marker under %s/%s: %s", self.uri, prefix, e)
+            return None
+
+    def read_marker(self, namespace: str, job: str, step: int) -> CommitMarker | None:
+        return self._read_commit_marker(layout.checkpoint_prefix(namespace, job, step))
+
+    def write_marker(self, namespace: str, job: str, marker: CommitMarker) -> None:
+        """Commit: callers must have made every file of ``marker.files`` durable before."""
+        prefix = layout.checkpoint_prefix(namespace, job, marker.step)
+        self.backend.put_bytes(f"{prefix}/{layout.MARKER_NAME}", marker.to_json())
+
+    def upload_checkpoint_file(self, namespace: str, job: str, step: int, name: str, path: Path) -> FileDigest:
+        """Upload one local file into a checkpoint; returns the digest for the marker."""
+        digest = layout.file_digest(path)
+        self.backend.put_file(f"{layout.checkpoint_prefix(namespace, job, step)}/{name}", path)
+        return digest
+
+    def local_checkpoint_dir(self, namespace: str, job: str, step: int) -> Path | None:
+        """The checkpoint's directory when the store is a mounted volume (write in place), else None."""
+        return self.backend.local_path(layout.checkpoint_prefix(namespace, job, step))
+
+    def fetch_verified(self, key_prefix: str, name: str, digest: FileDigest, dest: Path) -> Path:
+        """A file of a committed directory, checked against its digest.
+
+        On a volume the file is read where it is (returned path is the store's own); from S3
+        it is downloaded to ``dest``. Raises CorruptCheckpoint on any mismatch."""
+        key = f"{key_prefix}/{name}"
+        local = self.backend.local_path(key)
+        if local is None:
+            try:
+                self.backend.get_file(key, dest)
+            except NotFound as e:
+                raise CorruptCheckpoint(f"{self.uri}/{key}: missing") from e
+            local = dest
+        elif not local.is_file():
+            raise CorruptCheckpoint(f"{self.uri}/{key}: missing")
+        got = layout.file_digest(local)
+        if got != digest:
+            raise CorruptCheckpoint(
+                f"{self.uri}/{key}: expected {digest.size} bytes sha256 {digest.sha256[:12]}, "
+                f"found {got.size} bytes sha256 {got.sha256[:12]}")
+        return local
+
+    def verify(self, namespace: str, job: str, step: int, *, parallel: int = 4) -> list[str]:
+        """Problems of one committed checkpoint (empty list: every file matches its marker).
+        Streams every file once; meant for audits, the trainer verifies what it reads."""
+        prefix = layout.checkpoint_prefix(namespace, job, step)
+        marker = self._read_commit_marker(prefix)
+        if marker is None:
+            return [f"step {step}: no commit marker"]
+        return self._verify_files(prefix, marker.files, parallel)
+
+    def _verify_files(self, prefix: str, files: Mapping[str, FileDigest], parallel: int) -> list[str]:
+        with tempfile.TemporaryDirectory(prefix="kubeforge-verify-") as tmp:
+            def check(item: tuple[str, FileDigest]) -> str | None:
+                name, digest = item
+                dest = Path(tmp) / name
+                try:
+                    self.fetch_verified(prefix, name, digest, dest)
+                except CorruptCheckpoint as e:
+                    return str(e)
+                finally:
+                    if self.backend.local_path(f"{prefix}/{name}") is None:
+                        dest.unlink(missing_ok=True)
+                return None
+            with ThreadPoolExecutor(parallel) as pool:
+                return [p for p in pool.map(check, sorted(files.items())) if p]
+
+    def delete(self, namespace: str, job: str, step: int) -> None:
+        """Remove a checkpoint, marker first: an interrupted delete leaves an incomplete
+        directory (cleaned later), never a committed one with missing files."""
+        prefix = layout.checkpoint_prefix(namespace, job, step)
+        self.backend.delete([f"{prefix}/{layout.MARKER_NAME}"])
+        self.backend.delete([o.key for o in self.backend.list(prefix)])
+
+    def summary(self, namespace: str, job: str) -> CheckpointSummary:
+        listed = self.list_checkpoints(namespace, job)
+        committed = [c for c in listed if c.committed]
+        newest = committed[-1] if committed else None
+        return CheckpointSummary(
+            committed=len(committed), bytes=sum(c.bytes for c in committed),
+            newest_step=newest.step if newest else None,
+            newest_time=newest.marker.time if newest and newest.marker else None,
+            incomplete=len(listed) - len(committed))
+
+    def apply_retention(self, namespace: str, job: str, plan: RetentionPlan) -> list[int]:
+        """Delete what a ``RetentionPlan`` says; returns the deleted steps."""
+        steps = list(plan.delete) + list(plan.delete_incomplete)
+        for step in steps:
+            self.delete(namespace, job, step)
+        return steps
+
+    # ------------------------------------------------------------------ export
+
+    def export_marker(self, namespace: str, job: str) -> ExportMarker | None:
+        try:
+            raw = self.backend.get_bytes(f"{layout.export_prefix(namespace, job)}/{layout.MARKER_NAME}")
+        except NotFound:
+            return None
+        try:
+            return ExportMarker.model_validate_json(raw)
+        except ValidationError as e:
+            log.warning("store: unreadable export marker for %s/%s: %s", namespace, job, e)
+            return None
+
+    def write_export(self, namespace: str, job: str, local_dir: Path, step: int | None) -> ExportMarker:
+        """Upload a model directory as the job's export; the marker goes last. An earlier export
+        is un-committed first, so a reader never pairs the old marker with new files."""
+        prefix = layout.export_prefix(namespace, job)
+        self.backend.delete([f"{prefix}/{layout.MARKER_NAME}"])
+        files: dict[str, FileDigest] = {}
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            name = path.relative_to(local_dir).as_posix()
+            files[name] = layout.file_digest(path)
+            self.backend.put_file(f"{prefix}/{name}", path)
+        stale = [o.key for o in self.backend.list(prefix) if o.key[len(prefix) + 1:] not in files
+                 and not o.key.endswith(f"/{layout.MARKER_NAME}")]
+        self.backend.delete(stale)
+        marker = ExportMarker(step=step, time=layout.utc_now(), bytes=sum(f.size for f in files.values()),
+                              files=files)
+        self.backend.put_bytes(f"{prefix}/{layout.MARKER_NAME}", marker.to_json())
+        return marker
+
+    def download_export(self, namespace: str, job: str, dest: Path) -> ExportMarker:
+        """Fetch a committed export into ``dest``, every file verified."""
+        marker = self.export_marker(namespace, job)
+        if marker is None:
+            raise NotFound(f"{self.export_uri(namespace, job)}: no committed export")
+        prefix = layout.export_prefix(namespace, job)
+        for name, digest in marker.files.items():
+            got = self.fetch_verified(prefix, name, digest, dest / name)
+            if got != dest / name:
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                (dest / name).write_bytes(got.read_bytes())
+        return marker
+
+    # ------------------------------------------------------------------ health
+
+    def check(self) -> None:
+        """Raise StoreError when the root cannot be reached or written (bucket missing, no access)."""
+        self.backend.check()
+
+
+def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+               force_path_style: bool = True, access_key_id: str | None = None,
+               secret_access_key: str | None = None, **s3_options: Any) -> Store:
+    """Open ``s3://bucket/prefix`` or ``file:///path``. S3 options not given fall back to boto3's
+    environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``...)."""
+    options = S3Options(endpoint_url=endpoint_url, region=region, force_path_style=force_path_style,
+                        access_key_id=access_key_id, secret_access_key=secret_access_key, **s3_options)
+    return Store(open_backend(uri, options))
+
