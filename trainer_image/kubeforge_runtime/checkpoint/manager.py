@@ -1,0 +1,435 @@
+"""CheckpointManager: DCP save and restore of a (possibly FSDP2-sharded) run over the store.
+
+Save. Every rank writes its own shards with ``torch.distributed.checkpoint`` into a local
+directory: the checkpoint's own directory when the store is a mounted volume, a per-rank
+staging directory on local disk when it is S3 (then uploaded with retries). Each rank hashes
+what it wrote; rank 0 gathers every rank's list and writes the commit marker only when all of
+them report their files durable. A rank that dies or fails leaves a directory without a
+marker, which restore ignores and retention removes.
+
+Async saves. The loop is blocked only while the state is copied to host memory; writing,
+hashing and uploading run in one background thread. That thread talks over its own gloo
+process group: DCP's collectives on the default group from a second thread interleave with
+the loop's collectives and deadlock. A second small gloo group, used only from the loop's
+thread, lets all ranks agree on time-based saves. The next save waits for the previous one.
+
+Restore. Rank 0 lists committed checkpoints and broadcasts the choice, newest first. Files
+are fetched through a DCP reader that verifies each file's sha256 against the marker before
+DCP reads it; DCP reshards to the current world size. A corrupt or missing file fails the
+load on every rank (DCP gathers errors), and all ranks fall back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.utils._pytree import tree_map_only
+
+from kubeforge.api import contract
+from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, utc_now
+from kubeforge.store.layout import file_digest
+
+log = logging.getLogger(__name__)
+
+_METADATA = ".metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """When to save and how; mirrors ``CheckpointPolicy.spec.schedule`` plus local knobs."""
+
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    on_preemption: bool = True
+    at_end: bool = True
+    async_save: bool = True
+    #: local disk for S3 staging and restore downloads (the pod's emptyDir)
+    staging_dir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.gettempdir()) / "kubeforge-ckpt")
+    #: how long the checkpoint process groups wait for a peer (a dead rank frees the rest)
+    group_timeout_s: float = 1800.0
+    #: DCP writer threads per rank
+    write_threads: int = 1
+
+    @classmethod
+    def from_policy(cls, policy: Mapping[str, Any] | None, **overrides: Any) -> CheckpointSettings:
+        """Read ``CheckpointPolicy.spec`` (or only its ``schedule``), camelCase or snake_case."""
+        from kubeforge.api.checkpointpolicy import Schedule
+
+        if not policy:
+            return cls(**overrides)
+        raw = policy.get("schedule", policy)
+        sched = Schedule.model_validate(raw)
+        return cls(every_steps=sched.every_steps,
+                   every_seconds=float(sched.every_seconds) if sched.every_seconds else None,
+                   on_preemption=sched.on_preemption, at_end=sched.at_end, async_save=sched.async_save,
+                   **overrides)
+
+
+@dataclasses.dataclass
+class _RankResult:
+    ok: bool
+    files: dict[str, FileDigest]
+    error: str = ""
+
+
+class _RecordingWriter(dcp.FileSystemWriter):
+    """A FileSystemWriter that remembers which files this rank wrote, for hashing and upload."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.written: list[str] = []
+
+    def write_data(self, plan: Any, planner: Any) -> Future[Any]:
+        fut = super().write_data(plan, planner)
+        self.written.extend(sorted({wr.storage_data.relative_path for wr in fut.wait()}))
+        return fut
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        super().finish(metadata, results)
+        self.written.append(_METADATA)
+
+
+class _VerifiedFiles(FileSystem):
+    """DCP's local filesystem, except that opening a checkpoint file for reading first fetches
+    it from the store (S3) or locates it (volume) and checks it against the commit marker."""
+
+    def __init__(self, store: Store, prefix: str, files: Mapping[str, FileDigest], cache: Path) -> None:
+        super().__init__()
+        self.store, self.prefix, self.files, self.cache = store, prefix, files, cache
+        self._ready: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Any:
+        if "r" not in mode:
+            raise PermissionError("a checkpoint being restored is read-only")
+        name = Path(path).relative_to(self.cache).as_posix()
+        with self._lock:
+            if name not in self._ready:
+                from kubeforge.store import CorruptCheckpoint
+
+                digest = self.files.get(name)
+                if digest is None:
+                    raise CorruptCheckpoint(f"{self.prefix}/{name}: not in the commit marker")
+                self._ready[name] = self.store.fetch_verified(self.prefix, name, digest, self.cache / name)
+        return super().create_stream(self._ready[name], mode)
+
+
+class _VerifiedReader(dcp.FileSystemReader):
+    def __init__(self, store: Store, prefix: str, files: Mapping[str, FileDigest], cache: Path) -> None:
+        super().__init__(cache)
+        self.fs = _VerifiedFiles(store, prefix, files, cache)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A private copy in host memory (DTensors stay DTensors, their local shard copied)."""
+    return t.detach().to("cpu", copy=True)
+
+
+class CheckpointManager:
+    """Saves and restores one job's training state; see the package docstring for the calls."""
+
+    def __init__(self, store: Store | None, namespace: str, job: str, rank: int, world_size: int,
+                 settings: CheckpointSettings | None = None) -> None:
+        self.store = store
+        self.namespace, self.job = namespace, job
+        self.rank, self.world_size = rank, world_size
+        self.settings = settings or CheckpointSettings()
+        self.last_committed_step: int | None = None
+        self.last_save_blocking_s: float = 0.0
+        self._last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._pending: Future[bool] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._io_group: Any = None
+        self._control_group: Any = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_env(cls, root_uri: str | None, policy: Mapping[str, Any] | None, rank: int, world_size: int, *,
+                 namespace: str | None = None, job: str | None = None,
+                 env: Mapping[str, str] | None = None, **settings: Any) -> CheckpointManager:
+        """The manager of the pod contract; ``root_uri`` None (or empty) disables checkpointing.
+
+        S3 endpoint, region and credentials come from boto3's environment (``AWS_*``)."""
+        env = os.environ if env is None else env
+        namespace = namespace or env.get(contract.ENV_JOB_NAMESPACE) or "default"
+        job = job or env.get(contract.ENV_JOB_NAME) or "local"
+        store = open_store(root_uri, endpoint_url=env.get(contract.ENV_S3_ENDPOINT) or None,
+                           region=env.get(contract.ENV_S3_REGION) or None) if root_uri else None
+        return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings))
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+    @property
+    def export_uri(self) -> str | None:
+        return self.store.export_uri(self.namespace, self.job) if self.store else None
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _ensure_groups(self) -> None:
+        """Create the two gloo groups; a collective call, so every rank reaches it in the same
+        order (the first restore/save/maybe_save call)."""
+        if self._io_group is None and self._distributed():
+            timeout = dt.timedelta(seconds=self.settings.group_timeout_s)
+            self._io_group = dist.new_group(backend="gloo", timeout=timeout)
+            self._control_group = dist.new_group(backend="gloo", timeout=timeout)
+
+    # ------------------------------------------------------------------ save
+
+    def maybe_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   extra: dict[str, Any], force: bool = False) -> bool:
+        """Save when the policy says so (every N steps, every T seconds) or ``force``; True if a
+        save started. Must be called by every rank at every step."""
+        if not self.enabled:
+            return False
+        s = self.settings
+        due = force or bool(s.every_steps and step % s.every_steps == 0)
+        if not due and s.every_seconds:
+            elapsed = time.monotonic() - self._last_save_time >= s.every_seconds
+            due = self._agree(elapsed)
+        if not due or step == self._last_saved_step:
+            return False
+        self.save(step, model, optimizer, extra, blocking=not s.async_save)
+        return True
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is on any: clocks differ, the decision must not."""
+        self._ensure_groups()
+        if self._control_group is None:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
+        return bool(t.item())
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             extra: dict[str, Any], blocking: bool = True) -> None:
+        """Save now. Waits for the previous save first; with ``blocking`` False returns once the
+        state is in host memory. ``last_committed_step`` tells what made it."""
+        if not self.enabled:
+            return
+        self._ensure_groups()
+        self.wait()
+        t0 = time.perf_counter()
+        state = self._state_dict(model, optimizer)
+        state["extra"] = pickle.dumps(dict(extra))
+        info = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, bytes)}
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if blocking:
+            self._write_and_commit(step, state, info)
+            self.last_save_blocking_s = time.perf_counter() - t0
+            return
+        staged = tree_map_only(torch.Tensor, _host_copy, state)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubeforge-ckpt")
+        self._pending = self._pool.submit(self._write_and_commit, step, staged, info)
+        self.last_save_blocking_s = time.perf_counter() - t0
+
+    def wait(self) -> bool | None:
+        """Wait for the in-flight save; its outcome (True committed), None when there was none."""
+        if self._pending is None:
+            return None
+        fut, self._pending = self._pending, None
+        return fut.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _state_dict(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            return {"model": get_model_state_dict(model)}
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _local_dir(self, step: int) -> tuple[Path, bool]:
+        """Where this rank's DCP files go, and whether that is already the store (a volume)."""
+        assert self.store is not None
+        in_place = self.store.local_checkpoint_dir(self.namespace, self.job, step)
+        if in_place is not None:
+            return in_place, True
+        return (self.settings.staging_dir / "save" / self.namespace / self.job / f"step-{step}"
+                / f"rank-{self.rank}"), False
+
+    def _write_and_commit(self, step: int, state: dict[str, Any], info: dict[str, Any]) -> bool:
+        """Write, make durable, report to rank 0, commit. Never raises: a failed save is logged
+        and leaves no marker; training goes on and the next save tries again."""
+        assert self.store is not None
+        t0 = time.perf_counter()
+        local, in_place = self._local_dir(step)
+        result = _RankResult(ok=False, files={})
+        try:
+            if not in_place and local.exists():
+                shutil.rmtree(local)
+            local.mkdir(parents=True, exist_ok=True)
+            writer = _RecordingWriter(local, single_file_per_rank=True, sync_files=in_place,
+                                      thread_count=self.settings.write_threads)
+            if self._io_group is not None:
+                dcp.save(state, storage_writer=writer, process_group=self._io_group)
+            else:
+                dcp.save(state, storage_writer=writer, no_dist=True)
+            for name in writer.written:
+                if in_place:
+                    result.files[name] = file_digest(local / name)
+                else:
+                    result.files[name] = self.store.upload_checkpoint_file(
+                        self.namespace, self.job, step, name, local / name)
+            result.ok = True
+        except Exception as exc:  # reported to rank 0, which then does not commit
+            log.error("checkpoint: rank %d failed to write step %d: %s", self.rank, step, exc)
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if not in_place:
+                shutil.rmtree(local, ignore_errors=True)
+        committed = self._commit(step, result, info, time.perf_counter() - t0)
+        if committed:
+            self.last_committed_step = step
+        return committed
+
+    def _commit(self, step: int, mine: _RankResult, info: dict[str, Any], elapsed: float) -> bool:
+        assert self.store is not None
+        results: list[Any] = [mine]
+        if self._io_group is not None:
+            results = [None] * self.world_size if self.rank == 0 else []
+            dist.gather_object(mine, results if self.rank == 0 else None, dst=0, group=self._io_group)
+        decision = [False]
+        if self.rank == 0:
+            failed = [f"rank {r}: {res.error}" for r, res in enumerate(results) if not res.ok]
+            if failed:
+                log.error("checkpoint: step %d not committed: %s", step, "; ".join(failed))
+            else:
+                files: dict[str, FileDigest] = {}
+                for res in results:
+                    files.update(res.files)
+                marker = CommitMarker(step=step, time=utc_now(), world_size=self.world_size,
+                                      bytes=sum(f.size for f in files.values()), files=files, info=info)
+                try:
+                    self.store.write_marker(self.namespace, self.job, marker)
+                    decision[0] = True
+                    log.info("checkpoint: committed step %d (%.1f MB, %d files) in %.2fs to %s", step,
+                             marker.bytes / 1e6, len(files), elapsed,
+                             self.store.checkpoint_uri(self.namespace, self.job, step))
+                except StoreError as exc:
+                    log.error("checkpoint: step %d not committed, marker write failed: %s", step, exc)
+        if self._io_group is not None:
+            dist.broadcast_object_list(decision, src=0, group=self._io_group)
+        return bool(decision[0])
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any],
+                step: int | None = None) -> int | None:
+        """Load the newest committed checkpoint (or ``step``) into ``model``/``optimizer`` in place
+        and update ``extra``; returns the step, or None when there is nothing to restore.
+
+        A checkpoint whose files do not match their marker is skipped with a warning and the
+        previous one is tried; raises StoreError when committed checkpoints exist and none loads."""
+        if not self.enabled:
+            return None
+        assert self.store is not None
+        self._ensure_groups()
+        candidates: list[Any] = [None]
+        if self.rank == 0:
+            committed = self.store.committed_checkpoints(self.namespace, self.job)
+            if step is not None:
+                committed = [c for c in committed if c.step == step]
+                if not committed:
+                    candidates[0] = f"step {step} has no committed checkpoint under " \
+                                    f"{self.store.uri}/{self.namespace}/{self.job}"
+            if candidates[0] is None:
+                candidates[0] = [(c.step, c.prefix, c.marker) for c in reversed(committed)]
+        if self._control_group is not None:
+            dist.broadcast_object_list(candidates, src=0, group=self._control_group)
+        if isinstance(candidates[0], str):
+            raise StoreError(candidates[0])
+        tried = []
+        for ckpt_step, prefix, marker in candidates[0]:
+            error = self._load(prefix, marker, model, optimizer, extra)
+            if error is None:
+                if tried:
+                    log.warning("checkpoint: restored step %d after skipping %s", ckpt_step, ", ".join(tried))
+                else:
+                    log.info("checkpoint: restored step %d (saved by %d ranks, now %d)", ckpt_step,
+                             marker.world_size, self.world_size)
+                self.last_committed_step = self._last_saved_step = ckpt_step
+                return cast(int, ckpt_step)
+            log.warning("checkpoint: step %d cannot be restored (%s); falling back to the previous one",
+                        ckpt_step, error)
+            tried.append(f"step {ckpt_step}")
+        if tried:
+            raise StoreError(f"no committed checkpoint could be restored ({', '.join(tried)} failed)")
+        return None
+
+    def _load(self, prefix: str, marker: CommitMarker, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> str | None:
+        """Load one checkpoint on every rank; the error (agreed by all ranks) or None."""
+        assert self.store is not None
+        cache = (self.settings.staging_dir / "restore" / self.namespace / self.job
+                 / f"step-{marker.step}" / f"rank-{self.rank}")
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        error = None
+        state = self._state_dict(model, optimizer)
+        state["extra"] = b""
+        try:
+            reader = _VerifiedReader(self.store, prefix, marker.files, cache)
+            if self._io_group is not None:
+                dcp.load(state, storage_reader=reader, process_group=self._io_group)
+            else:
+                dcp.load(state, storage_reader=reader, no_dist=True)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        if self._control_group is not None:
+            errors: list[Any] = [None] * self.world_size
+            dist.all_gather_object(errors, error, group=self._control_group)
+            error = next((e for e in errors if e), None)
+        if error is not None:
+            return error
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra.update(pickle.loads(state["extra"]) if isinstance(state["extra"], bytes)
+                     else pickle.load(cast(io.BytesIO, state["extra"])))
+        return None
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, local_dir: Path, step: int | None) -> None:
+        """Upload a finished model directory as the job's export (rank 0 only; others return)."""
+        if self.store is not None and self.rank == 0:
+            marker = self.store.write_export(self.namespace, self.job, local_dir, step)
+            log.info("checkpoint: exported %.1f MB to %s", marker.bytes / 1e6, self.export_uri)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
