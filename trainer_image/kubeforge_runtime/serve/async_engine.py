@@ -1,0 +1,145 @@
+"""The engine on its own thread, fed and drained from asyncio.
+
+Why a thread and not ``run_in_executor`` per step: the step loop must keep running while no
+handler awaits it, and torch releases the GIL inside its kernels, so the HTTP side stays
+responsive during a forward pass. Requests and aborts cross into the engine thread through a
+queue; outputs cross back with one ``call_soon_threadsafe`` per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kubeforge_runtime.serve.engine import LLMEngine, RequestOutput
+from kubeforge_runtime.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; the request cannot complete."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: BaseException | None = None
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests accepted and not yet finished (only read and written on the event loop)."""
+        return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self.num_unfinished - self.engine.num_running)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- engine thread --------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id, prompt_ids, params, arrival = arg
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params, arrival)
+                except ValueError as e:
+                    self._post([e], request_id)
+            else:
+                self.engine.abort_request(arg)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                outputs = self.engine.step()
+                if outputs:
+                    self._post(outputs)
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            log.exception("engine thread died")
+            self.dead = e
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _post(self, items: list[Any], request_id: str | None = None) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, items, request_id)
+
+    # -- event loop -----------------------------------------------------------------------
+
+    def _dispatch(self, items: list[Any], request_id: str | None) -> None:
+        for item in items:
+            rid = request_id if request_id is not None else item.request_id
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(item)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(EngineDeadError(f"engine stopped: {e!r}"))
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; leaving the iterator early (a client went away, the
+        handler was cancelled) aborts the request and frees its blocks."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead!r}")
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = q
+        self._inbox.put(("add", (request_id, prompt_ids, params, arrival_time or time.monotonic())))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True  # never reached the engine, or the engine is gone
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wakeup.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._streams:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
