@@ -324,7 +324,7 @@ def open_backend(uri: str, options: S3Options | None = None) -> ObjectBackend:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else uri)
-        if not path.is_absolute():
+        if parsed.netloc not in ("", "localhost") or not path.is_absolute():
             raise ValueError(f"a volume store needs an absolute path, got {uri!r}")
         path.mkdir(parents=True, exist_ok=True)
         return FileBackend(path)
