@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when available)")
     p.add_argument("--download-dir", default=os.environ.get("KUBEFORGE_DOWNLOAD_DIR",
                                                             str(Path(tempfile.gettempdir()) / "kubeforge-models")))
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: the container's CPU limit when one is set)")
     p.add_argument("--log-level", default=os.environ.get("KUBEFORGE_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -193,11 +194,25 @@ async def serve(args: argparse.Namespace) -> int:
     return rc
 
 
+def cgroup_cpu_limit() -> int | None:
+    """Whole CPUs of the container's quota (cgroup v2 ``cpu.max``), if there is one. torch
+    otherwise starts one OpenMP thread per host core, and threads spinning beyond the quota
+    make small matmuls many times slower."""
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or cgroup_cpu_limit()
+    if threads:
+        torch.set_num_threads(threads)
     rc = asyncio.run(serve(args))
     # a load still running in its thread (SIGTERM while downloading) must not hold the exit
     sys.stdout.flush()

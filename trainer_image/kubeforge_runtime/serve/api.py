@@ -28,7 +28,7 @@ import pydantic
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kubeforge_runtime.serve.async_engine import AsyncEngine, EngineDeadError
+from kubeforge_runtime.serve.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from kubeforge_runtime.serve.engine import RequestOutput
 from kubeforge_runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kubeforge_runtime.serve.sampling import SamplingParams
@@ -186,6 +186,8 @@ class OpenAIServer:
                             headers={k: v for k, v in e.headers.items() if k.lower() == "allow"}).response()
         except EngineDeadError as e:
             return APIError(503, str(e), err_type="server_error").response()
+        except EngineStepError as e:
+            return APIError(500, str(e), err_type="server_error").response()
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:  # noqa: BLE001 - a bug answers 500; it must not take the server down

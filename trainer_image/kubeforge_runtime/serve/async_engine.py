@@ -26,6 +26,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped; the request cannot complete."""
 
 
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in it were aborted (the engine keeps serving)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -69,7 +73,7 @@ class AsyncEngine:
                 request_id, prompt_ids, params, arrival = arg
                 try:
                     self.engine.add_request(request_id, prompt_ids, params, arrival)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - the request's failure, not the engine's
                     self._post([e], request_id)
             else:
                 self.engine.abort_request(arg)
@@ -82,7 +86,13 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
+                    log.exception("engine step failed; failing the requests in flight")
+                    for request_id in self.engine.abort_all():
+                        self._post([EngineStepError(f"generation failed: {e!r}")], request_id)
+                    continue
                 if outputs:
                     self._post(outputs)
         except BaseException as e:  # noqa: BLE001 - every waiter must hear about it

@@ -134,12 +134,21 @@ class LLMEngine:
                        make_generator(params, self.runner.device))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+        self.update_gauges()
 
     def abort_request(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             seq.finish_reason = "abort"
             self.scheduler.release(seq)
+            self.update_gauges()
+
+    def abort_all(self) -> list[str]:
+        """Abort every request (after a failed step); returns their ids."""
+        ids = list(self._seqs)
+        for request_id in ids:
+            self.abort_request(request_id)
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -218,10 +227,14 @@ class LLMEngine:
             now = time.monotonic()
             for seq, tok in zip(sampled, tokens, strict=True):
                 outputs.append(self._append_token(seq, tok, now))
+        self.update_gauges()
+        return outputs
+
+    def update_gauges(self) -> None:
+        m = self.metrics
         m.num_requests_running.set(self.num_running)
         m.num_requests_waiting.set(self.num_waiting)
         m.kv_cache_usage.set(self.pool.usage())
-        return outputs
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         m = self.metrics

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -34,7 +35,7 @@ class SamplingFields(_Strict):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1)] = -1
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: StrictBool = False

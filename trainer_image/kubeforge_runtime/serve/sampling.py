@@ -44,7 +44,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.greedy or params.seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed)
+    g.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)  # any int64, and seed + choice index
     return g
 
 
