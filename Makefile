@@ -29,7 +29,7 @@ crds: install ## render crds/*.yaml from the API models
 	$(VENV)/bin/kubeforge-crds --out crds --out charts/kubeforge/crds
 
 cluster-up: install tools ## start the local control plane (a no-op when it runs)
-	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py up; echo "cluster-up: $$((SECONDS - t0))s"
+	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py up && echo "cluster-up: $$((SECONDS - t0))s"
 
 cluster-down: ## stop the local control plane, leaving no process behind
 	@if [ -x $(PY) ]; then $(PY) hack/cluster/devcluster.py down; fi

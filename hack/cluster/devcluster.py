@@ -30,6 +30,9 @@ from typing import Any
 import tools
 
 STAGES_DIR = "kustomize/stage"
+#: The label that puts a node under kwok's management; changing its value makes kwok's
+#: label-filtered watch see the node leave, so kwok stops renewing its lease.
+MANAGED = "kwok.x-k8s.io/node"
 #: kwok's stages, loaded from its module (kwok v0.8.0 ships none built in).
 STAGE_FILES = (
     "node/fast/node-initialize.yaml",
@@ -39,7 +42,6 @@ STAGE_FILES = (
     "pod/fast/pod-complete.yaml",
     "pod/fast/pod-delete.yaml",
 )
-MANAGED = "kwok.x-k8s.io/node"
 NOT_READY_LABEL = "node-not-ready.stage.kwok.x-k8s.io"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 S3_USER, S3_PASSWORD, S3_BUCKET = "kubeforge", "kubeforge-local-secret", "kubeforge"
@@ -122,6 +124,10 @@ class Cluster:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, **(env or {})})
         (self.pids / f"{name}.pid").write_text(f"{proc.pid} {cmd[0]}")
+        # right after the fork /proc/<pid>/cmdline can still show the parent's; wait for the exec
+        deadline = time.monotonic() + 5
+        while self._pid(name) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _stop(self, name: str, timeout: float = 15) -> None:
         pid = self._pid(name)
@@ -155,7 +161,7 @@ class Cluster:
             try:
                 if check():
                     return
-            except (OSError, urllib.error.URLError, subprocess.CalledProcessError):
+            except (OSError, urllib.error.URLError, RuntimeError):
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"timed out after {timeout}s waiting for {what}; {component} log:\n{self._log_tail(component)}")
@@ -213,8 +219,11 @@ class Cluster:
         return out.returncode == 0 and out.stdout.strip() == "ok"
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(tools.binary("kubectl")), "--kubeconfig", str(self.cfg.kubeconfig), *args],
-                              input=input, text=True, capture_output=True, check=check)
+        out = subprocess.run([str(tools.binary("kubectl")), "--kubeconfig", str(self.cfg.kubeconfig), *args],
+                             input=input, text=True, capture_output=True)
+        if check and out.returncode:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+        return out
 
     def is_up(self) -> bool:
         return all(self.running().values()) and self._apiserver_ready()
@@ -281,7 +290,7 @@ class Cluster:
         stages.write_text("\n---\n".join((root / STAGES_DIR / f).read_text() for f in STAGE_FILES))
         self._start("kwok", [
             bins["kwok"], "--kubeconfig", str(c.kubeconfig), "--config", str(stages),
-            f"--manage-nodes-with-annotation-selector={MANAGED}=fake",
+            f"--manage-nodes-with-label-selector={MANAGED}=fake",
             "--node-lease-duration-seconds", "40", "--cidr", "10.244.0.1/16", "--node-ip", "127.0.0.1",
             "--server-address", f"127.0.0.1:{c.port_base + 250}"])
         self._start("minio", [bins["minio"], "server", str(self.dir / "minio"),
@@ -333,7 +342,7 @@ class Cluster:
 
     def add_node(self, name: str, gpus: int = 8) -> None:
         c = self.cfg
-        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        labels = {MANAGED: "fake", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                   "type": "kwok"}
         capacity = {"cpu": c.node_cpu, "memory": c.node_memory, "pods": "110", "ephemeral-storage": "1Ti"}
         taints = []
@@ -343,7 +352,7 @@ class Cluster:
             capacity["nvidia.com/gpu"] = str(gpus)
             taints.append(GPU_TAINT)
         node = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": labels, "annotations": {MANAGED: "fake"}},
+                "metadata": {"name": name, "labels": labels},
                 "spec": {"taints": taints},
                 "status": {"capacity": capacity, "allocatable": capacity}}
         self.kubectl("create", "-f", "-", input=json.dumps(node))
@@ -362,11 +371,10 @@ class Cluster:
                 raise RuntimeError(f"node {name} did not turn NotReady")
             time.sleep(0.3)
         if heartbeat_lost:
-            self.kubectl("annotate", "node", name, f"{MANAGED}=lost", "--overwrite")
+            self.kubectl("label", "node", name, f"{MANAGED}=lost", "--overwrite")
 
     def restore_node(self, name: str) -> None:
-        self.kubectl("annotate", "node", name, f"{MANAGED}=fake", "--overwrite")
-        self.kubectl("label", "node", name, f"{NOT_READY_LABEL}-")
+        self.kubectl("label", "node", name, f"{MANAGED}=fake", f"{NOT_READY_LABEL}-", "--overwrite")
 
 
 def _kwok_module_dir() -> Path:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.bind_address, args.health_port)
     asyncio.run(kopf.operator(
         clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
+        namespaces=args.namespace,
         standalone=not args.peering,
         peering_name=args.peering or None,
         liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz",

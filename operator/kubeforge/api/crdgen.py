@@ -90,8 +90,16 @@ def _default(info: FieldInfo) -> Any:
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
         if isinstance(value, ApiModel):
-            return {}  # the API server then applies the nested defaults
+            # the whole defaulted object: CEL rules on it are checked against the default itself
+            return _prune(value.model_dump(by_alias=True, exclude_none=True, mode="json"))
     return PydanticUndefined
+
+
+def _prune(value: Any) -> Any:
+    """Drop empty lists and maps from a rendered default; they only add noise to objects."""
+    if isinstance(value, dict):
+        return {k: _prune(v) for k, v in value.items() if v not in ({}, [])}
+    return value
 
 
 def field_schema(info: FieldInfo, with_defaults: bool) -> dict[str, Any]:
