@@ -174,7 +174,6 @@ class LLMEngine:
         prefills: list[PrefillChunk] = []
         logits_idx: list[int] = []
         sampled: list[Sequence] = []
-        arange_bs = torch.arange(bs)
         for seq, n in entries:
             start = seq.num_computed_tokens
             t0 = len(input_ids)
@@ -188,21 +187,19 @@ class LLMEngine:
                 dec_tables.append(bt)
                 dec_lens.append(ctx)
             else:
-                slots = (torch.tensor(bt[:-(-ctx // bs)])[:, None] * bs + arange_bs).flatten()[:ctx]
-                prefills.append(PrefillChunk(t0, n, ctx, slots))
+                prefills.append(PrefillChunk(t0, n, ctx, torch.tensor(bt[:-(-ctx // bs)])))
             if ctx == seq.num_tokens:
                 logits_idx.append(t0 + n - 1)
                 sampled.append(seq)
         if dec_idx:
             max_ctx = max(dec_lens)
             nb = -(-max_ctx // bs)
-            table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in dec_tables])
-            dec_slots = (table[:, :, None] * bs + arange_bs).flatten(1)[:, :max_ctx]
+            dec_table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in dec_tables])
         else:
-            dec_slots = torch.zeros((0, 1), dtype=torch.long)
+            dec_table = torch.zeros((0, 1), dtype=torch.long)
         batch = StepBatch(
             torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
-            torch.tensor(dec_idx, dtype=torch.long), dec_slots, torch.tensor(dec_lens, dtype=torch.long),
+            torch.tensor(dec_idx, dtype=torch.long), dec_table, torch.tensor(dec_lens, dtype=torch.long),
             prefills, torch.tensor(logits_idx, dtype=torch.long))
         return batch, sampled
 

@@ -34,7 +34,7 @@ class PrefillChunk:
     token_start: int  # offset in the flat token list
     num_tokens: int
     context_len: int  # tokens in the cache after this step, this chunk included
-    slots: torch.Tensor  # (context_len,) slot of every position 0..context_len-1
+    block_table: torch.Tensor  # (ceil(context_len / block_size),) the blocks holding them
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class StepBatch:
     positions: torch.Tensor  # (T,)
     slot_mapping: torch.Tensor  # (T,) where each new token's k/v is written
     decode_token_idx: torch.Tensor  # (Bd,) flat index of each decode token
-    decode_slots: torch.Tensor  # (Bd, C) history slots, padded with slot 0
+    decode_block_table: torch.Tensor  # (Bd, NB) blocks of each decoding sequence, padded with block 0
     decode_context_lens: torch.Tensor  # (Bd,)
     prefills: list[PrefillChunk]
     logits_idx: torch.Tensor  # (S,) flat indices whose next-token logits are wanted
@@ -74,8 +74,8 @@ class PagedRunner:
         return StepBatch(
             b.input_ids.to(d, non_blocking=True), b.positions.to(d, non_blocking=True),
             b.slot_mapping.to(d, non_blocking=True), b.decode_token_idx.to(d, non_blocking=True),
-            b.decode_slots.to(d, non_blocking=True), b.decode_context_lens.to(d, non_blocking=True),
-            [dataclasses.replace(p, slots=p.slots.to(d, non_blocking=True)) for p in b.prefills],
+            b.decode_block_table.to(d, non_blocking=True), b.decode_context_lens.to(d, non_blocking=True),
+            [dataclasses.replace(p, block_table=p.block_table.to(d, non_blocking=True)) for p in b.prefills],
             b.logits_idx.to(d, non_blocking=True))
 
     @torch.inference_mode()
@@ -86,13 +86,19 @@ class PagedRunner:
         t = b.input_ids.shape[0]
         cos, sin = self.cos_table[b.positions], self.sin_table[b.positions]
         x_TD = m.embed_tokens(b.input_ids)
+        bs = self.block_size
         dec_mask = None
+        bd, nb = b.decode_block_table.shape
         if b.decode_token_idx.numel():
-            c = b.decode_slots.shape[1]
+            c = nb * bs
             # (Bd, 1, 1, C): True where the key is part of the sequence
             dec_mask = (torch.arange(c, device=self.device)[None, :] < b.decode_context_lens[:, None])[:, None, None, :]
         for layer_idx, layer in enumerate(m.layers):
+            # flat (slots, K, E) for writing tokens; (blocks, bs, K, E) for gathering whole blocks,
+            # which index_select copies as contiguous runs (per-slot indexing is several times slower)
             k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
+            k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+            v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
             h = layer.input_layernorm(x_TD)
             q, k, v = layer.self_attn.qkv(h[None], cos, sin)  # (1,H,T,E), (1,K,T,E), (1,K,T,E)
             q_THE = q[0].transpose(0, 1)
@@ -101,15 +107,16 @@ class PagedRunner:
             y_THE = torch.empty_like(q_THE)
             if dec_mask is not None:
                 qd = q_THE[b.decode_token_idx][:, :, None, :]  # (Bd,H,1,E)
-                kd = k_cache[b.decode_slots].transpose(1, 2)  # (Bd,K,C,E)
-                vd = v_cache[b.decode_slots].transpose(1, 2)
+                flat_bt = b.decode_block_table.flatten()
+                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, self.num_kv_heads, -1).transpose(1, 2)
+                vd = v_blocks.index_select(0, flat_bt).view(bd, nb * bs, self.num_kv_heads, -1).transpose(1, 2)
                 yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
                 y_THE[b.decode_token_idx] = yd[:, :, 0, :]
             for p in b.prefills:
                 s, n = p.token_start, p.num_tokens
                 qp = q_THE[s:s + n].transpose(0, 1)[None]  # (1,H,n,E)
-                kp = k_cache[p.slots].transpose(0, 1)[None]  # (1,K,ctx,E)
-                vp = v_cache[p.slots].transpose(0, 1)[None]
+                kp = k_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
+                vp = v_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
                 if p.context_len == n:
                     yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
                 else:

@@ -1,0 +1,264 @@
+"""Serving throughput and latency: kubeforge's engine vs one-at-a-time transformers ``generate``
+(naive) vs transformers' own continuous batching (hf_cb).
+
+All three serve the same random-init Llama (written once with ``save_hf`` and loaded by each
+from that directory), the same prompts of mixed lengths, greedy, the same number of new
+tokens per request (end-of-sequence ignored), 64 requests with at most 16 in flight:
+
+- kubeforge: ``AsyncEngine`` in-process (the server's engine path without HTTP), 16 client
+  coroutines each sending its next request when the previous one finishes; TTFT and
+  inter-token latency are measured by those clients as tokens arrive;
+- naive: ``LlamaForCausalLM.generate`` on one request at a time (concurrency 1 by nature);
+- hf_cb: ``ContinuousBatchingManager`` (``init_continuous_batching``, paged cache, ``sdpa``
+  attention), fed by the same 16-in-flight rule.
+
+``prefix_ttft_reduction`` = 1 - TTFT(1k-token shared prefix, cache on) / TTFT(cache off), over
+requests sent one at a time after the prefix was seen once.
+
+Every system runs with the same number of torch threads (``--threads``, default 1: this
+machine's two cores are shared, and OpenMP spinning on a busy core makes small matmuls many
+times slower for everyone). Writes ``bench/results/serving.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubeforge_runtime.model.hf import load_hf, save_hf
+from kubeforge_runtime.model.llama import Llama, LlamaConfig
+from kubeforge_runtime.serve.async_engine import AsyncEngine
+from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine
+from kubeforge_runtime.serve.sampling import SamplingParams
+from kubeforge_runtime.tokenizer import ByteTokenizer
+
+RESULTS = Path(__file__).parent / "results" / "serving.json"
+
+# "small" preset narrowed so that the naive baseline finishes in minutes on two shared cores,
+# with room for the 1k-token prefix
+MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def percentile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+
+def write_model(directory: Path) -> Path:
+    tok = ByteTokenizer()
+    m = Llama(LlamaConfig(**MODEL))
+    m.init_weights(0)
+    save_hf(m, directory, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    tok.save(directory)
+    return directory
+
+
+def workload(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[ByteTokenizer.bos_id] + [rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+# -- kubeforge --------------------------------------------------------------------------------
+
+def make_engine(model_dir: Path, args: argparse.Namespace, prefix_caching: bool = True) -> LLMEngine:
+    model = load_hf(model_dir)
+    cfg = EngineConfig(block_size=16, max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_batched_tokens,
+                       num_blocks=args.concurrency * (2048 // 16) + 256, enable_prefix_caching=prefix_caching)
+    return LLMEngine(model, ByteTokenizer(), cfg)
+
+
+async def _drive(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, concurrency: int,
+                 ) -> dict[str, Any]:
+    aeng = AsyncEngine(engine)
+    aeng.start()
+    todo = list(enumerate(prompts))
+    ttfts: list[float] = []
+    itls: list[float] = []
+    generated = 0
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    async def client() -> None:
+        nonlocal generated
+        while todo:
+            i, p = todo.pop(0)
+            t0 = time.perf_counter()
+            last = None
+            async for out in aeng.generate(f"r{i}", p, params):
+                now = time.perf_counter()
+                if last is None:
+                    ttfts.append(now - t0)
+                else:
+                    itls.append(now - last)
+                last = now
+                generated += len(out.new_token_ids)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - t
+    aeng.stop()
+    return {"wall_s": wall, "generated": generated, "tok_s": generated / wall, "ttfts": ttfts, "itls": itls}
+
+
+def run_kubeforge(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    engine = make_engine(model_dir, args)
+    asyncio.run(_drive(engine, workload(4, 8, 64, seed=99), 4, 4))  # warm-up
+    engine.pool.reset_prefix_cache()
+    return asyncio.run(_drive(engine, prompts, args.new_tokens, args.concurrency))
+
+
+def run_prefix(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    rng = random.Random(1)
+    prefix = [ByteTokenizer.bos_id] + [rng.randrange(256) for _ in range(1023)]
+    suffixes = [[rng.randrange(256) for _ in range(rng.randint(8, 32))] for _ in range(args.prefix_requests)]
+    out: dict[str, float] = {}
+    for on in (True, False):
+        engine = make_engine(model_dir, args, prefix_caching=on)
+        asyncio.run(_drive(engine, [prefix + [1, 2, 3]], 2, 1))  # the prefix is seen once (and warms up)
+        r = asyncio.run(_drive(engine, [prefix + s for s in suffixes], 2, 1))
+        out["on" if on else "off"] = statistics.median(r["ttfts"])
+    return {"ttft_cache_on_ms": out["on"] * 1e3, "ttft_cache_off_ms": out["off"] * 1e3,
+            "prefix_ttft_reduction": 1 - out["on"] / out["off"]}
+
+
+# -- transformers ----------------------------------------------------------------------------
+
+def run_naive(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=ByteTokenizer.pad_id)
+    model.generate(torch.tensor([prompts[0][:16]]), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    generated = 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), **kw)
+            generated += out.shape[1] - len(p)
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "generated": generated, "tok_s": generated / wall}
+
+
+def run_hf_cb(model_dir: Path, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict[str, Any]:
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                           pad_token_id=ByteTokenizer.pad_id)
+    cb = ContinuousBatchingConfig(page_size=16, max_requests_per_batch=concurrency, max_batch_tokens=512,
+                                  num_blocks=concurrency * (2048 // 16) + 256, auto_switch_to_flash=False,
+                                  use_cuda_graph=False)
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    manager.start()
+    try:
+        for i, p in enumerate(workload(4, 8, 64, seed=99)):  # warm-up
+            manager.add_request(p, request_id=f"w{i}", max_new_tokens=4)
+        for _ in range(4):
+            manager.get_result(timeout=120)
+        todo = list(enumerate(prompts))
+        in_flight = 0
+        generated = 0
+        t = time.perf_counter()
+        while todo or in_flight:
+            while todo and in_flight < concurrency:
+                i, p = todo.pop(0)
+                manager.add_request(p, request_id=f"r{i}", max_new_tokens=new_tokens)
+                in_flight += 1
+            res = manager.get_result(timeout=300)
+            if res is None:
+                raise RuntimeError("transformers continuous batching produced no result in 300s")
+            if res.is_finished():
+                in_flight -= 1
+                generated += len(res.generated_tokens)
+        wall = time.perf_counter() - t
+    finally:
+        manager.stop(block=True, timeout=10)
+    return {"wall_s": wall, "generated": generated, "tok_s": generated / wall}
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-min", type=int, default=16)
+    ap.add_argument("--prompt-max", type=int, default=256)
+    ap.add_argument("--max-batched-tokens", type=int, default=512)
+    ap.add_argument("--prefix-requests", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import transformers
+
+    prompts = workload(args.requests, args.prompt_min, args.prompt_max)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp))
+        kf = run_kubeforge(model_dir, prompts, args)
+        print(f"kubeforge: {kf['tok_s']:.1f} tok/s ({kf['wall_s']:.1f}s)", file=sys.stderr)
+        hf_cb = None if "hf_cb" in args.skip else run_hf_cb(model_dir, prompts, args.new_tokens, args.concurrency)
+        if hf_cb:
+            print(f"hf_cb: {hf_cb['tok_s']:.1f} tok/s ({hf_cb['wall_s']:.1f}s)", file=sys.stderr)
+        naive = None if "naive" in args.skip else run_naive(model_dir, prompts, args.new_tokens)
+        if naive:
+            print(f"naive: {naive['tok_s']:.1f} tok/s ({naive['wall_s']:.1f}s)", file=sys.stderr)
+        prefix = None if "prefix" in args.skip else run_prefix(model_dir, args)
+
+    cfg = LlamaConfig(**MODEL)
+    result: dict[str, Any] = {
+        "tok_s": {"kubeforge": round(kf["tok_s"], 1), "naive": naive and round(naive["tok_s"], 1),
+                  "hf_cb": hf_cb and round(hf_cb["tok_s"], 1)},
+        "ratio_vs_naive": naive and round(kf["tok_s"] / naive["tok_s"], 2),
+        "ratio_vs_hf_cb": hf_cb and round(kf["tok_s"] / hf_cb["tok_s"], 2),
+        "ttft_p50_ms": round(percentile(kf["ttfts"], 50) * 1e3, 1),
+        "ttft_p99_ms": round(percentile(kf["ttfts"], 99) * 1e3, 1),
+        "itl_p50_ms": round(percentile(kf["itls"], 50) * 1e3, 2),
+        "prefix_ttft_reduction": prefix and round(prefix["prefix_ttft_reduction"], 3),
+        "prefix_ttft_ms": prefix and {"cache_on": round(prefix["ttft_cache_on_ms"], 1),
+                                      "cache_off": round(prefix["ttft_cache_off_ms"], 1)},
+        "goals": {"ratio_vs_naive": 8, "ratio_vs_hf_cb": 1.5, "prefix_ttft_reduction": 0.5},
+        "setup": {
+            "requests": args.requests, "concurrency": args.concurrency, "new_tokens_per_request": args.new_tokens,
+            "prompt_tokens": [args.prompt_min + 1, args.prompt_max + 1], "greedy": True, "eos_ignored": True,
+            "model": {**MODEL, "vocab_size": cfg.vocab_size, "params": cfg.num_params(), "dtype": "float32",
+                      "init": "random"},
+            "kubeforge": {"block_size": 16, "max_num_batched_tokens": args.max_batched_tokens, "http": False},
+            "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": 16,
+                      "max_batch_tokens": 512},
+            "transformers": transformers.__version__, "torch": torch.__version__, "torch_threads": args.threads,
+            "device": "cpu", "wall_s": {"kubeforge": round(kf["wall_s"], 1),
+                                        "naive": naive and round(naive["wall_s"], 1),
+                                        "hf_cb": hf_cb and round(hf_cb["wall_s"], 1)},
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = [("tok/s kubeforge", result["tok_s"]["kubeforge"]), ("tok/s naive", result["tok_s"]["naive"]),
+            ("tok/s hf_cb", result["tok_s"]["hf_cb"]), ("ratio vs naive (goal 8)", result["ratio_vs_naive"]),
+            ("ratio vs hf_cb (goal 1.5)", result["ratio_vs_hf_cb"]), ("TTFT p50 ms", result["ttft_p50_ms"]),
+            ("TTFT p99 ms", result["ttft_p99_ms"]), ("ITL p50 ms", result["itl_p50_ms"]),
+            ("prefix TTFT reduction (goal 0.5)", result["prefix_ttft_reduction"])]
+    print(f"{'metric':<34}{'value':>12}")
+    for name, value in rows:
+        print(f"{name:<34}{'-' if value is None else value:>12}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
