@@ -54,3 +54,15 @@ test-runtime: install ## only the torch tests (trainer, checkpoints, server) on 
 
 lint: install
 	$(VENV)/bin/ruff check operator trainer_image tests bench
+
+bench-trainer: install ## trainer throughput vs a bare loop, DDP and FSDP2 on CPU -> bench/results/trainer.json
+	$(PY) bench/trainer.py
+
+bench-checkpoint: install tools ## DCP save/restore, async blocking, disk and S3 throughput -> bench/results/checkpoint.json
+	$(PY) bench/checkpoint.py
+
+bench-serving: install ## engine vs naive generate and transformers' continuous batching -> bench/results/serving.json
+	$(PY) bench/serving.py
+
+bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench/results/operator.json
+	$(PY) bench/operator.py
