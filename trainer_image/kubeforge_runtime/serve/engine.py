@@ -16,7 +16,7 @@ import torch
 from kubeforge_runtime.model.llama import Llama
 from kubeforge_runtime.serve.kv_cache import KVBlockPool
 from kubeforge_runtime.serve.metrics import ServingMetrics
-from kubeforge_runtime.serve.runner import PagedRunner, PrefillChunk, StepBatch
+from kubeforge_runtime.serve.runner import DecodeGroup, PagedRunner, PrefillChunk, StepBatch
 from kubeforge_runtime.serve.sampling import SamplingParams, make_generator, sample
 from kubeforge_runtime.serve.scheduler import Scheduler, Sequence
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer
@@ -168,9 +168,7 @@ class LLMEngine:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        dec_idx: list[int] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
+        decodes: list[tuple[int, list[int], int]] = []  # flat index, block table, context length
         prefills: list[PrefillChunk] = []
         logits_idx: list[int] = []
         sampled: list[Sequence] = []
@@ -182,25 +180,16 @@ class LLMEngine:
             bt = seq.block_ids
             slot_mapping += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx = start + n
+            nb = -(-ctx // bs)
             if n == 1:
-                dec_idx.append(t0)
-                dec_tables.append(bt)
-                dec_lens.append(ctx)
+                decodes.append((t0, bt[:nb], ctx))
             else:
-                prefills.append(PrefillChunk(t0, n, ctx, torch.tensor(bt[:-(-ctx // bs)])))
+                prefills.append(PrefillChunk(t0, n, ctx, torch.tensor(bt[:nb])))
             if ctx == seq.num_tokens:
                 logits_idx.append(t0 + n - 1)
                 sampled.append(seq)
-        if dec_idx:
-            max_ctx = max(dec_lens)
-            nb = -(-max_ctx // bs)
-            dec_table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in dec_tables])
-        else:
-            dec_table = torch.zeros((0, 1), dtype=torch.long)
-        batch = StepBatch(
-            torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
-            torch.tensor(dec_idx, dtype=torch.long), dec_table, torch.tensor(dec_lens, dtype=torch.long),
-            prefills, torch.tensor(logits_idx, dtype=torch.long))
+        batch = StepBatch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
+                          _decode_groups(decodes), prefills, torch.tensor(logits_idx, dtype=torch.long))
         return batch, sampled
 
     def step(self) -> list[RequestOutput]:
@@ -271,6 +260,28 @@ class LLMEngine:
             m.request_success_for(reason).inc()
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, seq.num_cached_tokens)
+
+
+def _decode_groups(decodes: list[tuple[int, list[int], int]], max_waste: float = 1.25) -> list[DecodeGroup]:
+    """Split decoding sequences, longest first, into groups whose padded size stays within
+    ``max_waste`` of their real size (each extra group costs a few kernel launches per layer,
+    padding costs gathered and attended keys)."""
+    groups: list[list[tuple[int, list[int], int]]] = []
+    real = 0
+    for d in sorted(decodes, key=lambda d: -len(d[1])):
+        if groups and (len(groups[-1]) + 1) * len(groups[-1][0][1]) <= max_waste * (real + len(d[1])):
+            groups[-1].append(d)
+            real += len(d[1])
+        else:
+            groups.append([d])
+            real = len(d[1])
+    out = []
+    for g in groups:
+        nb = len(g[0][1])
+        out.append(DecodeGroup(torch.tensor([d[0] for d in g], dtype=torch.long),
+                               torch.tensor([d[1] + [0] * (nb - len(d[1])) for d in g], dtype=torch.long),
+                               torch.tensor([d[2] for d in g], dtype=torch.long)))
+    return out
 
 
 def _stable_length(text: str, stops: tuple[str, ...]) -> int:

@@ -5,8 +5,9 @@ single decode tokens side by side): embeddings, projections and MLPs see one (T,
 whatever mix of requests it came from. Only attention is per sequence, because each reads its
 own history through its block table:
 
-- decode tokens (one new token each) are batched: the runner gathers every decoding
-  sequence's keys and values by slot index into a padded (B, C) batch and masks the padding;
+- decode tokens (one new token each) are batched: the runner gathers the blocks of every
+  decoding sequence into a padded (B, C) batch and masks the padding (sequences are grouped
+  by length so the padding stays small);
 - prefill chunks run one sequence at a time with a causal mask offset by the tokens the
   sequence already has in the cache (a prefix-cache hit or an earlier chunk).
 
@@ -38,15 +39,31 @@ class PrefillChunk:
 
 
 @dataclasses.dataclass
+class DecodeGroup:
+    """Decoding sequences of similar length, attended to as one padded batch.
+
+    Grouping by length bounds the padding: one batch padded to the longest of 16 sequences
+    would gather and attend over up to twice the keys that exist.
+    """
+
+    token_idx: torch.Tensor  # (Bd,) flat index of each decode token
+    block_table: torch.Tensor  # (Bd, NB) blocks of each sequence, padded with block 0
+    context_lens: torch.Tensor  # (Bd,)
+
+    def to(self, device: torch.device) -> DecodeGroup:
+        return DecodeGroup(self.token_idx.to(device, non_blocking=True),
+                           self.block_table.to(device, non_blocking=True),
+                           self.context_lens.to(device, non_blocking=True))
+
+
+@dataclasses.dataclass
 class StepBatch:
     """A step's inputs, built on the host by the engine and moved to the device once."""
 
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     slot_mapping: torch.Tensor  # (T,) where each new token's k/v is written
-    decode_token_idx: torch.Tensor  # (Bd,) flat index of each decode token
-    decode_block_table: torch.Tensor  # (Bd, NB) blocks of each decoding sequence, padded with block 0
-    decode_context_lens: torch.Tensor  # (Bd,)
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
     logits_idx: torch.Tensor  # (S,) flat indices whose next-token logits are wanted
 
@@ -73,8 +90,7 @@ class PagedRunner:
         d = self.device
         return StepBatch(
             b.input_ids.to(d, non_blocking=True), b.positions.to(d, non_blocking=True),
-            b.slot_mapping.to(d, non_blocking=True), b.decode_token_idx.to(d, non_blocking=True),
-            b.decode_block_table.to(d, non_blocking=True), b.decode_context_lens.to(d, non_blocking=True),
+            b.slot_mapping.to(d, non_blocking=True), [g.to(d) for g in b.decodes],
             [dataclasses.replace(p, block_table=p.block_table.to(d, non_blocking=True)) for p in b.prefills],
             b.logits_idx.to(d, non_blocking=True))
 
@@ -83,48 +99,53 @@ class PagedRunner:
         """Logits (S, V) at ``batch.logits_idx``; writes the step's keys and values."""
         b = self.to_device(batch)
         m = self.model
+        bs, nkv, e = self.block_size, self.num_kv_heads, self.head_dim
         t = b.input_ids.shape[0]
         cos, sin = self.cos_table[b.positions], self.sin_table[b.positions]
         x_TD = m.embed_tokens(b.input_ids)
-        bs = self.block_size
-        dec_mask = None
-        bd, nb = b.decode_block_table.shape
-        if b.decode_token_idx.numel():
-            c = nb * bs
-            # (Bd, 1, 1, C): True where the key is part of the sequence
-            dec_mask = (torch.arange(c, device=self.device)[None, :] < b.decode_context_lens[:, None])[:, None, None, :]
+        # additive masks, built once per step rather than once per layer: (Bd, 1, 1, C)
+        dec_masks = []
+        for g in b.decodes:
+            c = g.block_table.shape[1] * bs
+            keep = torch.arange(c, device=self.device)[None, :] < g.context_lens[:, None]
+            dec_masks.append(torch.zeros(keep.shape, dtype=self.dtype, device=self.device)
+                             .masked_fill_(~keep, float("-inf"))[:, None, None, :])
+        pre_masks = []
+        for p in b.prefills:
+            if p.context_len == p.num_tokens:
+                pre_masks.append(None)  # a whole prompt: plain causal
+            else:
+                qpos = torch.arange(p.num_tokens, device=self.device)[:, None] + (p.context_len - p.num_tokens)
+                pre_masks.append(torch.arange(p.context_len, device=self.device)[None, :] <= qpos)
         for layer_idx, layer in enumerate(m.layers):
             # flat (slots, K, E) for writing tokens; (blocks, bs, K, E) for gathering whole blocks,
             # which index_select copies as contiguous runs (per-slot indexing is several times slower)
             k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
-            k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
-            v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+            k_blocks, v_blocks = k_cache.view(-1, bs, nkv, e), v_cache.view(-1, bs, nkv, e)
             h = layer.input_layernorm(x_TD)
             q, k, v = layer.self_attn.qkv(h[None], cos, sin)  # (1,H,T,E), (1,K,T,E), (1,K,T,E)
             q_THE = q[0].transpose(0, 1)
             k_cache[b.slot_mapping] = k[0].transpose(0, 1)
             v_cache[b.slot_mapping] = v[0].transpose(0, 1)
             y_THE = torch.empty_like(q_THE)
-            if dec_mask is not None:
-                qd = q_THE[b.decode_token_idx][:, :, None, :]  # (Bd,H,1,E)
-                flat_bt = b.decode_block_table.flatten()
-                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, self.num_kv_heads, -1).transpose(1, 2)
-                vd = v_blocks.index_select(0, flat_bt).view(bd, nb * bs, self.num_kv_heads, -1).transpose(1, 2)
-                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
-                y_THE[b.decode_token_idx] = yd[:, :, 0, :]
-            for p in b.prefills:
-                s, n = p.token_start, p.num_tokens
-                qp = q_THE[s:s + n].transpose(0, 1)[None]  # (1,H,n,E)
+            for g, mask in zip(b.decodes, dec_masks, strict=True):
+                bd, nb = g.block_table.shape
+                flat_bt = g.block_table.flatten()
+                qd = q_THE[g.token_idx][:, :, None, :]  # (Bd,H,1,E)
+                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)  # (Bd,K,C,E)
+                vd = v_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)
+                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+                y_THE[g.token_idx] = yd[:, :, 0, :]
+            for p, pmask in zip(b.prefills, pre_masks, strict=True):
+                s0, n = p.token_start, p.num_tokens
+                qp = q_THE[s0:s0 + n].transpose(0, 1)[None]  # (1,H,n,E)
                 kp = k_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
                 vp = v_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
-                if p.context_len == n:
+                if pmask is None:
                     yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
                 else:
-                    past = p.context_len - n
-                    qpos = torch.arange(n, device=self.device)[:, None] + past
-                    mask = torch.arange(p.context_len, device=self.device)[None, :] <= qpos
-                    yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-                y_THE[s:s + n] = yp[0].transpose(0, 1)
+                    yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=pmask, enable_gqa=True)
+                y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
             x_TD = x_TD + layer.self_attn.o_proj(y_THE.reshape(t, -1))
             x_TD = x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
         last = x_TD[b.logits_idx]
