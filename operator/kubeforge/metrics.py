@@ -13,7 +13,6 @@ RECONCILE_DURATION = Histogram("kubeforge_reconcile_duration_seconds", "Time spe
 TRAININGJOBS = Gauge("kubeforge_trainingjobs", "TrainingJobs by phase.", ["phase"])
 WORKER_REPLACEMENTS = Counter("kubeforge_worker_replacements_total", "Worker pods replaced, by reason.", ["reason"])
 INFERENCESERVICES_READY = Gauge("kubeforge_inferenceservices_ready", "InferenceServices whose Ready condition is True.")
-CHECKPOINT_POLICIES_READY = Gauge("kubeforge_checkpointpolicies_ready", "CheckpointPolicies whose Ready is True.")
 
 
 @contextlib.contextmanager
@@ -29,3 +28,4 @@ def reconciling(kind: str) -> Iterator[None]:
         RECONCILE_TOTAL.labels(kind, "success").inc()
     finally:
         RECONCILE_DURATION.labels(kind).observe(time.perf_counter() - t0)
+CHECKPOINTS_DELETED = Counter("kubeforge_checkpoints_deleted_total", "Checkpoints deleted by retention.")

@@ -25,6 +25,8 @@ class OperatorSettings:
     peering: str = ""
     #: Address to bind the endpoints on.
     bind_address: str = "0.0.0.0"
+    #: How often CheckpointPolicies re-check their storage and apply retention.
+    retention_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> "OperatorSettings":
@@ -38,4 +40,5 @@ class OperatorSettings:
             log_level=env.get("KUBEFORGE_LOG_LEVEL", cls.log_level),
             peering=env.get("KUBEFORGE_PEERING", cls.peering),
             bind_address=env.get("KUBEFORGE_BIND_ADDRESS", cls.bind_address),
+            retention_interval_s=float(env.get("KUBEFORGE_RETENTION_INTERVAL_SECONDS", cls.retention_interval_s)),
         )

@@ -28,3 +28,13 @@ def conditions_patch(status: Any, generation: int | None,
     for type_, st, reason, message in updates:
         conds = set_condition(conds, type_, st, reason, message, generation)
     return {"observedGeneration": generation, "conditions": conds}
+
+
+def record_event(body: Any, reason: str, message: str, warning: bool = False) -> None:
+    """A Kubernetes Event on the object for a decision the operator took.
+
+    Goes through ``kopf.event``, which posts whatever the posting level: the level (WARNING,
+    set at startup) only keeps kopf's own per-handler INFO chatter out of the Events."""
+    import kopf
+
+    kopf.event(body, type="Warning" if warning else "Normal", reason=reason, message=message)

@@ -1,0 +1,106 @@
+"""CheckpointPolicy controller against the real API server and the cluster's MinIO: storage
+checks as conditions (never a crash loop), per-job summaries from the store, retention."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devcluster import Cluster
+from kubeforge.store import CommitMarker, open_store, utc_now
+from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def policy(name: str, endpoint: str, prefix: str, keep_last: int = 2, keep_every: int | None = 10) -> dict[str, Any]:
+    retention: dict[str, Any] = {"keepLast": keep_last}
+    if keep_every:
+        retention["keepEvery"] = keep_every
+    return {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": name},
+            "spec": {"schedule": {"everySteps": 10}, "retention": retention,
+                     "storage": {"s3": {"bucket": "kubeforge", "prefix": prefix, "endpoint": endpoint,
+                                        "credentialsSecretRef": {"name": "s3-creds"}}}}}
+
+
+def condition(cluster: Cluster, ns: str, name: str, type_: str) -> dict[str, Any] | None:
+    obj = kubectl_json(cluster, "get", "checkpointpolicy", name, "-n", ns)
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def reason_is(cluster: Cluster, ns: str, name: str, reason: str) -> bool:
+    c = condition(cluster, ns, name, "Ready")
+    return bool(c and c["reason"] == reason)
+
+
+@pytest.fixture
+def fast_operator(crds: Cluster, namespace: str, tmp_path: Path) -> Any:
+    op = OperatorProcess(crds, tmp_path / "operator.log", namespaces=(namespace,),
+                         extra_env={"KUBEFORGE_RETENTION_INTERVAL_SECONDS": "3"})
+    op.start()
+    yield op
+    op.stop()
+
+
+def test_storage_problems_are_conditions_then_ready(fast_operator: OperatorProcess, namespace: str) -> None:
+    c = fast_operator.cluster
+    s3 = c.s3_settings()
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(policy("p", s3["AWS_ENDPOINT_URL"], "t")))
+    wait_for("SecretNotFound", lambda: reason_is(c, namespace, "p", "SecretNotFound"), 30)
+    c.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace, "--from-literal=AWS_ACCESS_KEY_ID=x")
+    wait_for("SecretMissingKeys", lambda: reason_is(c, namespace, "p", "SecretMissingKeys"), 30)
+    c.kubectl("delete", "secret", "s3-creds", "-n", namespace)
+    c.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
+              f"--from-literal=AWS_ACCESS_KEY_ID={s3['AWS_ACCESS_KEY_ID']}",
+              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}")
+    wait_for("BucketReachable", lambda: reason_is(c, namespace, "p", "BucketReachable"), 30)
+    ready = condition(c, namespace, "p", "Ready")
+    assert ready and ready["status"] == "True"
+    # an endpoint nobody listens on: a condition, not a crash loop
+    c.kubectl("patch", "checkpointpolicy", "p", "-n", namespace, "--type=merge", "-p",
+              json.dumps({"spec": {"storage": {"s3": {"endpoint": "http://127.0.0.1:9"}}}}))
+    wait_for("BucketUnreachable", lambda: reason_is(c, namespace, "p", "BucketUnreachable"), 60)
+    assert fast_operator.proc is not None and fast_operator.proc.poll() is None
+
+
+def _commit(store: Any, ns: str, job: str, step: int, tmp: Path) -> None:
+    f = tmp / f"shard-{step}.bin"
+    f.write_bytes(b"x" * 100)
+    digest = store.upload_checkpoint_file(ns, job, step, "shard-0.bin", f)
+    store.write_marker(ns, job, CommitMarker(step=step, time=utc_now(), world_size=1, bytes=100,
+                                             files={"shard-0.bin": digest}))
+
+
+def test_retention_keeps_last_k_and_milestones_and_reports_jobs(fast_operator: OperatorProcess, namespace: str,
+                                                                tmp_path: Path) -> None:
+    c = fast_operator.cluster
+    s3 = c.s3_settings()
+    prefix = f"retention-{uuid.uuid4().hex[:6]}"
+    c.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
+              f"--from-literal=AWS_ACCESS_KEY_ID={s3['AWS_ACCESS_KEY_ID']}",
+              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}")
+    store = open_store(f"s3://kubeforge/{prefix}", endpoint_url=s3["AWS_ENDPOINT_URL"],
+                       access_key_id=s3["AWS_ACCESS_KEY_ID"], secret_access_key=s3["AWS_SECRET_ACCESS_KEY"])
+    for step in range(5, 36, 5):  # 5, 10, ..., 35
+        _commit(store, namespace, "job-a", step, tmp_path)
+    job = {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "job-a"},
+           "spec": {"checkpointPolicyRef": {"name": "p"}, "suspend": True}}
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(policy("p", s3["AWS_ENDPOINT_URL"], prefix)))
+
+    def kept() -> list[int] | None:
+        steps = [ck.step for ck in store.committed_checkpoints(namespace, "job-a")]
+        return steps if steps == [10, 20, 30, 35] else None
+
+    wait_for("retention: last 2 + every 10th", kept, 60)
+    status = wait_for("job summary in status", lambda: [
+        j for j in (kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace).get("status") or {}).get("jobs", [])
+        if j.get("committed") == 4], 30)
+    assert status[0] == {"name": "job-a", "committed": 4, "bytes": 400, "newestStep": 35,
+                         "newestTime": status[0]["newestTime"]}
+    wait_for("RetentionApplied event", lambda: kubectl_json(
+        c, "get", "events", "-n", namespace, "--field-selector", "reason=RetentionApplied")["items"], 30)
