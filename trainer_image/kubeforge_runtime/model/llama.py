@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,10 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        #: Recompute each decoder block in backward instead of keeping its activations. A flag
+        #: here rather than a wrapper module, so parameter names (and with them checkpoints and
+        #: the Hugging Face export) are the same either way.
+        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -170,7 +175,10 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions_T, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(tokens_BT)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
 
 
