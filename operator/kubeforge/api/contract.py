@@ -39,6 +39,8 @@ ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"
 #: AWS_SECRET_ACCESS_KEY), never from the custom resource.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_REGION"
+ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 
 #: Where the operator mounts the trainer config inside worker pods.
 CONFIG_MOUNT_DIR = "/etc/kubeforge"
