@@ -182,9 +182,10 @@ _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
 def _is_retryable(exc: BaseException) -> bool:
+    """Transient: the endpoint is unreachable, slow or says "try again". Missing credentials,
+    access denied or a missing bucket are not: retrying would only hide them."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
-                                     HTTPClientError)
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -195,7 +196,7 @@ def _is_retryable(exc: BaseException) -> bool:
         msg = str(exc)
         return not any(s in msg for s in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId",
                                           "SignatureDoesNotMatch"))
-    return isinstance(exc, (BotoConnectionError, HTTPClientError, BotoCoreError, ConnectionError, TimeoutError))
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
 
 
 def with_retries(what: str, fn: Callable[[], T], deadline_s: float, *, base_s: float = 0.5,

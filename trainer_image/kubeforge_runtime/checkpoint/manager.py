@@ -174,7 +174,10 @@ class CheckpointManager:
         namespace = namespace or env.get(contract.ENV_JOB_NAMESPACE) or "default"
         job = job or env.get(contract.ENV_JOB_NAME) or "local"
         store = open_store(root_uri, endpoint_url=env.get(contract.ENV_S3_ENDPOINT) or None,
-                           region=env.get(contract.ENV_S3_REGION) or None) if root_uri else None
+                           region=env.get(contract.ENV_S3_REGION) or None,
+                           access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
+                           secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
+                           ) if root_uri else None
         return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings))
 
     @property
