@@ -15,14 +15,19 @@ class ModelSource(ApiModel):
     """The model to serve: exactly one of uri or trainingJobRef."""
 
     uri: str | None = Field(default=None, pattern=r"^(s3://[^/]+/.*|pvc://[^/]+/.*)$", description=(
-        "s3://bucket/prefix of a Hugging Face Llama layout, or pvc://<claim>/<path>."))
+        "s3://bucket/prefix of a Hugging Face Llama layout, or pvc://<claim>/<path> (the claim is mounted "
+        "read-only)."))
     training_job_ref: LocalObjectReference | None = Field(default=None, description=(
-        "Serve the committed export of this TrainingJob; waits until it exists."))
+        "Serve the committed export of this TrainingJob (found through its CheckpointPolicy's S3 storage); "
+        "ModelReady stays False with reason WaitingForTrainingJob until the export's commit marker exists."))
     update_policy: Literal["FollowLatest", "Pinned"] = Field(default="FollowLatest", description=(
-        "FollowLatest rolls out a newer export of the referenced job; Pinned keeps the one first served."))
+        "With trainingJobRef: FollowLatest rolls the pods (no dropped requests) when a newer export is "
+        "committed; Pinned keeps the pod template of the revision first served."))
     credentials_secret_ref: LocalObjectReference | None = Field(default=None, description=(
-        "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3:// models (envFrom)."))
-    s3_endpoint: str | None = Field(default=None, pattern=r"^https?://", description="S3-compatible endpoint URL.")
+        "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3:// models (envFrom). With trainingJobRef "
+        "the CheckpointPolicy's Secret is used when this is empty."))
+    s3_endpoint: str | None = Field(default=None, pattern=r"^https?://", description=(
+        "S3-compatible endpoint URL; with trainingJobRef the CheckpointPolicy's endpoint is used when empty."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("has(self.uri) != has(self.trainingJobRef)", "exactly one of uri or trainingJobRef must be set",
@@ -39,18 +44,21 @@ class RatePolicy(ApiModel):
 
 
 class Autoscaling(ApiModel):
-    """HorizontalPodAutoscaler settings; cooldowns become the HPA's stabilization windows."""
+    """HorizontalPodAutoscaler settings; cooldowns become the HPA's stabilization windows and
+    the policies its rate limits, exactly as given."""
 
     min_replicas: int = Field(default=1, ge=1, description="Fewest replicas.")
     max_replicas: int = Field(ge=1, description="Most replicas.")
     metric: Literal["WaitingRequests", "RunningRequests", "CPU"] = Field(default="WaitingRequests", description=(
-        "Scaling signal: vllm:num_requests_waiting or vllm:num_requests_running per pod (Pods metric), "
-        "or CPU utilization."))
+        "Scaling signal: vllm:num_requests_waiting or vllm:num_requests_running per pod (a Pods metric from "
+        "the custom metrics API, e.g. prometheus-adapter), or CPU utilization (needs resources.cpu)."))
     target: int = Field(default=2, ge=1, description="Target average per pod (requests), or CPU percent.")
     scale_up_cooldown_seconds: int = Field(default=0, ge=0, le=3600, description="Scale-up stabilization window.")
     scale_down_cooldown_seconds: int = Field(default=300, ge=0, le=3600, description="Scale-down stabilization window.")
-    scale_up_policies: list[RatePolicy] = Field(default_factory=list, description="Scale-up rate limits.")
-    scale_down_policies: list[RatePolicy] = Field(default_factory=list, description="Scale-down rate limits.")
+    scale_up_policies: list[RatePolicy] = Field(default_factory=list, description=(
+        "Scale-up rate limits; empty keeps the HPA's defaults."))
+    scale_down_policies: list[RatePolicy] = Field(default_factory=list, description=(
+        "Scale-down rate limits; empty keeps the HPA's defaults."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas",
@@ -62,43 +70,96 @@ class Engine(ApiModel):
     """Serving engine settings, passed as command-line flags."""
 
     max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in a batch.")
+    max_num_batched_tokens: int = Field(default=512, ge=16, description="Tokens computed per step (prefill + decode).")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; defaults to the model's.")
+    max_queue_length: int = Field(default=256, ge=1, description="Waiting requests before the server answers 429.")
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV cache block.")
-    kv_cache_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="Accelerator memory for the KV cache.")
-    shutdown_timeout_seconds: int = Field(default=30, ge=0, le=3600, description="How long in-flight requests may drain.")
+    kv_cache_memory_fraction: float | None = Field(default=None, gt=0, le=1, description=(
+        "Fraction of accelerator (or container) memory for weights and the KV cache; the engine's default "
+        "when neither this nor numBlocks is set."))
+    num_blocks: int | None = Field(default=None, ge=1, description="KV cache size as a block count.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(
+        "Weights and KV dtype; auto is bfloat16 on a GPU, float32 on the CPU."))
+    shutdown_timeout_seconds: int = Field(default=30, ge=0, le=3600, description=(
+        "How long in-flight requests may drain after SIGTERM; the pod's grace period covers it."))
     enable_prefix_caching: bool = Field(default=True, description="Share KV blocks of common prompt prefixes.")
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.kvCacheMemoryFraction) || !has(self.numBlocks)",
+             "kvCacheMemoryFraction and numBlocks must not both be set", reason="FieldValueInvalid"),
+    )
+
+
+class Lifecycle(ApiModel):
+    """Start-up and shut-down timing of the serving pods."""
+
+    startup_timeout_seconds: int = Field(default=1800, ge=10, le=86400, description=(
+        "How long a pod may take to download, load and warm the model before it is restarted "
+        "(the startupProbe's budget); large models need tens of minutes."))
+    pre_stop_sleep_seconds: int = Field(default=10, ge=0, le=300, description=(
+        "Pause before SIGTERM so endpoints and load balancers stop sending traffic first."))
+
+
+class DisruptionBudget(ApiModel):
+    """The PodDisruptionBudget of the serving pods."""
+
+    max_unavailable: int = Field(default=1, ge=0, description=(
+        "Pods that voluntary disruptions (node drains) may take down at once."))
 
 
 class InferenceServiceSpec(ApiModel):
     """The model and how it is served and scaled."""
 
     model: ModelSource = Field(description="The model to serve.")
-    replicas: int = Field(default=1, ge=0, description="Replicas; the HPA or `kubectl scale` sets this via /scale.")
+    replicas: int = Field(default=1, ge=0, description=(
+        "Replicas; the HPA or `kubectl scale` sets this through the scale subresource, and the Deployment "
+        "follows it."))
     image: str = Field(default=DEFAULT_SERVER_IMAGE, min_length=1, description="Server image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the server container.")
     gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per replica.")
     gpu_product: str | None = Field(default=None, description="Required nvidia.com/gpu.product label value.")
     resources: ComputeResources = Field(default_factory=ComputeResources, description="CPU and memory per replica.")
+    model_cache_size: str | None = Field(default=None, pattern=r"^[0-9]+([KMGT]i)?$", description=(
+        "Size limit of the emptyDir the model is downloaded into; unset means no limit."))
     engine: Engine = Field(default_factory=Engine, description="Serving engine settings.")
-    autoscaling: Autoscaling | None = Field(default=None, description="Scale on load; absent means fixed replicas.")
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Start-up and shut-down timing.")
+    disruption_budget: DisruptionBudget = Field(default_factory=DisruptionBudget, description=(
+        "PodDisruptionBudget settings."))
+    autoscaling: Autoscaling | None = Field(default=None, description=(
+        "Scale on load with an HPA; absent means fixed replicas (and no HPA)."))
     api_key_secret_ref: LocalObjectReference | None = Field(default=None, description=(
         "Secret whose key `api-key` clients must send as a Bearer token."))
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Extra tolerations.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
+    service_account_name: str | None = Field(default=None, description="ServiceAccount of the serving pods.")
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.gpuProduct) || self.gpus > 0", "gpuProduct must not be set when gpus is 0",
+             field_path=".gpuProduct", reason="FieldValueInvalid"),
+        Rule("!has(self.autoscaling) || self.autoscaling.metric != 'CPU' || has(self.resources.cpu)",
+             "resources.cpu must be set when autoscaling.metric is CPU", field_path=".autoscaling.metric",
+             reason="FieldValueRequired"),
+    )
 
 
 class ServedModel(ApiModel):
     """What is being served."""
 
     uri: str | None = Field(default=None, description="Model URI the pods load.")
-    revision: str | None = Field(default=None, description="Export revision (commit marker time or step).")
+    revision: str | None = Field(default=None, description=(
+        "Export revision (the commit marker's time) of a TrainingJob export; empty for a plain URI."))
+    step: int | None = Field(default=None, description="Training step of the export, when known.")
 
 
 class InferenceServiceStatus(StatusBase):
-    """Observed state of the service."""
+    """Observed state of the service. Conditions: Ready (serving the wanted model),
+    ModelReady (the model source resolved), Available (at least one replica ready)."""
 
-    url: str | None = Field(default=None, description="Cluster-local base URL of the OpenAI-compatible API.")
-    replicas: int | None = Field(default=None, description="Replicas of the serving Deployment.")
+    url: str | None = Field(default=None, description=(
+        "Cluster-local base URL of the server; the OpenAI-compatible API is under /v1."))
+    replicas: int | None = Field(default=None, description="Pods of the serving Deployment.")
     ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     model: ServedModel | None = Field(default=None, description="The model being served.")
