@@ -124,6 +124,10 @@ class Store:
         prefix = layout.checkpoint_prefix(namespace, job, marker.step)
         self.backend.put_bytes(f"{prefix}/{layout.MARKER_NAME}", marker.to_json())
 
+    def uncommit(self, namespace: str, job: str, step: int) -> None:
+        """Remove a checkpoint's marker (if any) before its files are written again."""
+        self.backend.delete([f"{layout.checkpoint_prefix(namespace, job, step)}/{layout.MARKER_NAME}"])
+
     def upload_checkpoint_file(self, namespace: str, job: str, step: int, name: str, path: Path) -> FileDigest:
         """Upload one local file into a checkpoint; returns the digest for the marker."""
         digest = layout.file_digest(path)

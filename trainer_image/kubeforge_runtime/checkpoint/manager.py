@@ -21,6 +21,7 @@ load on every rank (DCP gathers errors), and all ranks fall back to the previous
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import io
@@ -31,7 +32,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -154,6 +156,9 @@ class CheckpointManager:
         self.settings = settings or CheckpointSettings()
         self.last_committed_step: int | None = None
         self.last_save_blocking_s: float = 0.0
+        #: this rank's timings of the last save: write_s (DCP to local disk), upload_s (hash +
+        #: upload, or hash only on a volume), bytes written by this rank
+        self.last_save_stats: dict[str, float] = {}
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._pending: Future[bool] | None = None
@@ -234,6 +239,8 @@ class CheckpointManager:
             return
         self._ensure_groups()
         self.wait()
+        if step == self.last_committed_step:
+            return  # already committed (an async save of this step, or the step restored from)
         t0 = time.perf_counter()
         state = self._state_dict(model, optimizer)
         state["extra"] = pickle.dumps(dict(extra))
@@ -287,6 +294,10 @@ class CheckpointManager:
         local, in_place = self._local_dir(step)
         result = _RankResult(ok=False, files={})
         try:
+            if self.rank == 0:
+                # a step written again (after a fallback restore) must not look committed while
+                # its files change; DCP's planning collective orders this before any rank writes
+                self.store.uncommit(self.namespace, self.job, step)
             if not in_place and local.exists():
                 shutil.rmtree(local)
             local.mkdir(parents=True, exist_ok=True)
@@ -295,7 +306,9 @@ class CheckpointManager:
             if self._io_group is not None:
                 dcp.save(state, storage_writer=writer, process_group=self._io_group)
             else:
-                dcp.save(state, storage_writer=writer, no_dist=True)
+                with _single_process():
+                    dcp.save(state, storage_writer=writer, no_dist=True)
+            t_written = time.perf_counter()
             for name in writer.written:
                 if in_place:
                     result.files[name] = file_digest(local / name)
@@ -303,9 +316,11 @@ class CheckpointManager:
                     result.files[name] = self.store.upload_checkpoint_file(
                         self.namespace, self.job, step, name, local / name)
             result.ok = True
-        except Exception as exc:  # reported to rank 0, which then does not commit
-            log.error("checkpoint: rank %d failed to write step %d: %s", self.rank, step, exc)
-            result.error = f"{type(exc).__name__}: {exc}"
+            self.last_save_stats = {"write_s": t_written - t0, "upload_s": time.perf_counter() - t_written,
+                                    "bytes": float(sum(f.size for f in result.files.values()))}
+        except (Exception, dcp.CheckpointException) as exc:  # reported to rank 0, which then does not commit
+            result.error = _describe(exc)
+            log.error("checkpoint: rank %d failed to write step %d: %s", self.rank, step, result.error)
         finally:
             if not in_place:
                 shutil.rmtree(local, ignore_errors=True)
@@ -404,9 +419,10 @@ class CheckpointManager:
             if self._io_group is not None:
                 dcp.load(state, storage_reader=reader, process_group=self._io_group)
             else:
-                dcp.load(state, storage_reader=reader, no_dist=True)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {_first_line(exc)}"
+                with _single_process():
+                    dcp.load(state, storage_reader=reader, no_dist=True)
+        except (Exception, dcp.CheckpointException) as exc:
+            error = _describe(exc)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         if self._control_group is not None:
@@ -433,6 +449,17 @@ class CheckpointManager:
             log.info("checkpoint: exported %.1f MB to %s", marker.bytes / 1e6, self.export_uri)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """DCP warns on every single-process call that it assumes one process; we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _describe(exc: BaseException) -> str:
+    """One line per failing rank: DCP's CheckpointException wraps the real errors with tracebacks."""
+    if isinstance(exc, dcp.CheckpointException):
+        return "; ".join(f"rank {r}: {_describe(e)}" for r, (e, _tb) in sorted(exc.failures.items()))
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

@@ -1,0 +1,352 @@
+"""Checkpoints under faults, for real: torchrun, gloo, FSDP2 on the CPU, MinIO as the store.
+
+This file is also the training worker the tests launch (``python -m torch.distributed.run
+... tests/runtime/test_checkpoint.py --store ...``): a minimal loop with the ``tiny`` Llama,
+AdamW and a warm-up LR schedule, whose global batch for step s depends only on s, so two
+runs can be compared step by step. Rank 0 appends ``{"step", "loss"}`` JSON lines to
+``--losses``; JSON floats round-trip exactly, so "equal" means bit for bit.
+
+Faults are injected inside the worker by environment: ``KF_KILL_AFTER_STEP=<step>:<rank>``
+(SIGKILL once that step is done) and ``KF_KILL_DURING_SAVE=<step>:<rank>`` (SIGKILL right
+after that rank uploaded its first file of that step's checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kubeforge.store import open_store
+from kubeforge.store.layout import checkpoint_prefix
+
+NS, JOB = "ckpt-tests", "tiny"
+STEPS = 12
+EVERY = 3
+GLOBAL_BATCH, SEQ = 4, 32
+#: losses after a 2 → 1 world-size change differ only by summation order of fp32 reductions
+WORLD_CHANGE_RTOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------- worker
+
+def global_batch(step: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    return torch.randint(0, 259, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def run_training(*, store_uri: str, steps: int, every: int, losses: Path, async_save: bool = True,
+                 seed: int = 0, step_sleep: float = 0.0, env: dict[str, str] | None = None) -> int | None:
+    """Train ``steps`` steps with checkpoints; returns the step it restored from.
+
+    Runs distributed when launched by torchrun (FSDP2 over gloo), otherwise in this process."""
+    from kubeforge_runtime.checkpoint import CheckpointManager
+    from kubeforge_runtime.model import Llama, preset
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    torch.manual_seed(seed)
+    model = Llama(preset("tiny"))
+    model.init_weights(seed)
+    if distributed:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    mgr = CheckpointManager.from_env(store_uri, {"everySteps": every, "asyncSave": async_save}, rank, world,
+                                     namespace=NS, job=JOB, env=env)
+    _install_fault_hooks(mgr, rank)
+    extra: dict[str, Any] = {"step": 0, "tokens_seen": 0}
+    restored = mgr.restore(model, opt, extra)
+    if restored is not None:
+        sched.load_state_dict(extra["lr_scheduler"])
+        assert extra["step"] == restored
+    for step in range(extra["step"] + 1, steps + 1):
+        tokens = global_batch(step, seed)[rank::world]
+        logits = model(tokens[:, :-1])
+        local_sum = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+        n_global = GLOBAL_BATCH * SEQ
+        # FSDP averages gradients over ranks; scaling by the world size makes that the global mean
+        (local_sum * world / n_global).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        total = local_sum.detach().clone()
+        if distributed:
+            dist.all_reduce(total)
+        if rank == 0:
+            with open(losses, "a") as f:
+                f.write(json.dumps({"step": step, "loss": (total / n_global).item(), "time": time.time()}) + "\n")
+        extra.update(step=step, tokens_seen=extra["tokens_seen"] + n_global, lr_scheduler=sched.state_dict())
+        _maybe_die("KF_KILL_AFTER_STEP", step, rank)
+        mgr.maybe_save(step, model, opt, extra)
+        if step_sleep:
+            time.sleep(step_sleep)
+    mgr.save(steps, model, opt, extra, blocking=True)
+    mgr.close()
+    if distributed:
+        dist.destroy_process_group()
+    return restored
+
+
+def _maybe_die(var: str, step: int, rank: int) -> None:
+    spec = os.environ.get(var)
+    if spec and spec == f"{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install_fault_hooks(mgr: Any, rank: int) -> None:
+    """KF_KILL_DURING_SAVE: the rank dies with part of its files uploaded and nothing reported."""
+    spec = os.environ.get("KF_KILL_DURING_SAVE")
+    if not spec or mgr.store is None:
+        return
+    upload = mgr.store.upload_checkpoint_file
+
+    def upload_then_die(namespace: str, job: str, step: int, name: str, path: Path) -> Any:
+        digest = upload(namespace, job, step, name, path)
+        _maybe_die("KF_KILL_DURING_SAVE", step, rank)
+        return digest
+    mgr.store.upload_checkpoint_file = upload_then_die
+
+
+def worker_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--store", required=True)
+    p.add_argument("--losses", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--every", type=int, default=EVERY)
+    p.add_argument("--sync", action="store_true")
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', 0)}] %(levelname)s %(message)s")
+    run_training(store_uri=a.store, steps=a.steps, every=a.every, losses=a.losses, async_save=not a.sync,
+                 step_sleep=a.step_sleep)
+
+
+if __name__ == "__main__":
+    worker_main()
+
+
+# ------------------------------------------------------------------------------------ tests
+
+pytestmark = pytest.mark.runtime
+HERE = Path(__file__).resolve()
+
+
+def torchrun(world: int, store_uri: str, losses: Path, s3: Any, *, extra_env: dict[str, str] | None = None,
+             args: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **s3.env(), **(extra_env or {}), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           f"--nproc-per-node={world}", "--max-restarts=0", str(HERE),
+           "--store", store_uri, "--losses", str(losses), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    """step → loss; a restarted run's later lines win (they are what the run continued with)."""
+    out: dict[int, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def committed_steps(store_uri: str, s3: Any) -> list[int]:
+    return [c.step for c in open_store(store_uri, **s3.store_options()).committed_checkpoints(NS, JOB)]
+
+
+@pytest.fixture(scope="module")
+def reference(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[int, float]]]:
+    """An uninterrupted two-rank run: its store and its loss curve."""
+    tmp = tmp_path_factory.mktemp("reference")
+    uri = s3_server.uri(f"runtime/reference-{time.monotonic_ns()}")
+    proc = torchrun(2, uri, tmp / "losses.jsonl", s3_server)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = read_losses(tmp / "losses.jsonl")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    yield uri, losses
+
+
+def test_uninterrupted_run_commits_every_interval_and_the_end(reference: tuple[str, dict[int, float]],
+                                                              s3_server: Any) -> None:
+    uri, losses = reference
+    assert committed_steps(uri, s3_server) == [3, 6, 9, 12]
+    store = open_store(uri, **s3_server.store_options())
+    newest = store.newest_committed(NS, JOB)
+    assert newest is not None and newest.marker is not None
+    # both ranks wrote shards; rank 0 also the DCP metadata; every file has a checksum
+    assert set(newest.marker.files) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
+    assert newest.marker.world_size == 2 and newest.marker.info["tokens_seen"] == STEPS * GLOBAL_BATCH * SEQ
+    assert store.verify(NS, JOB, 12) == []
+    assert losses[STEPS] < losses[1]  # it trains
+
+
+def test_kill_at_a_random_step_then_resume_is_bit_for_bit(reference: tuple[str, dict[int, float]],
+                                                         s3_server: Any, tmp_path: Path) -> None:
+    _, ref = reference
+    kill_step = random.Random().randint(4, STEPS - 1)
+    kill_rank = random.Random().randint(0, 1)
+    uri = s3_server.uri(f"runtime/kill-{time.monotonic_ns()}")
+    losses = tmp_path / "losses.jsonl"
+    proc = torchrun(2, uri, losses, s3_server, extra_env={"KF_KILL_AFTER_STEP": f"{kill_step}:{kill_rank}"})
+    assert proc.returncode != 0, f"the kill at step {kill_step} did not happen"
+    before = read_losses(losses)
+    assert max(before) == kill_step
+    # an async save may still be in flight when the kill comes: then the one before counts
+    last_ckpt = max(committed_steps(uri, s3_server), default=0)
+    assert last_ckpt <= kill_step and kill_step - last_ckpt <= 2 * EVERY
+
+    resumed_losses = tmp_path / "resumed.jsonl"
+    proc = torchrun(2, uri, resumed_losses, s3_server)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = read_losses(resumed_losses)
+    assert min(resumed) == last_ckpt + 1, f"resumed from {min(resumed) - 1}, newest committed was {last_ckpt}"
+    for step in range(last_ckpt + 1, STEPS + 1):
+        assert resumed[step] == ref[step], f"killed at step {kill_step} on rank {kill_rank}: step {step} differs"
+    for step in range(1, kill_step + 1):
+        assert before[step] == ref[step]
+
+
+def test_resume_at_another_world_size_matches_within_tolerance(reference: tuple[str, dict[int, float]],
+                                                               s3_server: Any, tmp_path: Path) -> None:
+    """Two FSDP ranks saved; one plain process restores (DCP reshards DTensor shards into full
+    tensors) and continues from step 6, compared with the two-rank run."""
+    ref_uri, ref = reference
+    src = open_store(ref_uri, **s3_server.store_options())
+    dst_uri = s3_server.uri(f"runtime/world-{time.monotonic_ns()}")
+    dst = open_store(dst_uri, **s3_server.store_options())
+    # a copy of the reference store's checkpoint 6, so the run restores from the middle
+    marker = src.read_marker(NS, JOB, 6)
+    assert marker is not None
+    for name in marker.files:
+        data = src.backend.get_bytes(f"{checkpoint_prefix(NS, JOB, 6)}/{name}")
+        dst.backend.put_bytes(f"{checkpoint_prefix(NS, JOB, 6)}/{name}", data)
+    dst.write_marker(NS, JOB, marker)
+    losses = tmp_path / "losses.jsonl"
+    restored = run_training(store_uri=dst_uri, steps=STEPS, every=EVERY, losses=losses, env=s3_server.env())
+    assert restored == 6
+    resumed = read_losses(losses)
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], rel=WORLD_CHANGE_RTOL), step
+
+
+def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint_with_a_warning(
+        reference: tuple[str, dict[int, float]], s3_server: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from kubeforge_runtime.checkpoint import CheckpointManager
+    from kubeforge_runtime.model import Llama, preset
+
+    ref_uri, _ = reference
+    uri = s3_server.uri(f"runtime/corrupt-{time.monotonic_ns()}")
+    src = open_store(ref_uri, **s3_server.store_options())
+    dst = open_store(uri, **s3_server.store_options())
+    for step in (9, 12):
+        marker = src.read_marker(NS, JOB, step)
+        assert marker is not None
+        for name in marker.files:
+            data = src.backend.get_bytes(f"{checkpoint_prefix(NS, JOB, step)}/{name}")
+            if step == 12 and name == "__1_0.distcp":
+                data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]  # one flipped byte
+            dst.backend.put_bytes(f"{checkpoint_prefix(NS, JOB, step)}/{name}", data)
+        dst.write_marker(NS, JOB, marker)
+    model = Llama(preset("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    extra: dict[str, Any] = {}
+    mgr = CheckpointManager.from_env(uri, None, 0, 1, namespace=NS, job=JOB, env=s3_server.env())
+    with caplog.at_level(logging.WARNING):
+        assert mgr.restore(model, opt, extra) == 9
+    assert extra["step"] == 9
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step 12" in w and "__1_0.distcp" in w and "falling back" in w for w in warnings), warnings
+
+
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_newest(
+        reference: tuple[str, dict[int, float]], s3_server: Any, tmp_path: Path) -> None:
+    _, ref = reference
+    uri = s3_server.uri(f"runtime/killsave-{time.monotonic_ns()}")
+    losses = tmp_path / "losses.jsonl"
+    proc = torchrun(2, uri, losses, s3_server, extra_env={"KF_KILL_DURING_SAVE": "6:1"})
+    assert proc.returncode != 0
+    store = open_store(uri, **s3_server.store_options())
+    listed = {c.step: c.committed for c in store.list_checkpoints(NS, JOB)}
+    # rank 1 uploaded its shard of step 6 and died: the directory exists, uncommitted
+    assert listed == {3: True, 6: False}, listed
+    assert store.newest_committed(NS, JOB).step == 3  # type: ignore[union-attr]
+
+    resumed_losses = tmp_path / "resumed.jsonl"
+    proc = torchrun(2, uri, resumed_losses, s3_server)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = read_losses(resumed_losses)
+    assert min(resumed) == 4
+    assert all(resumed[s] == ref[s] for s in range(4, STEPS + 1))
+    # the rewritten step 6 is committed now, with both ranks' files
+    marker = store.read_marker(NS, JOB, 6)
+    assert marker is not None and set(marker.files) == {"__0_0.distcp", "__1_0.distcp", ".metadata"}
+
+
+def test_s3_down_for_30s_training_goes_on_and_the_save_commits_later(s3_server: Any, tmp_path: Path) -> None:
+    uri = s3_server.uri(f"runtime/outage-{time.monotonic_ns()}")
+    losses = tmp_path / "losses.jsonl"
+    steps, every = 60, 20
+    env = {**os.environ, **s3_server.env(), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+           "--max-restarts=0", str(HERE), "--store", uri, "--losses", str(losses), "--steps", str(steps),
+           "--every", str(every), "--step-sleep", "0.25"]
+    log = open(tmp_path / "worker.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while max(read_losses(losses), default=0) < every - 2:  # S3 goes away just before the save at step 20
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.1)
+        s3_server.stop()
+        down_at = time.time()
+        time.sleep(30)
+        steps_while_down = [s for s, t in _loss_times(losses) if down_at < t < down_at + 30]
+        s3_server.start()
+        up_at = time.time()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        s3_server.start()
+    output = (tmp_path / "worker.log").read_text()
+    assert rc == 0, output[-4000:]
+    # the loop kept stepping while the store was away (until the next save had to wait for step 20's)
+    assert len(steps_while_down) >= 10, steps_while_down
+    assert "retrying" in output
+    assert committed_steps(uri, s3_server) == [20, 40, 60]
+    marker = open_store(uri, **s3_server.store_options()).read_marker(NS, JOB, 20)
+    assert marker is not None and _rfc3339(marker.time) >= up_at - 1  # committed after the restart
+
+
+def _loss_times(path: Path) -> list[tuple[int, float]]:
+    return [(json.loads(line)["step"], json.loads(line)["time"]) for line in path.read_text().splitlines()]
+
+
+def _rfc3339(value: str) -> float:
+    import datetime as dt
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
