@@ -34,7 +34,7 @@ from torch import nn
 
 from kubeforge.api.contract import ENV_CHECKPOINT_POLICY, ENV_CHECKPOINT_URI, ENV_METRICS_PORT, TRAINER_METRICS_PORT, ExitCode
 from kubeforge_runtime.config import TrainerConfig, check_runtime
-from kubeforge_runtime.data import BatchLoader, DataState, TokenStream, list_files
+from kubeforge_runtime.data import BatchLoader, DataState, SourceFile, TokenStream, list_files
 from kubeforge_runtime.metrics import TrainerMetrics, log_event, peak_flops
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama
@@ -105,6 +105,16 @@ def _metrics_port(cfg: TrainerConfig, env: Mapping[str, str]) -> int:
     return int(env.get(ENV_METRICS_PORT) or TRAINER_METRICS_PORT)
 
 
+def preflight(cfg: TrainerConfig, topo: Topology, on_gpu: bool) -> tuple[ByteTokenizer | HFTokenizer,
+                                                                         list[SourceFile]]:
+    """The checks that need the machine but no process group: tokenizer, input files, memory.
+    Raises ConfigError, ValueError or FileNotFoundError (all configuration errors)."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_runtime(cfg, world_size=topo.world_size, local_world_size=topo.local_world_size, on_gpu=on_gpu,
+                  vocab_size=tokenizer.vocab_size)
+    return tokenizer, list_files(cfg.data.paths, cfg.data.format)
+
+
 class Trainer:
     """One worker's run; ``run()`` returns the exit code."""
 
@@ -113,11 +123,8 @@ class Trainer:
         self.env = dict(os.environ if env is None else env)
         self.topo = Topology.from_env(self.env)
         self.device = pick_device(self.topo)
-        self.tokenizer: ByteTokenizer | HFTokenizer = load_tokenizer(cfg.tokenizer)
         # everything that can be wrong with the config fails here, before any rendezvous
-        check_runtime(cfg, world_size=self.topo.world_size, local_world_size=self.topo.local_world_size,
-                      on_gpu=self.device.type == "cuda", vocab_size=self.tokenizer.vocab_size)
-        self.files = list_files(cfg.data.paths, cfg.data.format)
+        self.tokenizer, self.files = preflight(cfg, self.topo, on_gpu=self.device.type == "cuda")
         self.stop = StopFlag()
 
     def _build_model(self) -> tuple[nn.Module, Llama]:
