@@ -1,0 +1,362 @@
+"""The children of an InferenceService, as pure functions: spec + the resolved model →
+Deployment, Service, PodDisruptionBudget, HorizontalPodAutoscaler (plain dicts for
+server-side apply), and the status the Deployment implies.
+
+Nothing here talks to the API server or the store; the kopf handlers in
+``inferenceservice.py`` read, call these, apply and patch status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from kubeforge.api import InferenceService, InferenceServiceSpec
+from kubeforge.api.common import API_VERSION
+from kubeforge.api.contract import ENV_S3_ENDPOINT, ENV_S3_REGION, SERVING_PORT
+from kubeforge.api.inferenceservice import Autoscaling, RatePolicy
+
+#: Label every child carries; its value is the InferenceService's name. The pods' selector.
+SERVICE_LABEL = "kubeforge.dev/inferenceservice"
+COMPONENT = "inference-server"
+#: Pod-template annotation naming the served export revision: a new value rolls the pods.
+REVISION_ANNOTATION = "kubeforge.dev/model-revision"
+MODEL_URI_ANNOTATION = "kubeforge.dev/model-uri"
+MODEL_STEP_ANNOTATION = "kubeforge.dev/model-step"
+CONTAINER = "server"
+PORT_NAME = "http"
+#: Where the model is downloaded to (an emptyDir) and the scratch space (the root is read-only).
+MODEL_CACHE_DIR = "/var/cache/kubeforge/models"
+TMP_DIR = "/tmp"
+PVC_MOUNT_ROOT = "/mnt/models"
+#: vLLM's metric names, exposed per pod through the custom metrics API (see docs/autoscaling.md).
+POD_METRICS = {"WaitingRequests": "vllm:num_requests_waiting", "RunningRequests": "vllm:num_requests_running"}
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+#: The NVIDIA GPU Operator taints GPU nodes with this key.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+#: Seconds between SIGKILL's deadline and the end of the engine's own drain.
+GRACE_MARGIN_S = 5
+STARTUP_PROBE_PERIOD_S = 10
+#: The non-root user of the image (restricted PodSecurity needs one).
+RUN_AS_USER = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The InferenceService the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """The model the pods load, with what they need to reach it."""
+
+    uri: str
+    revision: str | None = None
+    step: int | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    credentials_secret: str | None = None
+
+
+def child_name(name: str) -> str:
+    """Name of every child (Deployment, Service, PDB, HPA). Suffixed so that a TrainingJob of
+    the same name (whose export is served here) keeps its own Service name."""
+    return f"{name}-server"
+
+
+def pod_labels(name: str) -> dict[str, str]:
+    return {SERVICE_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**pod_labels(name), "app.kubernetes.io/name": "kubeforge-inference-server",
+            "app.kubernetes.io/instance": name, "app.kubernetes.io/component": COMPONENT,
+            "app.kubernetes.io/managed-by": "kubeforge"}
+
+
+def selector(name: str) -> str:
+    """The pods' label selector as a string (status.selector, read by the scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(pod_labels(name).items()))
+
+
+def url(owner: Owner) -> str:
+    return f"http://{child_name(owner.name)}.{owner.namespace}.svc.cluster.local:{SERVING_PORT}"
+
+
+def _metadata(owner: Owner, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": child_name(owner.name), "namespace": owner.namespace, "labels": labels(owner.name),
+        "ownerReferences": [{"apiVersion": API_VERSION, "kind": InferenceService.kind, "name": owner.name,
+                             "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def termination_grace_seconds(spec: InferenceServiceSpec) -> int:
+    """preStop sleep, then the engine's drain, then a margin before SIGKILL."""
+    return spec.lifecycle.pre_stop_sleep_seconds + spec.engine.shutdown_timeout_seconds + GRACE_MARGIN_S
+
+
+def _pvc_source(uri: str) -> tuple[str, str]:
+    """``pvc://claim/path`` → (claim, path inside the mounted claim)."""
+    claim, _, path = uri.removeprefix("pvc://").partition("/")
+    return claim, f"{PVC_MOUNT_ROOT}/{claim}/{path}".rstrip("/")
+
+
+def server_args(name: str, spec: InferenceServiceSpec, model: ResolvedModel) -> list[str]:
+    """The flags of ``python -m kubeforge_runtime.serve`` (see its ``--help``)."""
+    e = spec.engine
+    model_arg = _pvc_source(model.uri)[1] if model.uri.startswith("pvc://") else model.uri
+    args = ["--model", model_arg, "--served-model-name", name, "--host", "0.0.0.0", "--port", str(SERVING_PORT),
+            "--download-dir", MODEL_CACHE_DIR, "--shutdown-timeout", str(e.shutdown_timeout_seconds),
+            "--max-num-seqs", str(e.max_num_seqs), "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+            "--max-queue-len", str(e.max_queue_length), "--block-size", str(e.block_size), "--dtype", e.dtype]
+    if e.max_model_len is not None:
+        args += ["--max-model-len", str(e.max_model_len)]
+    if e.num_blocks is not None:
+        args += ["--num-blocks", str(e.num_blocks)]
+    if e.kv_cache_memory_fraction is not None:
+        args += ["--kv-cache-memory-fraction", str(e.kv_cache_memory_fraction)]
+    if not e.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    return args
+
+
+def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": TMP_DIR}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if model.s3_endpoint:
+        env.append({"name": ENV_S3_ENDPOINT, "value": model.s3_endpoint})
+    if model.s3_region:
+        env.append({"name": ENV_S3_REGION, "value": model.s3_region})
+    if spec.api_key_secret_ref:
+        env.append({"name": "KUBEFORGE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": spec.api_key_secret_ref.name, "key": "api-key"}}})
+    return env + [v.dump() for v in spec.env]
+
+
+def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
+    amounts: dict[str, str] = {}
+    if spec.resources.cpu:
+        amounts["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        amounts["memory"] = spec.resources.memory
+    limits = dict(amounts)
+    if spec.gpus:
+        limits[GPU_RESOURCE] = str(spec.gpus)
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 5,
+            "failureThreshold": failures, "successThreshold": 1}
+
+
+def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, Any]:
+    """The serving Deployment. Replicas follow spec.replicas (which the HPA and `kubectl scale`
+    write through the scale subresource); a rolling update surges one pod and never removes a
+    ready one first, so no request is dropped while a new model revision rolls out."""
+    startup_failures = math.ceil(spec.lifecycle.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-cache", "emptyDir": {"sizeLimit": spec.model_cache_size} if spec.model_cache_size else {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "model-cache", "mountPath": MODEL_CACHE_DIR},
+                                    {"name": "tmp", "mountPath": TMP_DIR}]
+    if model.uri.startswith("pvc://"):
+        claim, _ = _pvc_source(model.uri)
+        volumes.append({"name": "model-pvc", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model-pvc", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", "kubeforge_runtime.serve"],
+        "args": server_args(owner.name, spec, model),
+        "env": _env(spec, model),
+        "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        # /health answers 200 only once the model is loaded and warmed, and 503 again while
+        # draining. No livenessProbe: it would kill a pod in the middle of its drain.
+        "startupProbe": _probe("/health", STARTUP_PROBE_PERIOD_S, startup_failures),
+        "readinessProbe": _probe("/health", 5, 2),
+        "lifecycle": {"preStop": {"sleep": {"seconds": spec.lifecycle.pre_stop_sleep_seconds}}},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    secret = model.credentials_secret
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    pod_annotations = {MODEL_URI_ANNOTATION: model.uri, "prometheus.io/scrape": "true",
+                       "prometheus.io/port": str(SERVING_PORT), "prometheus.io/path": "/metrics"}
+    if model.revision:
+        pod_annotations[REVISION_ANNOTATION] = model.revision
+    if model.step is not None:
+        pod_annotations[MODEL_STEP_ANNOTATION] = str(model.step)
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": pod_labels(owner.name)}}],
+    }
+    tolerations = ([GPU_TOLERATION] if spec.gpus else []) + [t.dump() for t in spec.tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.gpu_product:
+        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.gpu_product]}]}]}}}
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(owner),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": pod_labels(owner.name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            # a pod may legitimately take the whole startup budget: only then is the rollout stuck
+            "progressDeadlineSeconds": spec.lifecycle.startup_timeout_seconds + 600,
+            "revisionHistoryLimit": 5,
+            "template": {"metadata": {"labels": labels(owner.name), "annotations": pod_annotations},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    """ClusterIP Service on the named port; the OpenAI API and /metrics share it."""
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": _metadata(owner),
+        "spec": {"type": "ClusterIP", "selector": pod_labels(owner.name),
+                 "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME, "protocol": "TCP",
+                            "appProtocol": "http"}]},
+    }
+
+
+def build_pdb(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Node drains take at most maxUnavailable serving pods at a time; pods that never became
+    ready may always be evicted (they serve nothing, and would otherwise block a drain)."""
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(owner),
+        "spec": {"maxUnavailable": spec.disruption_budget.max_unavailable,
+                 "selector": {"matchLabels": pod_labels(owner.name)},
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    }
+
+
+def _policies(policies: list[RatePolicy]) -> list[dict[str, Any]]:
+    return [{"type": p.type, "value": p.value, "periodSeconds": p.period_seconds} for p in policies]
+
+
+def hpa_behavior(a: Autoscaling) -> dict[str, Any]:
+    """Exactly the user's cooldowns (stabilization windows) and rate policies; both directions
+    are always written, so the HPA never falls back to a silent default window."""
+    up: dict[str, Any] = {"stabilizationWindowSeconds": a.scale_up_cooldown_seconds}
+    down: dict[str, Any] = {"stabilizationWindowSeconds": a.scale_down_cooldown_seconds}
+    if a.scale_up_policies:
+        up["policies"] = _policies(a.scale_up_policies)
+    if a.scale_down_policies:
+        down["policies"] = _policies(a.scale_down_policies)
+    return {"scaleUp": up, "scaleDown": down}
+
+
+def hpa_metric(a: Autoscaling) -> dict[str, Any]:
+    if a.metric == "CPU":
+        return {"type": "Resource", "resource": {"name": "cpu", "target": {
+            "type": "Utilization", "averageUtilization": a.target}}}
+    return {"type": "Pods", "pods": {"metric": {"name": POD_METRICS[a.metric]},
+                                     "target": {"type": "AverageValue", "averageValue": str(a.target)}}}
+
+
+def build_hpa(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """The HPA, scaling this InferenceService through its scale subresource (not the
+    Deployment: the operator would then fight it); None without spec.autoscaling."""
+    a = spec.autoscaling
+    if a is None:
+        return None
+    return {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(owner),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": InferenceService.kind, "name": owner.name},
+            "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
+            "metrics": [hpa_metric(a)],
+            "behavior": hpa_behavior(a),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- status
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """What the Deployment says about serving, as conditions' inputs."""
+
+    replicas: int
+    ready_replicas: int
+    available: bool
+    available_reason: str
+    available_message: str
+    rolled_out: bool
+
+
+def availability(deployment: dict[str, Any] | None, wanted_replicas: int) -> Availability:
+    if deployment is None:
+        return Availability(0, 0, False, "NoDeployment", "the serving Deployment does not exist yet", False)
+    st = deployment.get("status") or {}
+    replicas, ready = int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    gen_seen = (st.get("observedGeneration") or 0) >= (deployment["metadata"].get("generation") or 0)
+    rolled_out = gen_seen and updated >= wanted_replicas and replicas == updated
+    if wanted_replicas == 0:
+        return Availability(replicas, ready, False, "ScaledToZero", "spec.replicas is 0", rolled_out)
+    if ready == 0:
+        return Availability(replicas, ready, False, "NoReplicaReady",
+                            f"0/{wanted_replicas} replicas ready (loading the model or not scheduled)", rolled_out)
+    return Availability(replicas, ready, True, "ReplicasReady", f"{ready}/{wanted_replicas} replicas ready", rolled_out)
+
+
+def ready_condition(model_ready: tuple[bool, str, str], avail: Availability) -> tuple[bool, str, str]:
+    """Ready: the wanted model is resolved, a replica serves, and the Deployment has rolled out."""
+    ok, reason, message = model_ready
+    if not ok:
+        return False, reason, message
+    if not avail.available:
+        return False, avail.available_reason, avail.available_message
+    if not avail.rolled_out:
+        return False, "RollingOut", f"rolling out: {avail.available_message}"
+    return True, "Serving", avail.available_message
+
+
+def model_of_status(deployment: dict[str, Any]) -> dict[str, Any] | None:
+    """status.model as the Deployment's pod template says: the model rolled out (or rolling)."""
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    if MODEL_URI_ANNOTATION not in annotations:
+        return None
+    out: dict[str, Any] = {"uri": annotations[MODEL_URI_ANNOTATION]}
+    if REVISION_ANNOTATION in annotations:
+        out["revision"] = annotations[REVISION_ANNOTATION]
+    if MODEL_STEP_ANNOTATION in annotations:
+        out["step"] = int(annotations[MODEL_STEP_ANNOTATION])
+    return out
