@@ -159,7 +159,8 @@ class TrainerConfig(_Section):
         if self.data.seq_len > max_pos:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) must not exceed the model's "
                              f"max_position_embeddings ({max_pos})")
-        if self.schedule.warmup_steps > self.train.steps:
+        # only when set explicitly: the default warmup must not make a short run invalid
+        if "warmup_steps" in self.schedule.model_fields_set and self.schedule.warmup_steps > self.train.steps:
             raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must not exceed "
                              f"train.steps ({self.train.steps})")
         return self
@@ -168,11 +169,11 @@ class TrainerConfig(_Section):
 def _format_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{key}: {msg}")
+        lines.append(f"{key}: {msg}" if key else msg)
     return "invalid trainer config: " + "; ".join(lines)
 
 
