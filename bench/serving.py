@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama, LlamaConfig
 from kubeforge_runtime.serve.async_engine import AsyncEngine
@@ -46,8 +45,8 @@ RESULTS = Path(__file__).parent / "results" / "serving.json"
 
 # "small" preset narrowed so that the naive baseline finishes in minutes on two shared cores,
 # with room for the 1k-token prefix
-MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=2048)
+MODEL: dict[str, Any] = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+                         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 2048}
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -137,8 +136,8 @@ def run_naive(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> dic
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              pad_token_id=ByteTokenizer.pad_id)
+    kw: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                          "pad_token_id": ByteTokenizer.pad_id}
     model.generate(torch.tensor([prompts[0][:16]]), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
     generated = 0
     t = time.perf_counter()
@@ -200,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the three systems (best kept)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -208,17 +208,26 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     prompts = workload(args.requests, args.prompt_min, args.prompt_max)
+    kf_runs: list[dict[str, Any]] = []
+    cb_runs: list[dict[str, Any]] = []
+    naive_runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp))
-        kf = run_kubeforge(model_dir, prompts, args)
-        print(f"kubeforge: {kf['tok_s']:.1f} tok/s ({kf['wall_s']:.1f}s)", file=sys.stderr)
-        hf_cb = None if "hf_cb" in args.skip else run_hf_cb(model_dir, prompts, args.new_tokens, args.concurrency)
-        if hf_cb:
-            print(f"hf_cb: {hf_cb['tok_s']:.1f} tok/s ({hf_cb['wall_s']:.1f}s)", file=sys.stderr)
-        naive = None if "naive" in args.skip else run_naive(model_dir, prompts, args.new_tokens)
-        if naive:
-            print(f"naive: {naive['tok_s']:.1f} tok/s ({naive['wall_s']:.1f}s)", file=sys.stderr)
+        # other work shares this machine's cores: the three systems alternate and each keeps
+        # its best round, so a burst of foreign load does not decide a ratio
+        for r in range(args.rounds):
+            kf_runs.append(run_kubeforge(model_dir, prompts, args))
+            print(f"round {r}: kubeforge {kf_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+            if "hf_cb" not in args.skip:
+                cb_runs.append(run_hf_cb(model_dir, prompts, args.new_tokens, args.concurrency))
+                print(f"round {r}: hf_cb {cb_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
+            if "naive" not in args.skip:
+                naive_runs.append(run_naive(model_dir, prompts, args.new_tokens))
+                print(f"round {r}: naive {naive_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
         prefix = None if "prefix" in args.skip else run_prefix(model_dir, args)
+    kf = max(kf_runs, key=lambda x: x["tok_s"])
+    hf_cb = max(cb_runs, key=lambda x: x["tok_s"]) if cb_runs else None
+    naive = max(naive_runs, key=lambda x: x["tok_s"]) if naive_runs else None
 
     cfg = LlamaConfig(**MODEL)
     result: dict[str, Any] = {
@@ -242,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
             "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": 16,
                       "max_batch_tokens": 512},
             "transformers": transformers.__version__, "torch": torch.__version__, "torch_threads": args.threads,
-            "device": "cpu", "wall_s": {"kubeforge": round(kf["wall_s"], 1),
+            "device": "cpu", "rounds": args.rounds,
+            "tok_s_all_rounds": {"kubeforge": [round(x["tok_s"], 1) for x in kf_runs],
+                                 "hf_cb": [round(x["tok_s"], 1) for x in cb_runs],
+                                 "naive": [round(x["tok_s"], 1) for x in naive_runs]},
+            "wall_s": {"kubeforge": round(kf["wall_s"], 1),
                                         "naive": naive and round(naive["wall_s"], 1),
                                         "hf_cb": hf_cb and round(hf_cb["wall_s"], 1)},
         },

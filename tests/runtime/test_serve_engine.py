@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kubeforge_runtime.model.hf import save_hf
 from kubeforge_runtime.model.llama import Llama, preset
 from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine, RequestOutput

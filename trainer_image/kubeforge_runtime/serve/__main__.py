@@ -165,7 +165,7 @@ async def serve(args: argparse.Namespace) -> int:
     if load.done():
         try:
             llm, tokenizer, root = load.result()
-        except Exception as e:  # noqa: BLE001 - report, stay unready, exit non-zero
+        except Exception as e:
             log.exception("model load failed")
             state.load_error = f"model load failed: {e}"
             rc = 1
@@ -199,7 +199,7 @@ def cgroup_cpu_limit() -> int | None:
     otherwise starts one OpenMP thread per host core, and threads spinning beyond the quota
     make small matmuls many times slower."""
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
     except (OSError, ValueError):
         return None
     if quota == "max":

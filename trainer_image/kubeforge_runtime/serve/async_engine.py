@@ -88,14 +88,14 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
+                except Exception as e:
                     log.exception("engine step failed; failing the requests in flight")
                     for request_id in self.engine.abort_all():
                         self._post([EngineStepError(f"generation failed: {e!r}")], request_id)
                     continue
                 if outputs:
                     self._post(outputs)
-        except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+        except BaseException as e:
             log.exception("engine thread died")
             self.dead = e
             if self._loop is not None and not self._loop.is_closed():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,13 +53,11 @@ def _memory_budget(device: torch.device) -> int:
         return int(torch.cuda.get_device_properties(device).total_memory)
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            raw = open(path).read().strip()
+            raw = Path(path).read_text().strip()
         except OSError:
             continue
         if raw.isdigit() and int(raw) < 1 << 60:
             return int(raw)
-    import os
-
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
