@@ -26,7 +26,7 @@ tools: ## build the control plane, kwok, MinIO, kubectl and helm from Go modules
 	@t0=$$SECONDS; hack/cluster/build.sh; echo "tools: $$((SECONDS - t0))s"
 
 crds: install ## render crds/*.yaml from the API models
-	$(VENV)/bin/kubeforge-crds --out crds --out charts/kubeforge/crds
+	$(VENV)/bin/kubeforge-crds --out crds --out charts/kubeforge/crds --reference docs/reference.md
 
 cluster-up: install tools ## start the local control plane (a no-op when it runs)
 	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py up && echo "cluster-up: $$((SECONDS - t0))s"

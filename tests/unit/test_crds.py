@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_committed_crds_equal_what_make_crds_renders() -> None:
-    assert main(["--check", "--out", str(REPO / "crds"), "--out", str(REPO / "charts/kubeforge/crds")]) == 0
+    assert main(["--check", "--out", str(REPO / "crds"), "--out", str(REPO / "charts/kubeforge/crds"),
+                 "--reference", str(REPO / "docs/reference.md")]) == 0
 
 
 def test_check_detects_a_stale_file(tmp_path: Path) -> None:
