@@ -135,7 +135,9 @@ def run_prefix(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
 def run_naive(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    # transformers' own annotations do not type-check generate() on a concrete model class
+    model: Any = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
     kw: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
                           "pad_token_id": ByteTokenizer.pad_id}
     model.generate(torch.tensor([prompts[0][:16]]), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
@@ -153,8 +155,9 @@ def run_hf_cb(model_dir: Path, prompts: list[list[int]], new_tokens: int, concur
     from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
-    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+    model: Any = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,  # type: ignore[no-untyped-call]
                            pad_token_id=ByteTokenizer.pad_id)
     cb = ContinuousBatchingConfig(page_size=16, max_requests_per_batch=concurrency, max_batch_tokens=512,
                                   num_blocks=concurrency * (2048 // 16) + 256, auto_switch_to_flash=False,

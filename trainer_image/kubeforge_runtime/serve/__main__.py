@@ -158,8 +158,9 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     load = in_daemon_thread(load_engine, args, model_name)
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([load, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    pending: set[asyncio.Future[Any]] = {load, stopper}
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     engine: AsyncEngine | None = None
     rc = 0
     if load.done():

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +289,7 @@ class OpenAIServer:
                            headers={"Retry-After": str(self.settings.retry_after_s)})
 
     async def _outputs(self, jobs: list[tuple[list[int], SamplingParams]], arrival: float,
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """The engine outputs of every choice, merged, tagged with the choice index. Closing
         this iterator aborts whatever is unfinished."""
         assert self.engine is not None
@@ -330,15 +330,15 @@ class OpenAIServer:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         assert self.tokenizer is not None
         p = req.prompt
-        prompts: list[list[int]]
+        prompts: list[list[int]] = []
         if isinstance(p, str):
             prompts = [self._encode_text(p)]
-        elif p and isinstance(p[0], int):
-            prompts = [list(p)]  # type: ignore[arg-type]
-        elif p and isinstance(p[0], str):
-            prompts = [self._encode_text(s) for s in p]  # type: ignore[arg-type]
         else:
-            prompts = [list(x) for x in p]  # type: ignore[union-attr]
+            for item in p:  # validated: all ints, all strings, or all id lists
+                if isinstance(item, int):
+                    prompts = [[int(t) for t in p if isinstance(t, int)]]
+                    break
+                prompts.append(self._encode_text(item) if isinstance(item, str) else list(item))
         jobs = []
         for pi, ids in enumerate(prompts):
             mt = self._check_prompt(ids, req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{pi}]")

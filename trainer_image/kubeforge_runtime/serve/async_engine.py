@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from kubeforge_runtime.serve.engine import LLMEngine, RequestOutput
@@ -119,7 +119,7 @@ class AsyncEngine:
             q.put_nowait(EngineDeadError(f"engine stopped: {e!r}"))
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream one request's outputs; leaving the iterator early (a client went away, the
         handler was cancelled) aborts the request and frees its blocks."""
         if self.dead is not None:

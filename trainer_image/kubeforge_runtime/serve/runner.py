@@ -24,7 +24,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from kubeforge_runtime.model.llama import Llama, rope_cos_sin
+from kubeforge_runtime.model.llama import DecoderLayer, Llama, rope_cos_sin
 from kubeforge_runtime.serve.kv_cache import KVCacheTensors
 
 
@@ -110,14 +110,15 @@ class PagedRunner:
             keep = torch.arange(c, device=self.device)[None, :] < g.context_lens[:, None]
             dec_masks.append(torch.zeros(keep.shape, dtype=self.dtype, device=self.device)
                              .masked_fill_(~keep, float("-inf"))[:, None, None, :])
-        pre_masks = []
+        pre_masks: list[torch.Tensor | None] = []
         for p in b.prefills:
             if p.context_len == p.num_tokens:
                 pre_masks.append(None)  # a whole prompt: plain causal
             else:
                 qpos = torch.arange(p.num_tokens, device=self.device)[:, None] + (p.context_len - p.num_tokens)
                 pre_masks.append(torch.arange(p.context_len, device=self.device)[None, :] <= qpos)
-        for layer_idx, layer in enumerate(m.layers):
+        layers: list[DecoderLayer] = list(m.layers)  # type: ignore[arg-type]
+        for layer_idx, layer in enumerate(layers):
             # flat (slots, K, E) for writing tokens; (blocks, bs, K, E) for gathering whole blocks,
             # which index_select copies as contiguous runs (per-slot indexing is several times slower)
             k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
@@ -148,5 +149,5 @@ class PagedRunner:
                 y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
             x_TD = x_TD + layer.self_attn.o_proj(y_THE.reshape(t, -1))
             x_TD = x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
-        last = x_TD[b.logits_idx]
-        return m.lm_head(m.norm(last))
+        logits: torch.Tensor = m.lm_head(m.norm(x_TD[b.logits_idx]))
+        return logits
