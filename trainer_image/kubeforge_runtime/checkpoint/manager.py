@@ -371,6 +371,7 @@ class CheckpointManager:
             return None
         assert self.store is not None
         self._ensure_groups()
+        self.wait()  # a save in flight would share the checkpoint group with the load
         candidates: list[Any] = [None]
         if self.rank == 0:
             committed = self.store.committed_checkpoints(self.namespace, self.job)
