@@ -1,5 +1,6 @@
 """Where the weights come from: a local directory, ``file://`` or ``s3://``.
 
+A local export (a directory named ``export``) is served only once its commit marker exists.
 An S3 prefix is read through ``kubeforge.store``'s backend (same retries, same credentials
 from the environment as the trainer). When the prefix holds an export commit marker
 (``commit.json``, what a TrainingJob writes last), exactly the files it lists are fetched and
@@ -50,6 +51,9 @@ def fetch_model(uri: str, download_dir: Path) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else uri)
+        if path.name == "export" and not (path / "commit.json").is_file():
+            # a volume-backed store: same rule as S3 (files are not re-hashed on every start)
+            raise ModelSourceError(f"{uri}: export has no commit marker yet (still being written?)")
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{uri}: no config.json (expected a Hugging Face Llama directory)")
         return path
