@@ -48,3 +48,10 @@ CONFIG_FILE_NAME = "trainer.yaml"
 #: Default ports.
 TRAINER_METRICS_PORT = 9400
 SERVING_PORT = 8000
+
+#: Where the operator mounts a CheckpointPolicy's volume (PVC) in worker pods; the store
+#: root is file://<CHECKPOINT_MOUNT_DIR>/<policy path>.
+CHECKPOINT_MOUNT_DIR = "/mnt/checkpoints"
+#: Port of the TrainingJob's rendezvous store (``python -m kubeforge_runtime.rendezvous``),
+#: the c10d endpoint every worker's torchrun agent connects to as a client.
+RENDEZVOUS_PORT = 29400

@@ -35,6 +35,9 @@ class Workers(ApiModel):
     shm_size: str = Field(default="16Gi", pattern=r"^[0-9]+([KMGT]i)?$", description="Size of the memory-backed /dev/shm.")
     max_agent_restarts: int = Field(default=3, ge=0, le=100, description=(
         "torchrun --max-restarts: in-pod worker-group restarts before the pod fails."))
+    termination_grace_seconds: int = Field(default=300, ge=30, le=3600, description=(
+        "terminationGracePeriodSeconds of the workers: time to finish the step and write the "
+        "preemption checkpoint after SIGTERM."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("self.minReplicas <= self.maxReplicas", "minReplicas must be less than or equal to maxReplicas",
@@ -53,6 +56,10 @@ class FailurePolicy(ApiModel):
         "How long a worker's node may be NotReady/Unknown before the worker is force-deleted and replaced."))
     insufficient_capacity_timeout_seconds: int = Field(default=300, ge=0, description=(
         "How long fewer than minReplicas may run before the job reports InsufficientCapacity."))
+    disruption_window_seconds: int = Field(default=300, ge=0, le=86400, description=(
+        "Worker failures within this long after an infrastructure disruption of the same job (node "
+        "lost, worker evicted or preempted, rendezvous store lost) are counted as infrastructure: "
+        "the surviving peers fail with rendezvous or collective errors caused by the loss."))
 
 
 class Trainer(ApiModel):
@@ -119,6 +126,16 @@ class Restarts(ApiModel):
     infrastructure: int = Field(default=0, description="Infrastructure replacements (node loss, eviction, preemption).")
 
 
+class WorkerPodRecord(ApiModel):
+    """The worker pod the operator created for one replica index. Restarts are counted by
+    attempt, so a restart of the operator at any moment never counts one twice."""
+
+    index: int = Field(ge=0, description="Replica index (the pod is <job>-worker-<index>).")
+    attempt: int = Field(default=0, ge=0, description=(
+        "Attempt of this index; the pod carries it as a label and older attempts are deleted uncounted."))
+    uid: str | None = Field(default=None, description="UID of the pod of this attempt, once created.")
+
+
 class CheckpointRef(ApiModel):
     """The newest committed checkpoint on the store."""
 
@@ -141,6 +158,10 @@ class TrainingJobStatus(StatusBase):
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest committed checkpoint.")
     export_uri: str | None = Field(default=None, description="Where the committed export is.")
     message: str | None = Field(default=None, description="Latest human-readable summary.")
+    worker_pods: list[WorkerPodRecord] = Field(default_factory=list, description=(
+        "The current attempt of every worker index, by which restarts are counted exactly once."))
+    last_disruption_time: str | None = Field(default=None, description=(
+        "When the job last lost a worker or its rendezvous store to infrastructure."))
 
 
 class TrainingJob(Kind):
