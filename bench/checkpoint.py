@@ -53,11 +53,10 @@ def _raw_write(path: Path, nbytes: int) -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     from kubeforge_runtime.checkpoint import CheckpointManager
     from kubeforge_runtime.model import Llama, preset
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

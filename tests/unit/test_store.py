@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kubeforge.store import (
-    CheckpointInfo, CommitMarker, FileDigest, Store, StoreError, checkpoint_prefix, open_store, plan_retention,
+    CheckpointInfo,
+    CommitMarker,
+    FileDigest,
+    Store,
+    StoreError,
+    checkpoint_prefix,
+    open_store,
+    plan_retention,
     step_dir_name,
 )
 from kubeforge.store.layout import file_digest, parse_step_dir
@@ -115,7 +121,7 @@ def test_incomplete_checkpoints_go_after_the_grace(store: Store, tmp_path: Path)
     write_checkpoint(store, tmp_path, 1)
     write_checkpoint(store, tmp_path, 2, commit=False)
     listed = store.list_checkpoints(NS, JOB)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert plan_retention(listed, keep_last=1, incomplete_grace_seconds=3600, now=now).delete_incomplete == ()
     later = now + dt.timedelta(hours=2)
     plan = plan_retention(listed, keep_last=1, incomplete_grace_seconds=3600, now=later)
@@ -191,12 +197,12 @@ def test_missing_bucket_is_reported_by_check(s3_server) -> None:  # type: ignore
 # ------------------------------------------------------------------ retention, pure
 
 def info(step: int, committed: bool = True, age_s: float = 0.0) -> CheckpointInfo:
-    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     return CheckpointInfo(step=step, prefix=f"p/{step}", committed=committed, bytes=1,
                           modified=now - dt.timedelta(seconds=age_s))
 
 
-NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def test_retention_never_deletes_the_step_being_restored() -> None:

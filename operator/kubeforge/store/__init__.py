@@ -38,8 +38,15 @@ Errors: ``StoreError`` (unreachable after retries, access denied), ``NotFound``,
 
 from kubeforge.store.backends import NotFound, ObjectInfo, S3Options, StoreError, open_backend
 from kubeforge.store.layout import (
-    MARKER_NAME, CommitMarker, ExportMarker, FileDigest, checkpoint_prefix, export_prefix, job_prefix,
-    step_dir_name, utc_now,
+    MARKER_NAME,
+    CommitMarker,
+    ExportMarker,
+    FileDigest,
+    checkpoint_prefix,
+    export_prefix,
+    job_prefix,
+    step_dir_name,
+    utc_now,
 )
 from kubeforge.store.retention import RetentionPlan, plan_retention
 from kubeforge.store.store import CheckpointInfo, CheckpointSummary, CorruptCheckpoint, Store, open_store

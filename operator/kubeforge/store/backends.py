@@ -132,7 +132,7 @@ class FileBackend:
                 except FileNotFoundError:
                     continue
                 yield ObjectInfo(key=str(p.relative_to(self.root)), size=st.st_size,
-                                 modified=dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
+                                 modified=dt.datetime.fromtimestamp(st.st_mtime, dt.UTC))
 
     def delete(self, keys: Iterable[str]) -> None:
         parents = set()
@@ -185,7 +185,8 @@ def _is_retryable(exc: BaseException) -> bool:
     """Transient: the endpoint is unreachable, slow or says "try again". Missing credentials,
     access denied or a missing bucket are not: retrying would only hide them."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -299,7 +300,7 @@ class S3Backend:
         for i in range(0, len(batch), 1000):
             chunk = batch[i:i + 1000]
 
-            def delete_chunk() -> None:
+            def delete_chunk(chunk: list[dict[str, str]] = chunk) -> None:
                 resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
                 if resp.get("Errors"):
                     raise StoreError(f"delete failed for {resp['Errors'][:3]}")

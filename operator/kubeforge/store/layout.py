@@ -15,6 +15,7 @@ got is what was written.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import re
@@ -49,7 +50,7 @@ class CommitMarker(BaseModel):
     files: dict[str, FileDigest] = Field(description="file name relative to the checkpoint directory")
     info: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return self.model_dump_json(indent=1).encode()
 
 
@@ -64,12 +65,12 @@ class ExportMarker(BaseModel):
     bytes: int
     files: dict[str, FileDigest]
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return self.model_dump_json(indent=1).encode()
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check_name(value: str, what: str) -> str:

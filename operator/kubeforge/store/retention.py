@@ -42,7 +42,7 @@ def plan_retention(checkpoints: Sequence[CheckpointInfo], *, keep_last: int, kee
         raise ValueError("keep_last must be >= 1")
     if keep_every is not None and keep_every < 1:
         raise ValueError("keep_every must be >= 1")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     protected = set(protected_steps)
     committed = sorted(c.step for c in checkpoints if c.committed)
     keep = set(committed[-keep_last:]) | (protected & set(committed))

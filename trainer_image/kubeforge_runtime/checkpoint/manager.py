@@ -40,14 +40,17 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.utils._pytree import tree_map_only
-
 from kubeforge.api import contract
 from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, utc_now
 from kubeforge.store.layout import file_digest
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.utils._pytree import tree_map_only
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +95,14 @@ class _RankResult:
     error: str = ""
 
 
-class _RecordingWriter(dcp.FileSystemWriter):
+class _RecordingWriter(FileSystemWriter):
     """A FileSystemWriter that remembers which files this rank wrote, for hashing and upload."""
 
     def __init__(self, path: Path, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
         self.written: list[str] = []
 
-    def write_data(self, plan: Any, planner: Any) -> Future[Any]:
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
         fut = super().write_data(plan, planner)
         self.written.extend(sorted({wr.storage_data.relative_path for wr in fut.wait()}))
         return fut
@@ -134,7 +137,7 @@ class _VerifiedFiles(FileSystem):
         return super().create_stream(self._ready[name], mode)
 
 
-class _VerifiedReader(dcp.FileSystemReader):
+class _VerifiedReader(FileSystemReader):
     def __init__(self, store: Store, prefix: str, files: Mapping[str, FileDigest], cache: Path) -> None:
         super().__init__(cache)
         self.fs = _VerifiedFiles(store, prefix, files, cache)
@@ -304,10 +307,10 @@ class CheckpointManager:
             writer = _RecordingWriter(local, single_file_per_rank=True, sync_files=in_place,
                                       thread_count=self.settings.write_threads)
             if self._io_group is not None:
-                dcp.save(state, storage_writer=writer, process_group=self._io_group)
+                dcp_save(state, storage_writer=writer, process_group=self._io_group)
             else:
                 with _single_process():
-                    dcp.save(state, storage_writer=writer, no_dist=True)
+                    dcp_save(state, storage_writer=writer, no_dist=True)
             t_written = time.perf_counter()
             for name in writer.written:
                 if in_place:
@@ -318,7 +321,7 @@ class CheckpointManager:
             result.ok = True
             self.last_save_stats = {"write_s": t_written - t0, "upload_s": time.perf_counter() - t_written,
                                     "bytes": float(sum(f.size for f in result.files.values()))}
-        except (Exception, dcp.CheckpointException) as exc:  # reported to rank 0, which then does not commit
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported to rank 0, which does not commit
             result.error = _describe(exc)
             log.error("checkpoint: rank %d failed to write step %d: %s", self.rank, step, result.error)
         finally:
@@ -386,7 +389,7 @@ class CheckpointManager:
             dist.broadcast_object_list(candidates, src=0, group=self._control_group)
         if isinstance(candidates[0], str):
             raise StoreError(candidates[0])
-        tried = []
+        tried: list[str] = []
         for ckpt_step, prefix, marker in candidates[0]:
             error = self._load(prefix, marker, model, optimizer, extra)
             if error is None:
@@ -418,11 +421,11 @@ class CheckpointManager:
         try:
             reader = _VerifiedReader(self.store, prefix, marker.files, cache)
             if self._io_group is not None:
-                dcp.load(state, storage_reader=reader, process_group=self._io_group)
+                dcp_load(state, storage_reader=reader, process_group=self._io_group)
             else:
                 with _single_process():
-                    dcp.load(state, storage_reader=reader, no_dist=True)
-        except (Exception, dcp.CheckpointException) as exc:
+                    dcp_load(state, storage_reader=reader, no_dist=True)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - agreed below, then fallback
             error = _describe(exc)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -460,7 +463,7 @@ def _single_process() -> Iterator[None]:
 
 def _describe(exc: BaseException) -> str:
     """One line per failing rank: DCP's CheckpointException wraps the real errors with tracebacks."""
-    if isinstance(exc, dcp.CheckpointException):
+    if isinstance(exc, CheckpointException):
         return "; ".join(f"rank {r}: {_describe(e)}" for r, (e, _tb) in sorted(exc.failures.items()))
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
