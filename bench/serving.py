@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import transformers
 
+    load_before = os.getloadavg()
     prompts = workload(args.requests, args.prompt_min, args.prompt_max)
     kf_runs: list[dict[str, Any]] = []
     cb_runs: list[dict[str, Any]] = []
@@ -254,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
             "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": 16,
                       "max_batch_tokens": 512},
             "transformers": transformers.__version__, "torch": torch.__version__, "torch_threads": args.threads,
-            "device": "cpu", "rounds": args.rounds,
+            "device": "cpu", "cpu_count": os.cpu_count(), "rounds": args.rounds,
+            # foreign load on the machine, 1-minute average, when the benchmark started and ended
+            "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "tok_s_all_rounds": {"kubeforge": [round(x["tok_s"], 1) for x in kf_runs],
                                  "hf_cb": [round(x["tok_s"], 1) for x in cb_runs],
                                  "naive": [round(x["tok_s"], 1) for x in naive_runs]},

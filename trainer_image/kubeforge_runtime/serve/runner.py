@@ -132,19 +132,23 @@ class PagedRunner:
             for g, mask in zip(b.decodes, dec_masks, strict=True):
                 bd, nb = g.block_table.shape
                 flat_bt = g.block_table.flatten()
-                qd = q_THE[g.token_idx][:, :, None, :]  # (Bd,H,1,E)
-                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)  # (Bd,K,C,E)
+                # the query heads sharing a kv head become that head's query rows: (Bd,K,G,E)
+                # against (Bd,K,C,E), no expansion of keys and values for GQA
+                qd = q_THE[g.token_idx].view(bd, nkv, -1, e)
+                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)
                 vd = v_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)
-                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
-                y_THE[g.token_idx] = yd[:, :, 0, :]
+                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+                y_THE[g.token_idx] = yd.reshape(bd, -1, e)
             for p, pmask in zip(b.prefills, pre_masks, strict=True):
                 s0, n = p.token_start, p.num_tokens
-                qp = q_THE[s0:s0 + n].transpose(0, 1)[None]  # (1,H,n,E)
-                kp = k_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
-                vp = v_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
+                qp = q[:, :, s0:s0 + n]  # (1,H,n,E)
                 if pmask is None:
-                    yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+                    # the whole context is this chunk: its keys and values need no gather
+                    yp = F.scaled_dot_product_attention(qp, k[:, :, s0:s0 + n], v[:, :, s0:s0 + n], is_causal=True,
+                                                        enable_gqa=True)
                 else:
+                    kp = k_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
+                    vp = v_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
                     yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=pmask, enable_gqa=True)
                 y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
             x_TD = x_TD + layer.self_attn.o_proj(y_THE.reshape(t, -1))
