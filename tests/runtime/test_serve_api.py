@@ -357,6 +357,8 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(model_dir: Path, tmp_pa
                 await asyncio.sleep(0.3)
                 async with session.get(s.base + "/health") as h:
                     health = h.status
+                async with session.get(s.base + "/livez") as lz:
+                    assert lz.status == 200  # draining is alive: no restart mid-drain
                 async with session.post(s.base + "/v1/completions", json={"prompt": "late", "max_tokens": 2},
                                         headers=s.headers()) as late:
                     late_status = late.status

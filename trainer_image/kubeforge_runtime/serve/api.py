@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP front end (aiohttp).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
-``GET /v1/models``, ``GET /health`` (200 only when loaded, warmed and not draining),
-``GET /metrics`` (Prometheus text, vLLM names).
+``GET /v1/models``, ``GET /health`` (readiness: 200 only when loaded, warmed and not
+draining), ``GET /livez`` (liveness), ``GET /metrics`` (Prometheus text, vLLM names).
 
 Error answers use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 malformed JSON, wrong types, unknown parameters (``param`` names the field) and prompts
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import time
@@ -167,6 +168,7 @@ class OpenAIServer:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._gate], client_max_size=8 * 1024 * 1024)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/livez", self.livez)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
@@ -204,7 +206,8 @@ class OpenAIServer:
         if not self.state.ready:
             raise APIError(503, self.state.load_error or "model is loading", err_type="server_error", headers=retry)
         key = self.settings.api_key
-        if key is not None and request.headers.get("Authorization", "") != f"Bearer {key}":
+        if key is not None and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                                       f"Bearer {key}".encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            err_type="authentication_error")
         self.state.in_flight += 1
@@ -220,6 +223,14 @@ class OpenAIServer:
             return web.json_response({"status": "ok"})
         status = "draining" if self.state.draining else ("failed" if self.state.load_error else "loading")
         return web.json_response({"status": status}, status=503)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness, unlike readiness, stays 200 while loading and draining: restarting a pod
+        that is downloading weights or finishing its last requests helps nobody. Only a failed
+        load or a dead engine thread is fatal."""
+        if self.state.load_error or (self.engine is not None and self.engine.dead is not None):
+            return web.json_response({"status": "failed"}, status=503)
+        return web.json_response({"status": "alive"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = b""
