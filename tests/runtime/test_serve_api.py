@@ -223,7 +223,9 @@ def test_concurrent_greedy_equals_one_at_a_time(server: Server) -> None:
     bodies = [{"prompt": [rng.randrange(256) for _ in range(rng.randint(1, 100))], "max_tokens": 24,
                "temperature": 0, "stream": i % 2 == 1} for i in range(16)]
     alone = [server.post("/v1/completions", {**b, "stream": False}) for b in bodies]
+    preempted = server.metrics()["vllm:num_preemptions_total"]
     together = _gather(server, "/v1/completions", bodies)
+    assert server.metrics()["vllm:num_preemptions_total"] > preempted, "64 blocks for 16 requests must preempt"
     assert [s for s, _ in together] == [200] * 16
     assert [_text(r["choices"][0]) for _, r in together] == [_text(r["choices"][0]) for _, r in alone]
     assert len({_text(r["choices"][0]) for _, r in alone}) > 10
