@@ -27,3 +27,17 @@ app.kubernetes.io/component: operator
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "kubeforge.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "kubeforge.peering" -}}
+{{- if gt (int .Values.replicaCount) 1 }}{{ .Values.peering.name }}{{ end -}}
+{{- end -}}
+
+{{- define "kubeforge.checks" -}}
+{{- if and .Values.rbac.create (not .Values.rbac.clusterWide) (not .Values.watchNamespaces) -}}
+{{- fail "rbac.clusterWide=false needs watchNamespaces: the Roles are created in those namespaces" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,71 @@
+{{- /*
+Exactly what the operator calls; no wildcards. Where each rule comes from:
+  kubeforge.dev      kopf watches all three kinds (list, watch) and patches them (progress and
+                     diff-base annotations, the InferenceService timer's finalizer); the
+                     controllers get TrainingJobs and CheckpointPolicies, list TrainingJobs
+                     (CheckpointPolicy job summaries) and delete a finished TrainingJob (ttl).
+  <kind>/status      status patches of all three kinds.
+  <kind>/finalizers  children carry ownerReferences with blockOwnerDeletion: clusters running
+                     the OwnerReferencesPermissionEnforcement admission plugin ask for update.
+  pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
+  services, configmaps   server-side apply (patch) of job and InferenceService children.
+  secrets, persistentvolumeclaims   get: S3 credentials and checkpoint claims are checked.
+  events             create: Events on every decision (kopf.event and the TrainingJob controller).
+  deployments        InferenceService: get, apply (patch), and watch the ones it manages.
+  horizontalpodautoscalers   get, apply (patch), delete when spec.autoscaling goes.
+  poddisruptionbudgets   apply (patch).
+  nodes              TrainingJob: watch node health, get a node not seen yet (cluster-scoped).
+  namespaces, customresourcedefinitions   kopf's own scanning (list, watch).
+  kopf.dev           peering (only with replicaCount > 1).
+*/}}
+{{- define "kubeforge.rules.namespaced" }}
+- apiGroups: ["kubeforge.dev"]
+  resources: ["trainingjobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+- apiGroups: ["kubeforge.dev"]
+  resources: ["checkpointpolicies", "inferenceservices"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubeforge.dev"]
+  resources: ["trainingjobs/status", "checkpointpolicies/status", "inferenceservices/status"]
+  verbs: ["patch"]
+- apiGroups: ["kubeforge.dev"]
+  resources: ["trainingjobs/finalizers", "inferenceservices/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["secrets", "persistentvolumeclaims"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["patch"]
+{{- end }}
+{{- define "kubeforge.rules.cluster" }}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- define "kubeforge.rules.peering" }}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
