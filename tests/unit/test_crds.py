@@ -93,6 +93,6 @@ def test_spec_defaults_are_rendered_for_admission() -> None:
     spec = crd(TrainingJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     fp = spec["properties"]["failurePolicy"]
     assert fp["default"] == {"maxRestarts": 3, "restartPolicy": "ReplaceFailed", "nodeFailureGraceSeconds": 30,
-                             "insufficientCapacityTimeoutSeconds": 300}
+                             "insufficientCapacityTimeoutSeconds": 300, "disruptionWindowSeconds": 300}
     assert fp["properties"]["nodeFailureGraceSeconds"]["default"] == 30
     assert fp["properties"]["restartPolicy"]["enum"] == ["ReplaceFailed", "RestartGroup"]

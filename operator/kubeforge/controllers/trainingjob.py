@@ -1,27 +1,387 @@
-"""TrainingJob controller: first version — validates the spec and reports it in status."""
+"""TrainingJob controller: thin kopf handlers around ``trainingjob_plan.plan``.
+
+Events of TrainingJobs, of their pods and of Nodes only put the job's key on a work queue
+(deduplicated, with delays, like controller-runtime's); a few workers take keys off it and
+reconcile one job at a time: read the job, its pods, the nodes they run on, the policy
+and the store; ``plan()``; write status first, then create and delete pods, post Events.
+No per-job daemon and no finalizer: a job deleted while the operator is down goes away
+with its children through their ownerReferences.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter as Tally
 from typing import Any
 
 import kopf
+import kubernetes
 
-from kubeforge.api import TrainingJob, TrainingJobSpec
-from kubeforge.api.common import GROUP, VERSION
-from kubeforge.controllers.status import conditions_patch, parse_spec
-from kubeforge.metrics import reconciling
+from kubeforge import kube
+from kubeforge.api import CheckpointPolicySpec, TrainingJob
+from kubeforge.api.common import API_VERSION, GROUP, VERSION
+from kubeforge.controllers import trainingjob_pods as pods_
+from kubeforge.controllers.checkpointpolicy import STORE_RETRY_DEADLINE_S, storage_uri
+from kubeforge.controllers.trainingjob_plan import NodeHealth, Observed, Plan, StoreView, parse_time, plan
+from kubeforge.metrics import TRAININGJOBS, WORKER_REPLACEMENTS, reconciling
+from kubeforge.store import StoreError, open_store
+
+log = logging.getLogger("kubeforge.trainingjob")
+Key = tuple[str, str]
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+FIELD_MANAGER = "kubeforge"
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 
 
-@kopf.on.resume(GROUP, VERSION, TrainingJob.plural)
-@kopf.on.create(GROUP, VERSION, TrainingJob.plural)
-@kopf.on.update(GROUP, VERSION, TrainingJob.plural)
-def reconcile(spec: Any, status: Any, meta: Any, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class TrainingJobSettings:
+    """How the TrainingJob controller works through its queue."""
+
+    #: Jobs reconciled at the same time (each in a thread: the Kubernetes client blocks).
+    workers: int = 8
+    #: How long the store's answer (lastCheckpoint) is reused before it is read again.
+    store_refresh_s: float = 30.0
+    #: Pause before retrying a reconciliation that raised.
+    error_backoff_s: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> "TrainingJobSettings":
+        env = os.environ
+        return cls(workers=int(env.get("KUBEFORGE_TRAININGJOB_WORKERS", cls.workers)),
+                   store_refresh_s=float(env.get("KUBEFORGE_STORE_REFRESH_SECONDS", cls.store_refresh_s)))
+
+
+SETTINGS = TrainingJobSettings.from_env()
+
+
+class WorkQueue:
+    """Keys due at a time; a key is handed to one worker at a time, and adding a key while
+    it is being worked on brings it back once that work is done."""
+
+    def __init__(self) -> None:
+        self._due: dict[Key, float] = {}
+        self._busy: set[Key] = set()
+        self._wake = asyncio.Event()
+
+    def add(self, key: Key, delay: float = 0.0) -> None:
+        due = time.monotonic() + delay
+        self._due[key] = min(self._due.get(key, due), due)
+        self._wake.set()
+
+    async def get(self) -> Key:
+        while True:
+            now = time.monotonic()
+            ready = [(due, k) for k, due in self._due.items() if k not in self._busy]
+            if ready:
+                due, key = min(ready)
+                if due <= now:
+                    del self._due[key]
+                    self._busy.add(key)
+                    return key
+                timeout: float | None = due - now
+            else:
+                timeout = None
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def done(self, key: Key) -> None:
+        self._busy.discard(key)
+        self._wake.set()
+
+
+@dataclasses.dataclass
+class _Caches:
+    """What the watches taught us; rebuilt from the initial listings after a restart."""
+
+    nodes: dict[str, NodeHealth] = dataclasses.field(default_factory=dict)
+    pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
+    phases: dict[Key, str] = dataclasses.field(default_factory=dict)
+    applied: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (job uid, generation)
+    store: dict[Key, tuple[float, StoreView]] = dataclasses.field(default_factory=dict)
+
+
+CACHES = _Caches()
+QUEUE: WorkQueue | None = None
+POOL = concurrent.futures.ThreadPoolExecutor(max_workers=SETTINGS.workers, thread_name_prefix="trainingjob")
+
+
+def enqueue(key: Key, delay: float = 0.0) -> None:
+    if QUEUE is not None:
+        QUEUE.add(key, delay)
+
+
+# ---- watches --------------------------------------------------------------------------
+
+@kopf.on.startup()
+async def start_queue(**_: Any) -> None:
+    global QUEUE
+    QUEUE = WorkQueue()
+    for n in range(SETTINGS.workers):
+        asyncio.get_running_loop().create_task(_work(QUEUE), name=f"trainingjob-worker-{n}")
+
+
+@kopf.on.event(GROUP, VERSION, TrainingJob.plural)
+async def job_event(type: str | None, body: Any, meta: Any, status: Any, **_: Any) -> None:
+    key = (meta["namespace"], meta["name"])
+    if type == "DELETED":
+        CACHES.phases.pop(key, None)
+        CACHES.store.pop(key, None)
+        _publish_phases()
+        return
+    if type is None or type == "ADDED" or meta.get("generation") != (status or {}).get("observedGeneration"):
+        enqueue(key)
+
+
+@kopf.on.event("", "v1", "pods", labels={pods_.JOB_LABEL: kopf.PRESENT})
+async def pod_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
+    job = (meta["namespace"], meta["labels"][pods_.JOB_LABEL])
+    pod_key = (meta["namespace"], meta["name"])
+    if type == "DELETED":
+        CACHES.pod_nodes.pop(pod_key, None)
+    elif body.get("spec", {}).get("nodeName"):
+        CACHES.pod_nodes[pod_key] = (job, body["spec"]["nodeName"])
+    enqueue(job)
+
+
+def node_health(body: Any) -> NodeHealth:
+    for c in (body.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            since = parse_time(c.get("lastTransitionTime")) or dt.datetime.now(dt.timezone.utc)
+            return NodeHealth(str(c.get("status", "Unknown")), since)
+    return NodeHealth("Unknown", dt.datetime.now(dt.timezone.utc))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
+    name = meta["name"]
+    before = CACHES.nodes.get(name)
+    if type == "DELETED":
+        now = dt.datetime.now(dt.timezone.utc)
+        CACHES.nodes[name] = NodeHealth("Missing", before.since if before and before.ready != "True" else now)
+    else:
+        CACHES.nodes[name] = node_health(body)
+    after = CACHES.nodes[name]
+    if before is None or before.ready != after.ready:
+        for job, node in list(CACHES.pod_nodes.values()):
+            if node == name:
+                enqueue(job)
+
+
+# ---- the reconciliation ---------------------------------------------------------------
+
+async def _work(queue: WorkQueue) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await queue.get()
+        try:
+            again = await loop.run_in_executor(POOL, reconcile_job, *key)
+        except Exception:
+            log.exception("reconciling TrainingJob %s/%s failed", *key)
+            again = SETTINGS.error_backoff_s
+        finally:
+            queue.done(key)
+        if again is not None:
+            queue.add(key, again)
+
+
+def _get_json(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """The object as the API server sent it (camelCase dicts), None on 404."""
+    try:
+        return json.loads(call(*args, _preload_content=False, **kwargs).data)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _nodes_for(pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
+    """Node health from the watch; a node the watch has not shown yet is read directly, so a
+    fresh operator never takes an unseen node for a lost one."""
+    out: dict[str, NodeHealth] = {}
+    for pod in pods:
+        name = (pod.get("spec") or {}).get("nodeName")
+        if not name or name in out:
+            continue
+        health = CACHES.nodes.get(name)
+        if health is None:
+            node = _get_json(kube.core().read_node, name)
+            health = node_health(node) if node else NodeHealth("Missing", dt.datetime.now(dt.timezone.utc))
+            CACHES.nodes[name] = health
+        out[name] = health
+    return out
+
+
+def _read_policy(namespace: str, name: str) -> tuple[CheckpointPolicySpec | None, str | None]:
+    body = _get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace, "checkpointpolicies",
+                     name)
+    if body is None:
+        return None, f"CheckpointPolicy {name} does not exist"
+    try:
+        return CheckpointPolicySpec.model_validate(body.get("spec") or {}), None
+    except ValueError as e:
+        return None, f"CheckpointPolicy {name} is invalid: {e}"
+
+
+def _store_view(key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreView | None:
+    """lastCheckpoint and the export marker from the store (S3 only: a volume is mounted
+    only in the workers). Cached for ``store_refresh_s`` unless ``fresh``."""
+    s3 = policy.storage.s3
+    if s3 is None:
+        return None
+    cached = CACHES.store.get(key)
+    if cached and not fresh and time.monotonic() - cached[0] < SETTINGS.store_refresh_s:
+        return cached[1]
+    ns, job = key
+    secret = _get_json(kube.core().read_namespaced_secret, s3.credentials_secret_ref.name, ns)
+    data = {k: base64.b64decode(v).decode() for k, v in ((secret or {}).get("data") or {}).items()}
+    try:
+        store = open_store(storage_uri(policy), endpoint_url=s3.endpoint, region=s3.region,
+                           force_path_style=s3.force_path_style, access_key_id=data.get("AWS_ACCESS_KEY_ID"),
+                           secret_access_key=data.get("AWS_SECRET_ACCESS_KEY"),
+                           retry_deadline_s=STORE_RETRY_DEADLINE_S)
+        newest = store.newest_committed(ns, job)
+        marker = store.export_marker(ns, job)
+    except StoreError as e:
+        log.warning("store of %s/%s unreadable: %s", ns, job, e)
+        return None
+    last = None
+    if newest is not None:
+        last = {"step": newest.step, "uri": store.checkpoint_uri(ns, job, newest.step)}
+        if newest.marker is not None and newest.marker.time:
+            last["time"] = newest.marker.time
+    view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
+    CACHES.store[key] = (time.monotonic(), view)
+    return view
+
+
+def observe(namespace: str, name: str) -> Observed | None:
+    job = _get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace, TrainingJob.plural, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return None
+    pods = _get_json(kube.core().list_namespaced_pod, namespace,
+                     label_selector=f"{pods_.JOB_LABEL}={name}")["items"]
+    spec = job.get("spec") or {}
+    policy, policy_error, store = None, None, None
+    ref = (spec.get("checkpointPolicyRef") or {}).get("name")
+    if ref:
+        policy, policy_error = _read_policy(namespace, ref)
+    if policy is not None:
+        worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
+                           (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
+        store = _store_view((namespace, name), policy, fresh=worker0_done)
+    return Observed(job=job, pods=pods, nodes=_nodes_for(pods), policy=policy, policy_error=policy_error,
+                    store=store)
+
+
+def reconcile_job(namespace: str, name: str) -> float | None:
+    """One pass over one job; returns when to look again (None: only on events)."""
     with reconciling(TrainingJob.kind):
-        parsed, error = parse_spec(TrainingJobSpec, spec)
-        generation = meta.get("generation")
-        if error:
-            logger.warning("invalid spec: %s", error)
-            patch.status.update(conditions_patch(status, generation, [("Ready", False, "InvalidSpec", error)]))
-            return
-        patch.status.update(conditions_patch(status, generation, [
-            ("Ready", False, "Accepted", "spec is valid; waiting for the controller to converge")]))
+        obs = observe(namespace, name)
+        if obs is None:
+            return None
+        decided = plan(obs)
+        if not apply_status(obs, decided):
+            return 0.5  # someone wrote the job meanwhile: observe again
+        apply_children(obs, decided)
+        CACHES.phases[(namespace, name)] = decided.status.get("phase") or "Pending"
+        _publish_phases()
+        return decided.requeue_after
+
+
+def apply_status(obs: Observed, decided: Plan) -> bool:
+    """Write the new status (first, before any pod changes); False on a write conflict."""
+    old = obs.job.get("status") or {}
+    new = {k: v for k, v in decided.status.items() if v is not None}
+    if {k: v for k, v in old.items() if v is not None} == new:
+        return True
+    body = {"metadata": {"resourceVersion": obs.job["metadata"]["resourceVersion"]},
+            "status": {**{k: None for k in old if k not in new}, **new}}
+    meta = obs.job["metadata"]
+    try:
+        kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], TrainingJob.plural,
+                                                            meta["name"], body, _content_type=MERGE)
+    except kubernetes.client.ApiException as e:
+        if e.status in (404, 409):
+            return False
+        raise
+    return True
+
+
+def apply_children(obs: Observed, decided: Plan) -> None:
+    meta = obs.job["metadata"]
+    ns, core = meta["namespace"], kube.core()
+    applied = (meta["uid"], int(meta.get("generation") or 0))
+    if decided.children and applied not in CACHES.applied:
+        for child in decided.children:
+            _apply(child)
+        CACHES.applied.add(applied)
+    for d in decided.delete:
+        options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=d.uid),
+                                                    grace_period_seconds=0 if d.force else None)
+        try:
+            core.delete_namespaced_pod(d.name, ns, body=options, grace_period_seconds=0 if d.force else None)
+        except kubernetes.client.ApiException as e:
+            if e.status not in (404, 409):
+                raise
+    for manifest in decided.create:
+        try:
+            core.create_namespaced_pod(ns, manifest)
+        except kubernetes.client.ApiException as e:
+            if e.status != 409:
+                raise
+    for event in decided.events:
+        post_event(obs.job, event.reason, event.message, event.warning)
+    for reason, n in Tally(decided.replacements).items():
+        WORKER_REPLACEMENTS.labels(reason).inc(n)
+    if decided.delete_job:
+        try:
+            kube.custom().delete_namespaced_custom_object(GROUP, VERSION, ns, TrainingJob.plural, meta["name"],
+                                                          propagation_policy="Background")
+        except kubernetes.client.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def _apply(child: dict[str, Any]) -> None:
+    """Server-side apply of a ConfigMap or Service (creates, or updates what changed)."""
+    core = kube.core()
+    call = {"ConfigMap": core.patch_namespaced_config_map, "Service": core.patch_namespaced_service}[child["kind"]]
+    call(child["metadata"]["name"], child["metadata"]["namespace"], child, field_manager=FIELD_MANAGER, force=True,
+         _content_type=APPLY)
+
+
+def post_event(job: dict[str, Any], reason: str, message: str, warning: bool) -> None:
+    meta = job["metadata"]
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    event = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": TrainingJob.kind, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta["uid"]},
+        "reason": reason, "message": message[:1000], "type": "Warning" if warning else "Normal",
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "source": {"component": "kubeforge-operator", "host": socket.gethostname()},
+        "reportingComponent": "kubeforge-operator", "reportingInstance": socket.gethostname(),
+    }
+    try:
+        kube.core().create_namespaced_event(meta["namespace"], event)
+    except kubernetes.client.ApiException as e:
+        log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
+
+
+def _publish_phases() -> None:
+    counts = Tally(CACHES.phases.values())
+    for phase in PHASES:
+        TRAININGJOBS.labels(phase).set(counts.get(phase, 0))

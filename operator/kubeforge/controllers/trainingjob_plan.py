@@ -1,0 +1,627 @@
+"""What a TrainingJob controller decides, as one pure function: ``plan(observed) -> Plan``.
+
+Input: the TrainingJob as stored (spec, status, metadata), the pods labelled with its name,
+the health of the nodes they are on, the referenced CheckpointPolicy and what the store
+says. Output: the complete new status, the pods to create and delete, Events, metric
+reasons, and when to look again. The handler applies the status patch *before* any pod
+change, so a kill at any line repeats work but never double counts.
+
+Restarts are counted by attempt. ``status.workerPods[i] = {index, attempt, uid}``; the
+pod of attempt n carries label ``kubeforge.dev/attempt=n``. Ending a pod's life (counting
+it) and moving its index to attempt n+1 happen in one status write; pods of older
+attempts are then deleted uncounted. A pod that vanished while its uid is recorded was
+deleted by someone else: an infrastructure restart.
+
+Failure classification (docs/trainingjob.md has the table):
+
+====================================  ===============  ===========================
+what happened                         counted as       consequence
+====================================  ===============  ===========================
+exit code CONFIG_ERROR (78)           (none)           job Failed at once
+exit code PREEMPTED (75)              infrastructure   pod replaced
+pod evicted / DisruptionTarget        infrastructure   pod replaced
+pod deleted (by anyone but us)        infrastructure   pod replaced
+node NotReady/Unknown > grace         infrastructure   pod force-deleted, replaced
+failure while its node is not Ready   infrastructure   pod replaced
+failure within the disruption window  infrastructure   pod replaced
+any other failure                     application      replaced; > maxRestarts fails
+worker 0 exits 0 (+ export committed) (none)           job Succeeded
+worker 0 exits 0, export missing      application      replaced (resumes, re-exports)
+====================================  ===============  ===========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
+from kubeforge.api.common import condition, set_condition
+from kubeforge.api.contract import ExitCode
+from kubeforge.controllers import trainingjob_pods as pods_
+from kubeforge.controllers.status import parse_spec
+
+#: Pod status reasons the kubelet or the control plane set when infrastructure ended a pod.
+INFRA_POD_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated",
+                               "UnexpectedAdmissionError", "NodeAffinity", "OutOfcpu", "OutOfmemory", "OutOfpods"})
+#: How soon to look again while a replaced pod's old incarnation is still going away.
+SHORT_REQUEUE_S = 1.0
+#: The slowest a job is looked at without any event (refreshes lastCheckpoint from the store).
+RESYNC_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeHealth:
+    """A node's Ready condition: "True", "False", "Unknown", or "Missing" (node deleted)."""
+
+    ready: str
+    since: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreView:
+    """What the checkpoint store says about the job (None fields: could not be read)."""
+
+    last_checkpoint: dict[str, Any] | None = None
+    export_committed: bool | None = None
+    export_uri: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    job: dict[str, Any]
+    pods: list[dict[str, Any]]
+    nodes: dict[str, NodeHealth]
+    policy: CheckpointPolicySpec | None = None
+    policy_error: str | None = None
+    store: StoreView | None = None
+    now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+
+@dataclasses.dataclass(frozen=True)
+class PodDeletion:
+    name: str
+    uid: str
+    force: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclasses.dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    delete: list[PodDeletion] = dataclasses.field(default_factory=list)
+    events: list[Event] = dataclasses.field(default_factory=list)
+    #: Reasons of worker replacements (kubeforge_worker_replacements_total{reason}).
+    replacements: list[str] = dataclasses.field(default_factory=list)
+    #: ConfigMap and Service, applied idempotently when the spec changed.
+    children: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    delete_job: bool = False
+    requeue_after: float | None = RESYNC_S
+
+    def look_again(self, seconds: float) -> None:
+        seconds = max(seconds, 0.2)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+# ---- small readers of pod and time fields ---------------------------------------------
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def fmt_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _label(pod: dict[str, Any], key: str) -> str | None:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(key)
+
+
+def _attempt(pod: dict[str, Any]) -> int:
+    try:
+        return int(_label(pod, pods_.ATTEMPT_LABEL) or 0)
+    except ValueError:
+        return 0
+
+
+def _index(pod: dict[str, Any]) -> int | None:
+    try:
+        return int(_label(pod, pods_.INDEX_LABEL) or "")
+    except ValueError:
+        return None
+
+
+def _uid(pod: dict[str, Any]) -> str:
+    return str(pod["metadata"].get("uid", ""))
+
+
+def _terminating(pod: dict[str, Any]) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
+def _phase(pod: dict[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return _phase(pod) == "Running" and any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def termination(pod: dict[str, Any]) -> tuple[int | None, str]:
+    """Exit code and message of the first terminated container (None: no container ended)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term is not None:
+            message = (term.get("message") or term.get("reason") or "").strip()
+            return int(term.get("exitCode", 1)), message
+    return None, ""
+
+
+def _disruption_target(pod: dict[str, Any]) -> str | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            return str(c.get("reason") or "DisruptionTarget")
+    return None
+
+
+def _short(message: str, limit: int = 400) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else "..." + message[-limit:]
+
+
+# ---- the decision ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Outcome:
+    """How one worker pod's life ended."""
+
+    reason: str
+    message: str
+    infrastructure: bool
+    force: bool = False
+
+
+class _Planner:
+    def __init__(self, obs: Observed, spec: TrainingJobSpec) -> None:
+        self.obs, self.spec, self.now = obs, spec, obs.now
+        meta = obs.job["metadata"]
+        self.owner = pods_.Owner(meta["name"], meta["namespace"], meta["uid"])
+        self.generation = meta.get("generation")
+        self.created = parse_time(meta.get("creationTimestamp")) or self.now
+        old = obs.job.get("status") or {}
+        self.old = old
+        self.conds: list[dict[str, Any]] = [dict(c) for c in old.get("conditions") or []]
+        restarts = old.get("restarts") or {}
+        self.restarts = {"application": int(restarts.get("application", 0)),
+                         "infrastructure": int(restarts.get("infrastructure", 0))}
+        self.start_time = old.get("startTime")
+        self.completion_time = old.get("completionTime")
+        self.disruption = parse_time(old.get("lastDisruptionTime"))
+        self.records: dict[int, dict[str, Any]] = {}
+        for r in old.get("workerPods") or []:
+            self.records[int(r["index"])] = {k: v for k, v in r.items() if k in ("index", "attempt", "uid")}
+        self.plan = Plan(status={})
+        self.failed = 0
+        self.replaced: list[_Outcome] = []
+
+    # -- helpers
+    def cond(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        before = (condition(self.conds, type_) or {}).get("status")
+        self.conds = set_condition(self.conds, type_, status, reason, message, self.generation)
+        if before != ("True" if status else "False"):  # transitions at the observation's time
+            changed = condition(self.conds, type_)
+            assert changed is not None
+            changed["lastTransitionTime"] = fmt_time(self.now)
+
+    def node_lost(self, pod: dict[str, Any]) -> bool:
+        """The pod's node has not been Ready for longer than the grace."""
+        health = self._node(pod)
+        if health is None or health.ready == "True":
+            return False
+        grace = dt.timedelta(seconds=self.spec.failure_policy.node_failure_grace_seconds)
+        waited = self.now - health.since
+        if waited >= grace:
+            return True
+        self.plan.look_again((grace - waited).total_seconds())
+        return False
+
+    def node_not_ready(self, pod: dict[str, Any]) -> bool:
+        health = self._node(pod)
+        return health is not None and health.ready != "True"
+
+    def _node(self, pod: dict[str, Any]) -> NodeHealth | None:
+        node = (pod.get("spec") or {}).get("nodeName")
+        return self.obs.nodes.get(node) if node else None
+
+    def delete(self, pod: dict[str, Any], force: bool = False) -> None:
+        if not force and _terminating(pod):
+            return
+        self.plan.delete.append(PodDeletion(pod["metadata"]["name"], _uid(pod), force))
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.plan.events.append(Event(reason, message, warning))
+
+    # -- phases of the job
+    def finished(self) -> str | None:
+        for type_ in ("Succeeded", "Failed"):
+            c = condition(self.conds, type_)
+            if c and c.get("status") == "True":
+                return type_
+        return None
+
+    def remove_active_pods(self) -> None:
+        for pod in self.obs.pods:
+            if _phase(pod) in ("Succeeded", "Failed") and not _terminating(pod):
+                continue  # keep finished pods for their logs, as a Job does
+            force = self.node_lost(pod)
+            if force or not _terminating(pod):
+                self.delete(pod, force=force)
+
+    def fail(self, reason: str, message: str) -> None:
+        self.cond("Failed", True, reason, message)
+        self.cond("Succeeded", False, reason, message)
+        self.cond("Running", False, reason, message)
+        self.cond("Restarting", False, reason, message)
+        self.cond("Ready", False, reason, message)
+        self.completion_time = fmt_time(self.now)
+        self.event(reason, f"TrainingJob failed: {message}", warning=True)
+        self.remove_active_pods()
+
+    def succeed(self, message: str) -> None:
+        self.cond("Succeeded", True, "Completed", message)
+        self.cond("Failed", False, "Completed", message)
+        self.cond("Running", False, "Completed", message)
+        self.cond("Restarting", False, "Completed", message)
+        self.cond("Ready", True, "Succeeded", message)
+        self.completion_time = fmt_time(self.now)
+        self.event("Succeeded", message)
+        self.remove_active_pods()
+
+    # -- workers
+    def classify(self, pod: dict[str, Any], index: int) -> _Outcome | None:
+        """None while the pod lives; else how its life ended."""
+        code, message = termination(pod)
+        phase = _phase(pod)
+        where = f"worker {index} (pod {_uid(pod)[:8]})"
+        if _terminating(pod):
+            return _Outcome("PodDeleted", f"{where} was deleted", True, force=self.node_lost(pod))
+        if phase == "Failed":
+            status = pod.get("status") or {}
+            if code == ExitCode.CONFIG_ERROR:
+                return _Outcome("ConfigurationError", _short(message) or f"{where} exited {code}", False)
+            if code == ExitCode.PREEMPTED:
+                return _Outcome("Preempted", f"{where} was preempted (exit {code})", True)
+            if status.get("reason") in INFRA_POD_REASONS:
+                return _Outcome(str(status["reason"]), f"{where}: {status.get('message') or status['reason']}", True)
+            target = _disruption_target(pod)
+            if target:
+                return _Outcome("Disrupted", f"{where} was disrupted: {target}", True)
+            if self.node_not_ready(pod):
+                return _Outcome("NodeLost", f"{where} failed on a node that is not Ready", True)
+            window = dt.timedelta(seconds=self.spec.failure_policy.disruption_window_seconds)
+            if self.disruption is not None and self.now - self.disruption < window:
+                return _Outcome("PeerDisrupted", f"{where} failed (exit {code}) after an infrastructure "
+                                f"disruption of the job at {fmt_time(self.disruption)}", True)
+            detail = f": {_short(message, 200)}" if message else ""
+            return _Outcome("Failed", f"{where} failed with exit code {code}{detail}", False)
+        if phase == "Succeeded":
+            return None
+        if self.node_lost(pod):
+            return _Outcome("NodeLost", f"{where} is on node {pod['spec'].get('nodeName')}, not Ready for more "
+                            f"than {self.spec.failure_policy.node_failure_grace_seconds}s", True, force=True)
+        return None
+
+    def end_life(self, index: int, outcome: _Outcome, pod: dict[str, Any] | None) -> None:
+        rec = self.records[index]
+        kind = "infrastructure" if outcome.infrastructure else "application"
+        self.restarts[kind] += 1
+        if outcome.infrastructure:
+            self.disruption = self.now
+        rec["attempt"] = int(rec.get("attempt", 0)) + 1
+        rec.pop("uid", None)
+        if pod is not None:
+            self.delete(pod, force=outcome.force)
+        self.replaced.append(outcome)
+        self.plan.replacements.append(outcome.reason)
+        self.event("WorkerReplaced" if outcome.infrastructure else "WorkerFailed",
+                   f"{outcome.message}; counted as {kind} restart ({self.restarts[kind]}), replacing it",
+                   warning=True)
+
+    def workers(self) -> tuple[dict[str, Any] | None, int, int]:
+        """Account every worker index; returns (worker 0's pod if it succeeded, active, ready)."""
+        n = self.spec.workers.max_replicas
+        by_index: dict[int, list[dict[str, Any]]] = {}
+        for pod in self.obs.pods:
+            if _label(pod, pods_.ROLE_LABEL) != pods_.ROLE_WORKER:
+                continue
+            i = _index(pod)
+            if i is None or i >= n:
+                self.delete(pod, force=self.node_lost(pod))  # scaled down, or not ours to keep
+                continue
+            by_index.setdefault(i, []).append(pod)
+        self.records = {i: r for i, r in self.records.items() if i < n}
+        for i in range(n):
+            self.records.setdefault(i, {"index": i, "attempt": 0})
+        winner: dict[str, Any] | None = None
+        active = ready = 0
+        group_restart = False
+        for i in range(n):
+            rec = self.records[i]
+            current = None
+            for pod in sorted(by_index.get(i, []), key=_attempt, reverse=True):
+                if current is None and _attempt(pod) >= rec["attempt"]:
+                    if _attempt(pod) > rec["attempt"]:  # status was lost or rewritten: adopt
+                        rec.update(attempt=_attempt(pod), uid=_uid(pod))
+                    current = pod
+                else:
+                    lost = self.node_lost(pod)
+                    if lost or not _terminating(pod):
+                        self.delete(pod, force=lost)
+            if current is None:
+                if rec.get("uid"):
+                    self.end_life(i, _Outcome("PodDeleted", f"worker {i} (pod {rec['uid'][:8]}) was deleted",
+                                              True), None)
+                    group_restart |= self.spec.failure_policy.restart_policy == "RestartGroup"
+                continue
+            if not rec.get("uid"):
+                rec["uid"] = _uid(current)
+            elif rec["uid"] != _uid(current):
+                self.end_life(i, _Outcome("PodDeleted", f"worker {i} (pod {rec['uid'][:8]}) was deleted", True),
+                              current)
+                continue
+            outcome = self.classify(current, i)
+            if outcome is None:
+                if _phase(current) == "Succeeded":
+                    if i == 0 and termination(current)[0] == 0:
+                        winner = current
+                    continue
+                active += 1
+                ready += _pod_ready(current)
+                continue
+            if outcome.reason == "ConfigurationError":
+                self.fail("ConfigurationError", outcome.message)
+                return None, 0, 0
+            self.failed += _phase(current) == "Failed"
+            self.end_life(i, outcome, current)
+            group_restart |= self.spec.failure_policy.restart_policy == "RestartGroup"
+        if group_restart:
+            for i, rec in self.records.items():
+                if rec.get("uid"):  # a survivor: recreated uncounted
+                    pod = next((p for p in by_index.get(i, []) if _uid(p) == rec["uid"]), None)
+                    rec["attempt"] = int(rec["attempt"]) + 1
+                    rec.pop("uid", None)
+                    if pod is not None:
+                        self.delete(pod, force=self.node_lost(pod))
+            active = ready = 0
+            self.event("GroupRestarted", "restartPolicy RestartGroup: every worker is recreated")
+        return winner, active, ready
+
+    def create_missing(self, policy: CheckpointPolicySpec | None) -> None:
+        names = {p["metadata"]["name"] for p in self.obs.pods}
+        for i, rec in sorted(self.records.items()):
+            name = pods_.worker_name(self.owner.name, i)
+            if rec.get("uid"):
+                continue
+            if name in names:
+                self.plan.look_again(SHORT_REQUEUE_S)  # the old incarnation is still going away
+                continue
+            self.plan.create.append(pods_.worker_pod(self.owner, self.spec, policy, i, int(rec["attempt"])))
+
+    def rendezvous(self) -> None:
+        name = pods_.rendezvous_name(self.owner.name)
+        pod = next((p for p in self.obs.pods if p["metadata"]["name"] == name), None)
+        if pod is None:
+            self.plan.create.append(pods_.rendezvous_pod(self.owner, self.spec))
+            return
+        lost = self.node_lost(pod)
+        if _terminating(pod):
+            if lost:
+                self.delete(pod, force=True)
+            self.plan.look_again(SHORT_REQUEUE_S)
+            return
+        if _phase(pod) in ("Failed", "Succeeded") or lost:
+            self.delete(pod, force=lost)
+            self.disruption = self.now
+            self.plan.replacements.append("RendezvousLost")
+            self.event("RendezvousReplaced", f"rendezvous store pod {name} "
+                       f"{'is on a lost node' if lost else 'ended'}; replacing it (workers re-rendezvous)",
+                       warning=True)
+            self.plan.look_again(SHORT_REQUEUE_S)
+
+    def capacity(self, ready: int) -> None:
+        w, fp = self.spec.workers, self.spec.failure_policy
+        msg = f"{ready} of {w.max_replicas} workers ready (min {w.min_replicas})"
+        if ready >= w.min_replicas:
+            self.cond("Running", True, "WorkersRunning", msg)
+            if self.start_time is None:
+                self.start_time = fmt_time(self.now)
+            return
+        running = condition(self.conds, "Running")
+        since = max(t for t in (self.created, parse_time((running or {}).get("lastTransitionTime")),
+                                parse_time((condition(self.conds, "Suspended") or {}).get("lastTransitionTime")))
+                    if t is not None)
+        if running and running.get("status") == "True":
+            since = self.now
+        timeout = dt.timedelta(seconds=fp.insufficient_capacity_timeout_seconds)
+        if self.now - since >= timeout:
+            why = sorted({c.get("message", "") for p in self.obs.pods for c in (p.get("status") or {}).get(
+                "conditions") or [] if c.get("type") == "PodScheduled" and c.get("status") == "False"} - {""})
+            detail = f"; scheduler: {_short(why[0], 300)}" if why else ""
+            old = condition(self.conds, "Running") or {}
+            if old.get("reason") != "InsufficientCapacity":
+                self.event("InsufficientCapacity", f"{msg} for {fp.insufficient_capacity_timeout_seconds}s{detail}",
+                           warning=True)
+            self.cond("Running", False, "InsufficientCapacity",
+                      f"{msg} for more than {fp.insufficient_capacity_timeout_seconds}s{detail}")
+        else:
+            self.cond("Running", False, "WaitingForWorkers", msg)
+            self.plan.look_again((timeout - (self.now - since)).total_seconds())
+
+
+def _status(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> dict[str, Any]:
+    old = p.old
+    ready = condition(p.conds, "Ready") or {}
+    status: dict[str, Any] = {
+        "observedGeneration": p.generation,
+        "conditions": p.conds,
+        "phase": phase,
+        "workers": workers or {"desired": p.spec.workers.max_replicas, "active": 0, "ready": 0, "failed": 0},
+        "restarts": p.restarts,
+        "workerPods": [p.records[i] for i in sorted(p.records)],
+        "startTime": p.start_time,
+        "completionTime": p.completion_time,
+        "lastDisruptionTime": fmt_time(p.disruption) if p.disruption else None,
+        "lastCheckpoint": old.get("lastCheckpoint"),
+        "exportUri": old.get("exportUri"),
+        "message": ready.get("message") or None,
+    }
+    store = p.obs.store
+    if store is not None:
+        if store.last_checkpoint is not None:
+            status["lastCheckpoint"] = store.last_checkpoint
+        if store.export_committed:
+            status["exportUri"] = store.export_uri
+    return status
+
+
+def _ttl(p: _Planner) -> None:
+    ttl = p.spec.ttl_seconds_after_finished
+    done = parse_time(p.completion_time)
+    if ttl is None or done is None:
+        p.plan.requeue_after = None
+        return
+    left = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
+    if left <= 0:
+        p.plan.delete_job = True
+        p.plan.requeue_after = None
+    else:
+        p.plan.requeue_after = left
+
+
+def plan(obs: Observed) -> Plan:
+    """Everything the controller does for one TrainingJob, from what it observed."""
+    meta = obs.job["metadata"]
+    spec, error = parse_spec(TrainingJobSpec, obs.job.get("spec"))
+    if error is None and len(meta["name"]) > pods_.MAX_JOB_NAME:
+        error = f"metadata.name must be at most {pods_.MAX_JOB_NAME} characters (worker hostnames are DNS labels)"
+    if error is not None:
+        old = obs.job.get("status") or {}
+        conds = set_condition(list(old.get("conditions") or []), "Ready", False, "InvalidSpec", error,
+                              meta.get("generation"))
+        return Plan(status={**old, "observedGeneration": meta.get("generation"), "conditions": conds,
+                            "phase": "Failed", "message": error}, requeue_after=None)
+    p = _Planner(obs, spec)
+    p.plan.children = [pods_.config_map(p.owner, spec), pods_.headless_service(p.owner)]
+
+    done = p.finished()
+    if done is not None:
+        p.remove_active_pods()
+        _ttl(p)
+        p.plan.status = _status(p, done, (p.old.get("workers") or None))
+        if p.plan.delete:
+            p.plan.look_again(SHORT_REQUEUE_S)
+        return p.plan
+
+    if spec.suspend:
+        for pod in obs.pods:
+            lost = p.node_lost(pod)
+            if lost or not _terminating(pod):
+                p.delete(pod, force=lost)
+        for rec in p.records.values():
+            if rec.get("uid"):
+                rec["attempt"] = int(rec["attempt"]) + 1
+                rec.pop("uid", None)
+        if (condition(p.conds, "Suspended") or {}).get("status") != "True":
+            p.event("Suspended", "spec.suspend is true: workers deleted, status and checkpoints kept")
+        p.cond("Suspended", True, "Suspended", "spec.suspend is true")
+        p.cond("Running", False, "Suspended", "spec.suspend is true")
+        p.cond("Restarting", False, "Suspended", "spec.suspend is true")
+        p.cond("Ready", False, "Suspended", "spec.suspend is true")
+        p.start_time = None  # as for a Job: activeDeadlineSeconds counts again from the resume
+        p.plan.status = _status(p, "Suspended")
+        if p.plan.delete:
+            p.plan.look_again(SHORT_REQUEUE_S)
+        return p.plan
+    if (condition(p.conds, "Suspended") or {}).get("status") == "True":
+        p.cond("Suspended", False, "Resumed", "spec.suspend is false; restoring from the last checkpoint")
+        p.event("Resumed", "spec.suspend is false: workers recreated, training resumes from the last checkpoint")
+    elif condition(p.conds, "Suspended") is None:
+        p.cond("Suspended", False, "NotSuspended", "")
+
+    if spec.checkpoint_policy_ref is not None and obs.policy is None:
+        reason = obs.policy_error or f"CheckpointPolicy {spec.checkpoint_policy_ref.name} not found"
+        p.cond("Ready", False, "CheckpointPolicyNotFound", reason)
+        p.plan.status = _status(p, "Pending")
+        p.plan.look_again(10.0)
+        return p.plan
+
+    start = parse_time(p.start_time)
+    if spec.active_deadline_seconds and start is not None:
+        left = (start + dt.timedelta(seconds=spec.active_deadline_seconds) - obs.now).total_seconds()
+        if left <= 0:
+            p.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}")
+            _ttl(p)
+            p.plan.status = _status(p, "Failed")
+            return p.plan
+        p.plan.look_again(left)
+
+    winner, active, ready = p.workers()
+    if p.finished() == "Failed":  # configuration error
+        _ttl(p)
+        p.plan.status = _status(p, "Failed")
+        return p.plan
+    if winner is not None:
+        if spec.export.enabled and obs.policy is not None:
+            export = obs.store.export_committed if obs.store else None
+            if export is None:
+                p.plan.look_again(5.0)  # the store could not be read; worker 0 waits
+            elif not export:
+                p.end_life(0, _Outcome("ExportMissing", "worker 0 exited 0 but the export has no commit marker",
+                                       False), winner)
+                winner = None
+        if winner is not None:
+            p.succeed(f"worker 0 exited 0 after {p.restarts['application']} application and "
+                      f"{p.restarts['infrastructure']} infrastructure restarts")
+            _ttl(p)
+            p.plan.status = _status(p, "Succeeded", {"desired": spec.workers.max_replicas, "active": 0,
+                                                     "ready": 0, "failed": p.failed})
+            return p.plan
+    fp = spec.failure_policy
+    if p.restarts["application"] > fp.max_restarts:
+        last = next((o.message for o in reversed(p.replaced) if not o.infrastructure), "")
+        p.fail("RestartBudgetExhausted", f"{p.restarts['application']} application failures exceed "
+               f"failurePolicy.maxRestarts={fp.max_restarts}; last: {last}")
+        _ttl(p)
+        p.plan.status = _status(p, "Failed")
+        return p.plan
+
+    p.rendezvous()
+    p.create_missing(obs.policy)
+    if p.replaced:
+        first = p.replaced[0]
+        p.cond("Restarting", True, first.reason, first.message)
+        p.plan.look_again(SHORT_REQUEUE_S)
+    p.capacity(ready)
+    running = (condition(p.conds, "Running") or {}).get("status") == "True"
+    if running and not p.replaced:
+        p.cond("Restarting", False, "WorkersRunning", "")
+    elif condition(p.conds, "Restarting") is None:
+        p.cond("Restarting", False, "NoRestarts", "")
+    run = condition(p.conds, "Running") or {}
+    p.cond("Ready", running, str(run.get("reason", "WaitingForWorkers")), str(run.get("message", "")))
+    restarting = (condition(p.conds, "Restarting") or {}).get("status") == "True"
+    phase = "Restarting" if restarting else "Running" if running else "Pending"
+    p.plan.status = _status(p, phase, {"desired": spec.workers.max_replicas, "active": active, "ready": ready,
+                                       "failed": p.failed})
+    return p.plan
