@@ -247,7 +247,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         state = self._state_dict(model, optimizer)
         state["extra"] = pickle.dumps(dict(extra))
-        info = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, bytes)}
+        info = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool))}  # shown in the marker
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         if blocking:
