@@ -152,7 +152,8 @@ def run_naive(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> dic
     return {"wall_s": wall, "generated": generated, "tok_s": generated / wall}
 
 
-def run_hf_cb(model_dir: Path, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict[str, Any]:
+def run_hf_cb(model_dir: Path, prompts: list[list[int]], new_tokens: int, concurrency: int,
+              page_size: int = 16) -> dict[str, Any]:
     from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -160,7 +161,7 @@ def run_hf_cb(model_dir: Path, prompts: list[list[int]], new_tokens: int, concur
     model.eval()
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,  # type: ignore[no-untyped-call]
                            pad_token_id=ByteTokenizer.pad_id)
-    cb = ContinuousBatchingConfig(page_size=16, max_requests_per_batch=concurrency, max_batch_tokens=512,
+    cb = ContinuousBatchingConfig(page_size=page_size, max_requests_per_batch=concurrency, max_batch_tokens=512,
                                   num_blocks=concurrency * (2048 // 16) + 256, auto_switch_to_flash=False,
                                   use_cuda_graph=False)
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hf-page-size", type=int, default=16, help="transformers' KV page size (its default: 256)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the three systems (best kept)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             kf_runs.append(run_kubeforge(model_dir, prompts, args))
             print(f"round {r}: kubeforge {kf_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
             if "hf_cb" not in args.skip:
-                cb_runs.append(run_hf_cb(model_dir, prompts, args.new_tokens, args.concurrency))
+                cb_runs.append(run_hf_cb(model_dir, prompts, args.new_tokens, args.concurrency,
+                                         args.hf_page_size))
                 print(f"round {r}: hf_cb {cb_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
             if "naive" not in args.skip:
                 naive_runs.append(run_naive(model_dir, prompts, args.new_tokens))
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": {**MODEL, "vocab_size": cfg.vocab_size, "params": cfg.num_params(), "dtype": "float32",
                       "init": "random"},
             "kubeforge": {"block_size": 16, "max_num_batched_tokens": args.max_batched_tokens, "http": False},
-            "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": 16,
+            "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": args.hf_page_size,
                       "max_batch_tokens": 512},
             "transformers": transformers.__version__, "torch": torch.__version__, "torch_threads": args.threads,
             "device": "cpu", "cpu_count": os.cpu_count(), "rounds": args.rounds,
