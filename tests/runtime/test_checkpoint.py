@@ -410,3 +410,25 @@ def test_async_save_on_a_volume_blocks_only_for_the_copy_and_restores_exactly(tm
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_on_a_volume_the_worker_applies_retention_and_keeps_what_it_restored(tmp_path: Path) -> None:
+    """K=2, M=10 after saves at steps 1..35: 10, 20, 30, 34, 35 stay, plus step 3 this run restored from
+    (the operator cannot reach a PVC, so the workers apply retention there)."""
+    from kubeforge_runtime.checkpoint import CheckpointManager
+    from kubeforge_runtime.model import Llama, preset
+
+    uri = f"file://{tmp_path / 'store'}"
+    policy = {"schedule": {"everySteps": 1, "asyncSave": False}, "retention": {"keepLast": 2, "keepEvery": 10}}
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+    first = CheckpointManager.from_env(uri, {"everySteps": 1, "asyncSave": False}, 0, 1, namespace=NS, job=JOB,
+                                       env={})
+    for step in (1, 2, 3):
+        first.save(step, model, None, {"step": step})
+    mgr = CheckpointManager.from_env(uri, policy, 0, 1, namespace=NS, job=JOB, env={})
+    assert mgr.restore(model, None, {}) == 3
+    for step in range(4, 36):
+        mgr.maybe_save(step, model, None, {"step": step})
+    mgr.close()
+    assert mgr.store is not None
+    assert [c.step for c in mgr.store.list_checkpoints(NS, JOB)] == [3, 10, 20, 30, 34, 35]

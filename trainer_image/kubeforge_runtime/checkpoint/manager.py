@@ -41,7 +41,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from kubeforge.api import contract
-from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, utc_now
+from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, plan_retention, utc_now
 from kubeforge.store.layout import file_digest
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
@@ -72,20 +72,32 @@ class CheckpointSettings:
     group_timeout_s: float = 1800.0
     #: DCP writer threads per rank
     write_threads: int = 1
+    #: ``CheckpointPolicy.spec.retention``; None keeps everything
+    keep_last: int | None = None
+    keep_every: int | None = None
+    incomplete_grace_seconds: float = 3600.0
+    #: apply retention after each commit. None: only on a volume, which the operator cannot
+    #: reach (it enforces retention on S3 itself)
+    retention_in_worker: bool | None = None
 
     @classmethod
     def from_policy(cls, policy: Mapping[str, Any] | None, **overrides: Any) -> CheckpointSettings:
-        """Read ``CheckpointPolicy.spec`` (or only its ``schedule``), camelCase or snake_case."""
-        from kubeforge.api.checkpointpolicy import Schedule
+        """Read the ``KUBEFORGE_CHECKPOINT_POLICY`` JSON: ``{"schedule": ..., "retention": ...}`` of
+        ``CheckpointPolicy.spec`` (or a bare schedule), camelCase or snake_case."""
+        from kubeforge.api.checkpointpolicy import Retention, Schedule
 
         if not policy:
             return cls(**overrides)
-        raw = policy.get("schedule", policy)
-        sched = Schedule.model_validate(raw)
-        return cls(every_steps=sched.every_steps,
-                   every_seconds=float(sched.every_seconds) if sched.every_seconds else None,
-                   on_preemption=sched.on_preemption, at_end=sched.at_end, async_save=sched.async_save,
-                   **overrides)
+        sched = Schedule.model_validate(policy.get("schedule", {k: v for k, v in policy.items() if k != "retention"}))
+        fields: dict[str, Any] = {
+            "every_steps": sched.every_steps,
+            "every_seconds": float(sched.every_seconds) if sched.every_seconds else None,
+            "on_preemption": sched.on_preemption, "at_end": sched.at_end, "async_save": sched.async_save}
+        if "retention" in policy:
+            ret = Retention.model_validate(policy["retention"])
+            fields.update(keep_last=ret.keep_last, keep_every=ret.keep_every,
+                          incomplete_grace_seconds=float(ret.incomplete_grace_seconds))
+        return cls(**{**fields, **overrides})
 
 
 @dataclasses.dataclass
@@ -163,6 +175,7 @@ class CheckpointManager:
         #: upload, or hash only on a volume), bytes written by this rank
         self.last_save_stats: dict[str, float] = {}
         self._last_saved_step: int | None = None
+        self._restored_step: int | None = None
         self._last_save_time = time.monotonic()
         self._pending: Future[bool] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -304,7 +317,7 @@ class CheckpointManager:
             if not in_place and local.exists():
                 shutil.rmtree(local)
             local.mkdir(parents=True, exist_ok=True)
-            writer = _RecordingWriter(local, single_file_per_rank=True, sync_files=in_place,
+            writer = _RecordingWriter(local, single_file_per_rank=True, sync_files=in_place, overwrite=True,
                                       thread_count=self.settings.write_threads)
             if self._io_group is not None:
                 dcp_save(state, storage_writer=writer, process_group=self._io_group)
@@ -357,9 +370,33 @@ class CheckpointManager:
                              self.store.checkpoint_uri(self.namespace, self.job, step))
                 except StoreError as exc:
                     log.error("checkpoint: step %d not committed, marker write failed: %s", step, exc)
+                if decision[0]:
+                    self._apply_retention(step)
         if self._io_group is not None:
             dist.broadcast_object_list(decision, src=0, group=self._io_group)
         return bool(decision[0])
+
+    def _apply_retention(self, committed_step: int) -> None:
+        """Rank 0, after a commit, when the policy asks for it here (see ``retention_in_worker``).
+        The step this run restored from stays, whatever the numbers say."""
+        assert self.store is not None
+        s = self.settings
+        in_worker = s.retention_in_worker
+        if in_worker is None:
+            in_worker = self.store.local_checkpoint_dir(self.namespace, self.job, committed_step) is not None
+        if not in_worker or s.keep_last is None:
+            return
+        protected = {committed_step} | ({self._restored_step} if self._restored_step is not None else set())
+        try:
+            plan = plan_retention(self.store.list_checkpoints(self.namespace, self.job), keep_last=s.keep_last,
+                                  keep_every=s.keep_every, protected_steps=protected,
+                                  incomplete_grace_seconds=s.incomplete_grace_seconds)
+            deleted = self.store.apply_retention(self.namespace, self.job, plan)
+        except StoreError as exc:
+            log.warning("checkpoint: retention failed (next commit retries): %s", exc)
+            return
+        if deleted:
+            log.info("checkpoint: retention deleted steps %s", deleted)
 
     # ------------------------------------------------------------------ restore
 
@@ -398,7 +435,7 @@ class CheckpointManager:
                 else:
                     log.info("checkpoint: restored step %d (saved by %d ranks, now %d)", ckpt_step,
                              marker.world_size, self.world_size)
-                self.last_committed_step = self._last_saved_step = ckpt_step
+                self.last_committed_step = self._last_saved_step = self._restored_step = ckpt_step
                 return cast(int, ckpt_step)
             log.warning("checkpoint: step %d cannot be restored (%s); falling back to the previous one",
                         ckpt_step, error)
