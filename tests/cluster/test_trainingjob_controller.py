@@ -193,6 +193,7 @@ def test_failing_worker_zeros_node_moves_its_worker_within_grace(operator: Opera
             (p for p in running_workers(c, namespace)
              if p["metadata"]["name"] == "llm-worker-0" and p["spec"]["nodeName"] != node), None)), grace + 15)
         took = time.monotonic() - t0
+        assert took >= grace, "force-deleted before the grace expired"
         assert moved["spec"]["nodeName"] in pool.nodes
         st = job_status(c, namespace)
         assert st["restarts"]["infrastructure"] == 1 and st["restarts"]["application"] == 0

@@ -156,12 +156,19 @@ async def pod_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
     enqueue(job)
 
 
-def node_health(body: Any) -> NodeHealth:
-    for c in (body.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            since = parse_time(c.get("lastTransitionTime")) or dt.datetime.now(dt.timezone.utc)
-            return NodeHealth(str(c.get("status", "Unknown")), since)
-    return NodeHealth("Unknown", dt.datetime.now(dt.timezone.utc))
+def node_health(body: Any, before: NodeHealth | None = None) -> NodeHealth:
+    """The node's Ready status, and since when it is not Ready: the condition's transition
+    time, but never earlier than this process first saw it not Ready (kwok, and some
+    node-problem tools, back-date the transition; a restarted operator grants a fresh grace
+    rather than force-deleting at once)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ready = next((c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+    status = str(ready.get("status", "Unknown"))
+    if status == "True":
+        return NodeHealth(status, parse_time(ready.get("lastTransitionTime")) or now)
+    if before is not None and before.ready != "True":
+        return NodeHealth(status, before.since)
+    return NodeHealth(status, max(parse_time(ready.get("lastTransitionTime")) or now, now))
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -172,7 +179,7 @@ async def node_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         CACHES.nodes[name] = NodeHealth("Missing", before.since if before and before.ready != "True" else now)
     else:
-        CACHES.nodes[name] = node_health(body)
+        CACHES.nodes[name] = node_health(body, before)
     after = CACHES.nodes[name]
     if before is None or before.ready != after.ready:
         for job, node in list(CACHES.pod_nodes.values()):
