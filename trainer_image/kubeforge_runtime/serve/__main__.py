@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True,
                    help="Hugging Face Llama directory: a path, file:///path or s3://bucket/prefix (a TrainingJob "
                         "export is checked against its commit marker)")
-    p.add_argument("--served-model-name", default=None, help="name in the API (default: the URI's last segment)")
+    p.add_argument("--served-model-name", default=None, help="name in the API (default: the URI's last segment; the job's name for an export)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KUBEFORGE_API_KEY"),
@@ -117,6 +117,15 @@ def warm_up(engine: LLMEngine) -> None:
         engine.metrics = real
 
 
+def default_model_name(uri: str) -> str:
+    """The URI's last path segment, or the job's name for a store export
+    (``.../<namespace>/<job>/export``)."""
+    parts = [p for p in uri.rstrip("/").split("/") if p]
+    if len(parts) >= 2 and parts[-1] == "export":
+        return parts[-2]
+    return parts[-1] if parts else "model"
+
+
 def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     """Run ``fn`` on a daemon thread: unlike the default executor, a load still downloading
     when SIGTERM arrives does not keep the process from exiting."""
@@ -142,7 +151,7 @@ def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    model_name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    model_name = args.served_model_name or default_model_name(args.model)
     state = ServerState()
     server = OpenAIServer(ServerSettings(model_name=model_name, api_key=args.api_key,
                                          max_queue_len=args.max_queue_len), state)
