@@ -33,6 +33,20 @@ build_part() { # $1 part, $2 version, $3 ldflags, then pairs of "binary=package"
   echo ">> built $part $ver in $((SECONDS - t0))s" >&2
 }
 
+# Files taken from a Go module's source (no binary): the module zip from the Go proxy, checked
+# against go.sum's checksum database like any module. $1 part, $2 module, $3 version, $4 dir in it.
+module_files() {
+  local part=$1 module=$2 ver=$3 sub=$4
+  local out="$cache/bin/$part-$ver"
+  if [ -f "$out/.complete" ]; then return 0; fi
+  local dir
+  dir=$(go mod download -json "$module@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$out"
+  cp "$dir/$sub"/*.yaml "$out/"
+  chmod u+w "$out"/*.yaml
+  touch "$out/.complete"
+}
+
 parts=${*:-kubernetes etcd kwok helm minio}
 for p in $parts; do
   case $p in
@@ -45,6 +59,9 @@ for p in $parts; do
     kwok) build_part kwok "$KWOK_VERSION" "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" kwok=sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build_part helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm ;;
     minio) build_part minio "$MINIO_VERSION" "-s -w" minio=github.com/minio/minio ;;
+    kind) build_part kind "$KIND_VERSION" "-s -w" kind=sigs.k8s.io/kind ;;
+    prometheus-operator-crds) module_files prometheus-operator-crds github.com/prometheus-operator/prometheus-operator \
+        "$PROMETHEUS_OPERATOR_VERSION" example/prometheus-operator-crd ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
 done

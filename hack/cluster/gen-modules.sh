@@ -47,7 +47,7 @@ gen_plain() { # $1 dir, $2 tool package, $3 version
   go get -tool "$2@$3"
 }
 
-parts=${*:-kubernetes etcd kwok helm minio}
+parts=${*:-kubernetes etcd kwok helm minio kind}
 for p in $parts; do
   case $p in
     kubernetes) gen_kubernetes ;;
@@ -55,6 +55,7 @@ for p in $parts; do
     kwok) gen_plain kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" ;;
     helm) gen_plain helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" ;;
     minio) gen_plain minio github.com/minio/minio "$MINIO_VERSION" ;;
+    kind) gen_plain kind sigs.k8s.io/kind "$KIND_VERSION" ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
   echo "generated hack/cluster/$p"

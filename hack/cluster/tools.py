@@ -30,7 +30,7 @@ def cache_root() -> Path:
 
 _PART_OF = {
     "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "kube-scheduler": "kubernetes",
-    "kubectl": "kubernetes", "etcd": "etcd", "kwok": "kwok", "helm": "helm", "minio": "minio",
+    "kubectl": "kubernetes", "etcd": "etcd", "kwok": "kwok", "helm": "helm", "minio": "minio", "kind": "kind",
 }
 
 
@@ -43,4 +43,16 @@ def binary(name: str, build: bool = True) -> Path:
         if not build:
             raise FileNotFoundError(f"{name} is not built yet: run hack/cluster/build.sh {part}")
         subprocess.run([str(HERE / "build.sh"), part], check=True)
+    return path
+
+
+def prometheus_operator_crds(build: bool = True) -> Path:
+    """Folder of prometheus-operator's CRD manifests (ServiceMonitor, PodMonitor,
+    PrometheusRule...), taken from its Go module; fetched first when missing and ``build``."""
+    version = versions()["PROMETHEUS_OPERATOR_VERSION"]
+    path = cache_root() / "bin" / f"prometheus-operator-crds-{version}"
+    if not (path / ".complete").exists():
+        if not build:
+            raise FileNotFoundError("run hack/cluster/build.sh prometheus-operator-crds")
+        subprocess.run([str(HERE / "build.sh"), "prometheus-operator-crds"], check=True)
     return path

@@ -8,12 +8,13 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   <kind>/finalizers  children carry ownerReferences with blockOwnerDeletion: clusters running
                      the OwnerReferencesPermissionEnforcement admission plugin ask for update.
   pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
-  services, configmaps   server-side apply (patch) of job and InferenceService children.
+  services, configmaps   server-side apply of job and InferenceService children: patch, and
+                     create for an apply that creates the object.
   secrets, persistentvolumeclaims   get: S3 credentials and checkpoint claims are checked.
   events             create: Events on every decision (kopf.event and the TrainingJob controller).
-  deployments        InferenceService: get, apply (patch), and watch the ones it manages.
-  horizontalpodautoscalers   get, apply (patch), delete when spec.autoscaling goes.
-  poddisruptionbudgets   apply (patch).
+  deployments        InferenceService: get, apply (create, patch), and watch the ones it manages.
+  horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes.
+  poddisruptionbudgets   apply (create, patch).
   nodes              TrainingJob: watch node health, get a node not seen yet (cluster-scoped).
   namespaces, customresourcedefinitions   kopf's own scanning (list, watch).
   kopf.dev           peering (only with replicaCount > 1).
@@ -36,7 +37,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["patch"]
+  verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]
@@ -45,13 +46,13 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["create"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["patch"]
+  verbs: ["create", "patch"]
 {{- end }}
 {{- define "kubeforge.rules.cluster" }}
 - apiGroups: [""]
