@@ -62,8 +62,8 @@ def test_elastic_run_survives_losing_a_node_and_takes_in_a_new_one(tmp_path: Pat
     a = Run(agent_cmd(port, cfg), env, tmp_path / "a.log")
     runs = [a]
     try:
-        wait_for("agent a to bind the endpoint", lambda: bool(a.events("start")) or "rendezvous" in a.log.read_text(),
-                 runs, 30)
+        # a alone reaches min nodes and trains; b joining is a scale-up of a running job
+        wait_for("agent a to train alone", lambda: bool(a.events("train_step")), runs, 90)
         b = Run(agent_cmd(port, cfg), env, tmp_path / "b.log")
         runs.append(b)
         wait_for("a world of 2", lambda: any(s["world_size"] == 2 for s in starts(runs)), runs, 90)
@@ -74,7 +74,11 @@ def test_elastic_run_survives_losing_a_node_and_takes_in_a_new_one(tmp_path: Pat
         wait_for("the workers' restart", lambda: len(starts(runs)) > n, runs, 90)
 
         n = len(starts(runs))
-        b.kill()  # then the node goes: the survivor continues alone
+        # then the node goes, agent and worker (torchrun starts workers in their own session,
+        # so killing the agent's process group alone would leave the worker training)
+        for pid in worker_pids(b):
+            os.kill(pid, signal.SIGKILL)
+        b.kill()
         wait_for("a world of 1", lambda: any(s["world_size"] == 1 for s in starts(runs)[n:]), runs, 90)
         alone = next(s for s in starts(runs)[n:] if s["world_size"] == 1)
         assert alone["restored_step"] is not None and alone["restored_step"] > 0
@@ -91,4 +95,7 @@ def test_elastic_run_survives_losing_a_node_and_takes_in_a_new_one(tmp_path: Pat
         assert finished and finished[0]["step"] == 260
     finally:
         for r in runs:
+            if r.proc.poll() is None:
+                for pid in worker_pids(r):
+                    os.kill(pid, signal.SIGKILL)
             r.kill()
