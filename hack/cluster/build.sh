@@ -33,17 +33,19 @@ build_part() { # $1 part, $2 version, $3 ldflags, then pairs of "binary=package"
   echo ">> built $part $ver in $((SECONDS - t0))s" >&2
 }
 
-# Files taken from a Go module's source (no binary): the module zip from the Go proxy, checked
-# against go.sum's checksum database like any module. $1 part, $2 module, $3 version, $4 dir in it.
-module_files() {
-  local part=$1 module=$2 ver=$3 sub=$4
-  local out="$cache/bin/$part-$ver"
+# prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule...) generated from its
+# Go API types by controller-gen, both Go modules of the wrapper hack/cluster/prometheus-operator.
+build_prometheus_operator_crds() {
+  local out="$cache/bin/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION"
   if [ -f "$out/.complete" ]; then return 0; fi
-  local dir
-  dir=$(go mod download -json "$module@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  local gen="$cache/bin/controller-gen-$CONTROLLER_TOOLS_VERSION/controller-gen"
+  if [ ! -x "$gen" ]; then
+    mkdir -p "$(dirname "$gen")"
+    (cd "$here/prometheus-operator" && go build -ldflags "-s -w" -o "$gen" sigs.k8s.io/controller-tools/cmd/controller-gen)
+  fi
   mkdir -p "$out"
-  cp "$dir/$sub"/*.yaml "$out/"
-  chmod u+w "$out"/*.yaml
+  (cd "$here/prometheus-operator" && "$gen" crd:crdVersions=v1,maxDescLen=0 \
+      paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 output:crd:dir="$out")
   touch "$out/.complete"
 }
 
@@ -60,8 +62,7 @@ for p in $parts; do
     helm) build_part helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm ;;
     minio) build_part minio "$MINIO_VERSION" "-s -w" minio=github.com/minio/minio ;;
     kind) build_part kind "$KIND_VERSION" "-s -w" kind=sigs.k8s.io/kind ;;
-    prometheus-operator-crds) module_files prometheus-operator-crds github.com/prometheus-operator/prometheus-operator \
-        "$PROMETHEUS_OPERATOR_VERSION" example/prometheus-operator-crd ;;
+    prometheus-operator-crds) build_prometheus_operator_crds ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
 done

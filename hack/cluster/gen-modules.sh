@@ -47,7 +47,13 @@ gen_plain() { # $1 dir, $2 tool package, $3 version
   go get -tool "$2@$3"
 }
 
-parts=${*:-kubernetes etcd kwok helm minio kind}
+gen_prometheus_operator() { # controller-gen and the API types it turns into CRDs
+  new_module prometheus-operator
+  go get -tool "sigs.k8s.io/controller-tools/cmd/controller-gen@$CONTROLLER_TOOLS_VERSION"
+  go get "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION"
+}
+
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator}
 for p in $parts; do
   case $p in
     kubernetes) gen_kubernetes ;;
@@ -56,6 +62,7 @@ for p in $parts; do
     helm) gen_plain helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" ;;
     minio) gen_plain minio github.com/minio/minio "$MINIO_VERSION" ;;
     kind) gen_plain kind sigs.k8s.io/kind "$KIND_VERSION" ;;
+    prometheus-operator) gen_prometheus_operator ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
   echo "generated hack/cluster/$p"

@@ -48,7 +48,7 @@ def binary(name: str, build: bool = True) -> Path:
 
 def prometheus_operator_crds(build: bool = True) -> Path:
     """Folder of prometheus-operator's CRD manifests (ServiceMonitor, PodMonitor,
-    PrometheusRule...), taken from its Go module; fetched first when missing and ``build``."""
+    PrometheusRule...), generated from its Go API types; generated first when missing and ``build``."""
     version = versions()["PROMETHEUS_OPERATOR_VERSION"]
     path = cache_root() / "bin" / f"prometheus-operator-crds-{version}"
     if not (path / ".complete").exists():
