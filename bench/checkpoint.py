@@ -88,35 +88,40 @@ def worker(args: argparse.Namespace) -> None:
     out: dict[str, list[float]] = {k: [] for k in ("sync", "async_block", "bytes", "s3_upload", "raw", "restore")}
     step = 0
 
+    def quiesce() -> None:
+        """Flush what earlier phases left dirty, so no timed phase pays for the one before."""
+        os.sync()
+        dist.barrier()
+
     def timed_sync(mgr: CheckpointManager) -> float:
         nonlocal step
         step += 1
-        dist.barrier()
+        quiesce()
         t0 = time.perf_counter()
         mgr.save(step, model, opt, extra, blocking=True)
         dist.barrier()
         return time.perf_counter() - t0
 
     timed_sync(local)  # warm-up: first-touch allocations, group creation
+    marker = local.store.read_marker("bench", "m100", step)  # type: ignore[union-attr]
+    ckpt_bytes = float(marker.bytes) if marker else 0.0
+    shutil.rmtree(work / "store", ignore_errors=True)
     for _ in range(args.repeat):
-        out["sync"].append(timed_sync(local))
-        marker = local.store.read_marker("bench", "m100", step)  # type: ignore[union-attr]
-        out["bytes"].append(float(marker.bytes) if marker else 0.0)
-        step += 1
-        dist.barrier()
-        local.save(step, model, opt, extra, blocking=False)
-        out["async_block"].append(local.last_save_blocking_s)
-        local.wait()
         # the raw disk figure: each rank writes its share of the same bytes, concurrently
-        share = int(out["bytes"][-1] / world)
-        dist.barrier()
+        quiesce()
         t0 = time.perf_counter()
-        _raw_write(work / f"raw-{rank}", share)
+        _raw_write(work / f"raw-{rank}", int(ckpt_bytes / world))
         dist.barrier()
         out["raw"].append(time.perf_counter() - t0)
         (work / f"raw-{rank}").unlink()
+        out["sync"].append(timed_sync(local))
+        out["bytes"].append(ckpt_bytes)
+        step += 1
+        quiesce()
+        local.save(step, model, opt, extra, blocking=False)
+        out["async_block"].append(local.last_save_blocking_s)
+        local.wait()
         shutil.rmtree(work / "store", ignore_errors=True)
-        dist.barrier()
         timed_sync(s3)
         stats = [None] * world
         dist.all_gather_object(stats, s3.last_save_stats)

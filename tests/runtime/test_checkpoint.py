@@ -252,6 +252,22 @@ def test_resume_at_another_world_size_matches_within_tolerance(reference: tuple[
         assert resumed[step] == pytest.approx(ref[step], rel=WORLD_CHANGE_RTOL), step
 
 
+def test_resume_on_more_ranks_reshards_into_fsdp(reference: tuple[str, dict[int, float]], s3_server: Any,
+                                                  tmp_path: Path) -> None:
+    """One plain process trains 6 steps and saves; two FSDP ranks restore (full tensors become
+    DTensor shards) and finish; both parts match the two-rank reference within tolerance."""
+    _, ref = reference
+    uri = s3_server.uri(f"runtime/grow-{time.monotonic_ns()}")
+    first = tmp_path / "first.jsonl"
+    assert run_training(store_uri=uri, steps=6, every=EVERY, losses=first, env=s3_server.env()) is None
+    proc = torchrun(2, uri, tmp_path / "second.jsonl", s3_server)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = {**read_losses(first), **read_losses(tmp_path / "second.jsonl")}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(ref[step], rel=WORLD_CHANGE_RTOL), step
+
+
 def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint_with_a_warning(
         reference: tuple[str, dict[int, float]], s3_server: Any, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -128,9 +128,11 @@ class Store:
         """Remove a checkpoint's marker (if any) before its files are written again."""
         self.backend.delete([f"{layout.checkpoint_prefix(namespace, job, step)}/{layout.MARKER_NAME}"])
 
-    def upload_checkpoint_file(self, namespace: str, job: str, step: int, name: str, path: Path) -> FileDigest:
-        """Upload one local file into a checkpoint; returns the digest for the marker."""
-        digest = layout.file_digest(path)
+    def upload_checkpoint_file(self, namespace: str, job: str, step: int, name: str, path: Path,
+                               digest: FileDigest | None = None) -> FileDigest:
+        """Upload one local file into a checkpoint; returns the digest for the marker (computed
+        here unless the writer hashed the file as it wrote it)."""
+        digest = digest or layout.file_digest(path)
         self.backend.put_file(f"{layout.checkpoint_prefix(namespace, job, step)}/{name}", path)
         return digest
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import logging
 import os
@@ -33,28 +34,24 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed as dist
 from kubeforge.api import contract
 from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, plan_retention, utc_now
-from kubeforge.store.layout import file_digest
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils._pytree import tree_map_only
 
 log = logging.getLogger(__name__)
 
-_METADATA = ".metadata"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,21 +104,78 @@ class _RankResult:
     error: str = ""
 
 
-class _RecordingWriter(FileSystemWriter):
-    """A FileSystemWriter that remembers which files this rank wrote, for hashing and upload."""
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it: the marker's sha256 comes for free
+    instead of reading every shard back (a third of a save's time on the CPU benchmark)."""
+
+    def __init__(self, raw: IO[bytes], on_close: Callable[[FileDigest], None]) -> None:
+        super().__init__()
+        self._raw, self._on_close = raw, on_close
+        self._sha, self._size = hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = self._raw.write(view)
+        self._sha.update(view[:n])
+        self._size += n
+        return n
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()  # flushes through to raw first
+        self._raw.close()
+        self._on_close(FileDigest(size=self._size, sha256=self._sha.hexdigest()))
+
+
+class _HashingFiles(FileSystem):
+    """DCP's local filesystem, recording size and sha256 of each file written (by final name:
+    DCP writes ``.metadata`` under a temporary name and renames it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, FileDigest] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        name = Path(path).name
+
+        def record(digest: FileDigest) -> None:
+            with self._lock:
+                self.digests[name] = digest
+        with open(path, mode) as raw, _HashingWriter(raw, record) as stream:
+            yield stream
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        super().rename(path, new_path)
+        with self._lock:
+            if Path(path).name in self.digests:
+                self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+
+class _DigestingWriter(FileSystemWriter):
+    """DCP's FileSystemWriter over ``_HashingFiles``: ``digests`` lists what this rank wrote."""
 
     def __init__(self, path: Path, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
-        self.written: list[str] = []
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
-        fut = super().write_data(plan, planner)
-        self.written.extend(sorted({wr.storage_data.relative_path for wr in fut.wait()}))
-        return fut
-
-    def finish(self, metadata: Any, results: Any) -> None:
-        super().finish(metadata, results)
-        self.written.append(_METADATA)
+        self.fs = self.hashing = _HashingFiles()
 
 
 class _VerifiedFiles(FileSystem):
@@ -317,7 +371,7 @@ class CheckpointManager:
             if not in_place and local.exists():
                 shutil.rmtree(local)
             local.mkdir(parents=True, exist_ok=True)
-            writer = _RecordingWriter(local, single_file_per_rank=True, sync_files=in_place, overwrite=True,
+            writer = _DigestingWriter(local, single_file_per_rank=True, sync_files=in_place, overwrite=True,
                                       thread_count=self.settings.write_threads)
             if self._io_group is not None:
                 dcp_save(state, storage_writer=writer, process_group=self._io_group)
@@ -325,12 +379,10 @@ class CheckpointManager:
                 with _single_process():
                     dcp_save(state, storage_writer=writer, no_dist=True)
             t_written = time.perf_counter()
-            for name in writer.written:
-                if in_place:
-                    result.files[name] = file_digest(local / name)
-                else:
-                    result.files[name] = self.store.upload_checkpoint_file(
-                        self.namespace, self.job, step, name, local / name)
+            for name, digest in sorted(writer.hashing.digests.items()):
+                if not in_place:
+                    self.store.upload_checkpoint_file(self.namespace, self.job, step, name, local / name, digest)
+                result.files[name] = digest
             result.ok = True
             self.last_save_stats = {"write_s": t_written - t0, "upload_s": time.perf_counter() - t_written,
                                     "bytes": float(sum(f.size for f in result.files.values()))}
