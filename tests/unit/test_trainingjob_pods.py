@@ -43,6 +43,7 @@ def test_worker_command_is_elastic_torchrun_against_the_rendezvous_store() -> No
     assert "--nnodes=2:4" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
     assert f"--rdzv-endpoint=llm-rdzv.llm.team-a.svc:{RENDEZVOUS_PORT}" in cmd
     assert "--rdzv-id=1234-uid" in cmd and "--rdzv-conf=is_host=false" in cmd and "--max-restarts=3" in cmd
+    assert "--shutdown-timeout=285" in cmd  # inside terminationGracePeriodSeconds (300)
     assert cmd[-4:] == ["-m", "kubeforge_runtime.train", "--config", "/etc/kubeforge/trainer.yaml"]
     assert env_of(pod)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 

@@ -40,6 +40,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 #: The toleration the NVIDIA GPU Operator's nodes need (taint nvidia.com/gpu:NoSchedule).
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+#: Seconds between torchrun's SIGKILL of the workers and the kubelet's SIGKILL of the pod.
+SHUTDOWN_MARGIN_S = 15
 #: Hostnames are DNS labels: the longest suffix is "-worker-4095".
 MAX_JOB_NAME = 63 - len("-worker-4095")
 #: Environment of every worker. Measured by the trainer's engineer on torch 2.15: scale-up
@@ -132,7 +134,9 @@ def torchrun_args(owner: Owner, spec: TrainingJobSpec) -> list[str]:
     w = spec.workers
     return [f"--nnodes={w.min_replicas}:{w.max_replicas}", f"--nproc-per-node={max(1, w.gpus_per_worker)}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous_endpoint(owner)}", f"--rdzv-id={owner.uid}",
-            "--rdzv-conf=is_host=false", f"--max-restarts={w.max_agent_restarts}"]
+            "--rdzv-conf=is_host=false", f"--max-restarts={w.max_agent_restarts}",
+            # workers get SIGKILL from torchrun this long after SIGTERM: keep it inside the pod's grace
+            f"--shutdown-timeout={w.termination_grace_seconds - SHUTDOWN_MARGIN_S}"]
 
 
 def worker_command(owner: Owner, spec: TrainingJobSpec) -> list[str]:
