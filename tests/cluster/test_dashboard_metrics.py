@@ -148,6 +148,7 @@ def operator_metrics(crds: Cluster, namespace: str, tmp_path: Path) -> str:
         ).get("observedGeneration"), 60)
         return wait_for("reconcile counted", lambda: "kubeforge_reconcile_total{" in (m := op.metrics()) and m, 30)
     finally:
+        crds.kubectl("delete", "kubeforge", "--all", "-n", namespace, "--timeout=60s", check=False)
         op.stop()
 
 

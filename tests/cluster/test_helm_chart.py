@@ -289,5 +289,7 @@ def test_operator_with_its_serviceaccount_reconciles_examples_without_denials(
         assert any(e["reason"] == "AutoscalerRemoved" for e in events), "events were not posted"
         no_denials()
     finally:
+        # while the operator and its Role live: kopf removes the finalizers it added
+        crds.kubectl("delete", "kubeforge", "--all", "-n", namespace, "--timeout=60s", check=False)
         op.stop()
         helm(crds, "uninstall", release, "-n", namespace, check=False)
