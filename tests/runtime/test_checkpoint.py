@@ -416,16 +416,24 @@ def test_async_save_on_a_volume_blocks_only_for_the_copy_and_restores_exactly(tm
     marker = json.loads((step_dir / "commit.json").read_text())
     assert set(marker["files"]) == {"__0_0.distcp", ".metadata"} and marker["world_size"] == 1
     assert not mgr.maybe_save(1, model, opt, {"step": 1})  # the same step is never saved twice
+    # the second async save refills the first one's host buffers; the same isolation must hold
+    saved_2 = {k: v.clone() for k, v in model.state_dict().items()}
+    assert mgr.maybe_save(2, model, opt, {"step": 2})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    assert mgr.wait() is True
 
-    fresh = Llama(preset("tiny"))
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    extra: dict[str, Any] = {}
-    other = CheckpointManager.from_env(uri, None, 0, 1, namespace=NS, job=JOB, env={})
-    assert other.restore(fresh, fresh_opt, extra) == 1
-    assert extra == {"step": 1, "cursor": {"sample": 4}}
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, saved[k]), k
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    for step, expected in ((1, saved), (2, saved_2)):
+        fresh = Llama(preset("tiny"))
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        extra: dict[str, Any] = {}
+        other = CheckpointManager.from_env(uri, None, 0, 1, namespace=NS, job=JOB, env={})
+        assert other.restore(fresh, fresh_opt, extra, step=step) == step
+        assert extra == ({"step": 1, "cursor": {"sample": 4}} if step == 1 else {"step": 2})
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, expected[k]), (step, k)
+        assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
 def test_on_a_volume_the_worker_applies_retention_and_keeps_what_it_restored(tmp_path: Path) -> None:

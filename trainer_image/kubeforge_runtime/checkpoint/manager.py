@@ -48,7 +48,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.utils._pytree import tree_map_only
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,47 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+class _HostStaging:
+    """Host buffers for async saves, allocated once and refilled by later saves.
+
+    A fresh copy of the state pays for page faults on every byte; refilling the same buffers
+    is a plain memcpy, which is what the loop then waits for. Buffers are reused only while the
+    state's structure, shapes and dtypes stay the same; the previous save has finished with
+    them because every save waits for the one before."""
+
+    def __init__(self) -> None:
+        self._spec: Any = None
+        self._leaves: list[Any] = []
+
+    def stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        leaves, spec = tree_flatten(state)
+        if spec != self._spec or not all(_same_buffer(a, b) for a, b in zip(self._leaves, leaves, strict=True)):
+            staged = [_host_copy(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+            self._spec, self._leaves = spec, staged
+            return cast(dict[str, Any], tree_unflatten(staged, spec))
+        out = []
+        with torch.no_grad():
+            for buf, x in zip(self._leaves, leaves, strict=True):
+                if isinstance(x, torch.Tensor):
+                    _local(buf).copy_(_local(x.detach()))
+                    out.append(buf)
+                else:
+                    out.append(x)
+        return cast(dict[str, Any], tree_unflatten(out, spec))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _same_buffer(buf: Any, x: Any) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return not isinstance(buf, torch.Tensor)
+    if not isinstance(buf, torch.Tensor) or type(buf) is not type(x):
+        return False
+    return _local(buf).shape == _local(x).shape and buf.dtype == x.dtype
+
+
 class CheckpointManager:
     """Saves and restores one job's training state; see the package docstring for the calls."""
 
@@ -230,6 +272,7 @@ class CheckpointManager:
         self.last_save_stats: dict[str, float] = {}
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
+        self._staging = _HostStaging()
         self._last_save_time = time.monotonic()
         self._pending: Future[bool] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -321,7 +364,7 @@ class CheckpointManager:
             self._write_and_commit(step, state, info)
             self.last_save_blocking_s = time.perf_counter() - t0
             return
-        staged = tree_map_only(torch.Tensor, _host_copy, state)
+        staged = self._staging.stage(state)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kubeforge-ckpt")
         self._pending = self._pool.submit(self._write_and_commit, step, staged, info)
