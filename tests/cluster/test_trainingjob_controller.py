@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from devcluster import Cluster
 from kubeforge.api.common import condition
 from kubeforge.api.contract import ExitCode
+
 from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -100,7 +100,7 @@ def running_workers(c: Cluster, ns: str, name: str = "llm") -> list[dict[str, An
 
 def exit_pod(c: Cluster, ns: str, name: str, code: int, message: str = "") -> None:
     """What the kubelet writes when the trainer container exits with ``code``."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
                   "startedAt": now, "finishedAt": now}
     patch = {"status": {"phase": "Succeeded" if code == 0 else "Failed", "conditions": [

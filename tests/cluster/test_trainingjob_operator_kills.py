@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 
 from tests.cluster.test_trainingjob_controller import (
-    GpuPool, apply, cond, exit_pod, is_, job_status, pool, running_workers, training_job, workers,
+    GpuPool,
+    apply,
+    cond,
+    exit_pod,
+    is_,
+    job_status,
+    pool,
+    running_workers,
+    training_job,
+    workers,
 )
 from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubeforge.api.contract import CONFIG_MOUNT_DIR, RENDEZVOUS_PORT
 from kubeforge.store import open_store
+
 from tests.cluster.test_trainingjob_controller import cond, exit_pod, is_, job_status
 from tests.fixtures.cluster import REPO, OperatorProcess, free_port, kubectl_json, wait_for
 
@@ -97,7 +97,7 @@ def test_operator_pods_train_tiny_to_completion_and_the_job_succeeds(operator: O
     rdzv_cmd = pods[f"{name}-rdzv"]["spec"]["containers"][0]["command"]
     assert rdzv_cmd[-2:] == ["--port", str(RENDEZVOUS_PORT)]
     procs: list[subprocess.Popen[bytes]] = []
-    logs = {n: open(tmp_path / f"{n}.log", "wb") for n in pods}
+    logs = {n: open(tmp_path / f"{n}.log", "wb") for n in pods}  # noqa: SIM115 (closed in finally)
     try:
         procs.append(subprocess.Popen([sys.executable, *rdzv_cmd[1:-1], str(port)], stdout=logs[f"{name}-rdzv"],
                                       stderr=subprocess.STDOUT, start_new_session=True))

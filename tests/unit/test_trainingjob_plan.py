@@ -11,14 +11,13 @@ import uuid
 from typing import Any
 
 import pytest
-
 from kubeforge.api import CheckpointPolicySpec
 from kubeforge.api.common import condition
 from kubeforge.controllers import trainingjob_pods as tp
 from kubeforge.controllers.trainingjob_plan import NodeHealth, Observed, Plan, StoreView, fmt_time, plan
 
 pytestmark = pytest.mark.unit
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 POLICY = CheckpointPolicySpec.model_validate({
     "schedule": {"everySteps": 10},
     "storage": {"s3": {"bucket": "ckpt", "endpoint": "http://minio:9000", "credentialsSecretRef": {"name": "s"}}}})

@@ -7,10 +7,14 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.contract import (
-    CHECKPOINT_MOUNT_DIR, ENV_CHECKPOINT_POLICY, ENV_CHECKPOINT_URI, ENV_CONFIG_FILE, ENV_S3_ENDPOINT, RENDEZVOUS_PORT,
+    CHECKPOINT_MOUNT_DIR,
+    ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_URI,
+    ENV_CONFIG_FILE,
+    ENV_S3_ENDPOINT,
+    RENDEZVOUS_PORT,
 )
 from kubeforge.controllers import trainingjob_pods as tp
 

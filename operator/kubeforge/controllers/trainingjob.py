@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections import Counter as Tally
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -55,7 +55,7 @@ class TrainingJobSettings:
     error_backoff_s: float = 5.0
 
     @classmethod
-    def from_env(cls) -> "TrainingJobSettings":
+    def from_env(cls) -> TrainingJobSettings:
         env = os.environ
         return cls(workers=int(env.get("KUBEFORGE_TRAININGJOB_WORKERS", cls.workers)),
                    store_refresh_s=float(env.get("KUBEFORGE_STORE_REFRESH_SECONDS", cls.store_refresh_s)))
@@ -94,7 +94,7 @@ class WorkQueue:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def done(self, key: Key) -> None:
@@ -161,8 +161,9 @@ def node_health(body: Any, before: NodeHealth | None = None) -> NodeHealth:
     time, but never earlier than this process first saw it not Ready (kwok, and some
     node-problem tools, back-date the transition; a restarted operator grants a fresh grace
     rather than force-deleting at once)."""
-    now = dt.datetime.now(dt.timezone.utc)
-    ready = next((c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+    now = dt.datetime.now(dt.UTC)
+    ready: dict[str, Any] = next(
+        (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
     status = str(ready.get("status", "Unknown"))
     if status == "True":
         return NodeHealth(status, parse_time(ready.get("lastTransitionTime")) or now)
@@ -176,7 +177,7 @@ async def node_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
     name = meta["name"]
     before = CACHES.nodes.get(name)
     if type == "DELETED":
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         CACHES.nodes[name] = NodeHealth("Missing", before.since if before and before.ready != "True" else now)
     else:
         CACHES.nodes[name] = node_health(body, before)
@@ -225,7 +226,7 @@ def _nodes_for(pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
         health = CACHES.nodes.get(name)
         if health is None:
             node = _get_json(kube.core().read_node, name)
-            health = node_health(node) if node else NodeHealth("Missing", dt.datetime.now(dt.timezone.utc))
+            health = node_health(node) if node else NodeHealth("Missing", dt.datetime.now(dt.UTC))
             CACHES.nodes[name] = health
         out[name] = health
     return out
@@ -345,7 +346,7 @@ def apply_children(obs: Observed, decided: Plan) -> None:
                 raise
     for manifest in decided.create:
         try:
-            core.create_namespaced_pod(ns, manifest)
+            core.create_namespaced_pod(ns, cast(Any, manifest))  # the client sends dicts as they are
         except kubernetes.client.ApiException as e:
             if e.status != 409:
                 raise
@@ -372,7 +373,7 @@ def _apply(child: dict[str, Any]) -> None:
 
 def post_event(job: dict[str, Any], reason: str, message: str, warning: bool) -> None:
     meta = job["metadata"]
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     event = {
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": API_VERSION, "kind": TrainingJob.kind, "name": meta["name"],
@@ -383,7 +384,7 @@ def post_event(job: dict[str, Any], reason: str, message: str, warning: bool) ->
         "reportingComponent": "kubeforge-operator", "reportingInstance": socket.gethostname(),
     }
     try:
-        kube.core().create_namespaced_event(meta["namespace"], event)
+        kube.core().create_namespaced_event(meta["namespace"], cast(Any, event))
     except kubernetes.client.ApiException as e:
         log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
 

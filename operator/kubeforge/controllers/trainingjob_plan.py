@@ -76,7 +76,7 @@ class Observed:
     policy: CheckpointPolicySpec | None = None
     policy_error: str | None = None
     store: StoreView | None = None
-    now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +116,11 @@ class Plan:
 def parse_time(value: str | None) -> dt.datetime | None:
     if not value:
         return None
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return dt.datetime.fromisoformat(value)  # Python 3.11 reads the trailing Z
 
 
 def fmt_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return value.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _label(pod: dict[str, Any], key: str) -> str | None:
@@ -398,11 +398,11 @@ class _Planner:
         if group_restart:
             for i, rec in self.records.items():
                 if rec.get("uid"):  # a survivor: recreated uncounted
-                    pod = next((p for p in by_index.get(i, []) if _uid(p) == rec["uid"]), None)
+                    survivor = next((p for p in by_index.get(i, []) if _uid(p) == rec["uid"]), None)
                     rec["attempt"] = int(rec["attempt"]) + 1
                     rec.pop("uid", None)
-                    if pod is not None:
-                        self.delete(pod, force=self.node_lost(pod))
+                    if survivor is not None:
+                        self.delete(survivor, force=self.node_lost(survivor))
             active = ready = 0
             self.event("GroupRestarted", "restartPolicy RestartGroup: every worker is recreated")
         return winner, active, ready

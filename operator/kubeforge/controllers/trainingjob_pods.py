@@ -25,9 +25,19 @@ import yaml
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.common import API_VERSION
 from kubeforge.api.contract import (
-    CHECKPOINT_MOUNT_DIR, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CHECKPOINT_POLICY, ENV_CHECKPOINT_URI,
-    ENV_CONFIG_FILE, ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_METRICS_PORT, ENV_S3_ENDPOINT, ENV_S3_REGION,
-    RENDEZVOUS_PORT, TRAINER_METRICS_PORT,
+    CHECKPOINT_MOUNT_DIR,
+    CONFIG_FILE_NAME,
+    CONFIG_MOUNT_DIR,
+    ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_URI,
+    ENV_CONFIG_FILE,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_METRICS_PORT,
+    ENV_S3_ENDPOINT,
+    ENV_S3_REGION,
+    RENDEZVOUS_PORT,
+    TRAINER_METRICS_PORT,
 )
 
 JOB_LABEL = "kubeforge.dev/job-name"
@@ -89,8 +99,8 @@ def checkpoint_uri(policy: CheckpointPolicySpec) -> str:
 
 def trainer_config(spec: TrainingJobSpec) -> dict[str, Any]:
     """The trainer config as mounted: the user's, with ``export.enabled`` from spec.export."""
-    config = json.loads(json.dumps(spec.trainer.config))
-    export = config.get("export") if isinstance(config.get("export"), dict) else {}
+    config: dict[str, Any] = json.loads(json.dumps(spec.trainer.config))
+    export: dict[str, Any] = config["export"] if isinstance(config.get("export"), dict) else {}
     config["export"] = {**export, "enabled": spec.export.enabled}
     return config
 
