@@ -423,3 +423,13 @@ def test_server_is_whole_after_fuzzing(server: Server) -> None:
     _wait_until_idle(server)
     status, r = server.post("/v1/completions", {"prompt": "still here", "max_tokens": 3})
     assert status == 200 and r["usage"]["completion_tokens"] == 3
+
+
+def test_unloadable_model_exits_nonzero(tmp_path: Path) -> None:
+    """A bad model URI must fail the pod (CrashLoopBackOff shows it), not leave it unready forever."""
+    s = Server(tmp_path / "missing", tmp_path / "server.log")
+    try:
+        assert s.proc.wait(60) == 1
+    finally:
+        s.stop()
+    assert "no config.json" in s.log_path.read_text()
