@@ -293,3 +293,11 @@ def test_operator_with_its_serviceaccount_reconciles_examples_without_denials(
         crds.kubectl("delete", "kubeforge", "--all", "-n", namespace, "--timeout=60s", check=False)
         op.stop()
         helm(crds, "uninstall", release, "-n", namespace, check=False)
+
+
+def test_argocd_application_values_fit_the_chart(cluster: Cluster, tmp_path: Path) -> None:
+    app = yaml.safe_load((REPO / "deploy" / "argocd" / "application.yaml").read_text())
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(app["spec"]["source"]["helm"]["valuesObject"]))
+    kinds = {d["kind"] for d in render(cluster, "kubeforge", "kubeforge-system", "-f", str(values))}
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
