@@ -102,5 +102,8 @@ def test_retention_keeps_last_k_and_milestones_and_reports_jobs(fast_operator: O
         if j.get("committed") == 4], 30)
     assert status[0] == {"name": "job-a", "committed": 4, "bytes": 400, "newestStep": 35,
                          "newestTime": status[0]["newestTime"]}
+    # retention runs without a kopf timer, so the policy carries no finalizer and stays
+    # deletable while the operator is down
+    assert not kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace)["metadata"].get("finalizers")
     wait_for("RetentionApplied event", lambda: kubectl_json(
         c, "get", "events", "-n", namespace, "--field-selector", "reason=RetentionApplied")["items"], 30)

@@ -7,8 +7,10 @@ handlers read the Secret, the TrainingJobs and the store, then patch status.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+import logging
 from typing import Any
 
 import kopf
@@ -143,38 +145,84 @@ def apply_retention(spec: CheckpointPolicySpec, store: Store, namespace: str, jo
             record_event(body, "RetentionApplied", f"deleted checkpoints {deleted} of TrainingJob {name}")
 
 
-def _reconcile(spec: Any, status: Any, meta: Any, namespace: str, patch: kopf.Patch, logger: Any, body: Any,
-               retention: bool) -> None:
+def policy_status(body: Any, retention: bool, logger: Any) -> dict[str, Any]:
+    """Check storage (and apply retention when asked); returns the status patch."""
+    meta, namespace = body["metadata"], body["metadata"]["namespace"]
+    status = body.get("status") or {}
     with reconciling(CheckpointPolicy.kind):
-        parsed, error = parse_spec(CheckpointPolicySpec, spec)
+        parsed, error = parse_spec(CheckpointPolicySpec, body.get("spec"))
         generation = meta.get("generation")
         if error:
             logger.warning("invalid spec: %s", error)
-            patch.status.update(conditions_patch(status, generation, [("Ready", False, "InvalidSpec", error)]))
-            return
+            return conditions_patch(status, generation, [("Ready", False, "InvalidSpec", error)])
         check, store = check_storage(parsed, namespace)
-        updates = [("StorageReachable", check.ok, check.reason, check.message),
-                   ("Ready", check.ok, check.reason, check.message)]
-        patch.status.update(conditions_patch(status, generation, updates))
+        out = conditions_patch(status, generation, [("StorageReachable", check.ok, check.reason, check.message),
+                                                    ("Ready", check.ok, check.reason, check.message)])
         if store is None:
             if not check.ok:
                 logger.warning("storage not usable: %s", check.message)
-            return
+            return out
         jobs = _jobs_using(namespace, meta["name"])
         if retention:
             apply_retention(parsed, store, namespace, jobs, logger, body)
-        patch.status["jobs"] = job_summaries(store, namespace, jobs)
+        out["jobs"] = job_summaries(store, namespace, jobs)
+        return out
 
 
 @kopf.on.resume(GROUP, VERSION, CheckpointPolicy.plural)
 @kopf.on.create(GROUP, VERSION, CheckpointPolicy.plural)
 @kopf.on.update(GROUP, VERSION, CheckpointPolicy.plural, field="spec")
-def reconcile(spec: Any, status: Any, meta: Any, namespace: str, patch: kopf.Patch, logger: Any, body: Any,
-              **_: Any) -> None:
-    _reconcile(spec, status, meta, namespace, patch, logger, body, retention=False)
+def reconcile(body: Any, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    patch.status.update(policy_status(body, retention=False, logger=logger))
 
 
-@kopf.timer(GROUP, VERSION, CheckpointPolicy.plural, interval=RETENTION_INTERVAL_S, initial_delay=5)
-def enforce(spec: Any, status: Any, meta: Any, namespace: str, patch: kopf.Patch, logger: Any, body: Any,
-            **_: Any) -> None:
-    _reconcile(spec, status, meta, namespace, patch, logger, body, retention=True)
+# Retention runs in one operator-wide loop over the policies seen by the watch, not in a
+# kopf timer: kopf puts a finalizer on every object with a timer, and a CheckpointPolicy has
+# nothing to clean up on deletion, so it must stay deletable while the operator is down.
+POLICIES: set[tuple[str, str]] = set()
+log = logging.getLogger(__name__)
+
+
+@kopf.on.event(GROUP, VERSION, CheckpointPolicy.plural)
+def track(type: str | None, meta: Any, **_: Any) -> None:
+    key = (meta["namespace"], meta["name"])
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        POLICIES.discard(key)
+    else:
+        POLICIES.add(key)
+
+
+def enforce(namespace: str, name: str) -> None:
+    """One retention pass over one policy; the status goes out as a merge patch."""
+    try:
+        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, CheckpointPolicy.plural, name)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            POLICIES.discard((namespace, name))
+            return
+        raise
+    status = policy_status(body, retention=True, logger=log)
+    kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, CheckpointPolicy.plural, name,
+                                                        {"status": status})
+
+
+async def _retention_loop(interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        for namespace, name in sorted(POLICIES):
+            try:
+                await asyncio.to_thread(enforce, namespace, name)
+            except Exception:  # one policy's failure must not stop the others' retention
+                log.exception("retention pass failed for CheckpointPolicy %s/%s", namespace, name)
+
+
+@kopf.on.startup()
+async def start_retention(memo: kopf.Memo, **_: Any) -> None:
+    memo.retention_task = asyncio.create_task(_retention_loop(RETENTION_INTERVAL_S))
+
+
+@kopf.on.cleanup()
+async def stop_retention(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("retention_task")
+    if task is not None:
+        task.cancel()

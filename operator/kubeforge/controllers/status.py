@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import socket
 from typing import Any
 
+import kubernetes
 from pydantic import BaseModel, ValidationError
 
-from kubeforge.api.common import set_condition
+from kubeforge import kube
+from kubeforge.api.common import API_VERSION, set_condition
+
+log = logging.getLogger(__name__)
 
 
 def parse_spec(model: type[BaseModel], spec: Any) -> tuple[Any, str | None]:
@@ -30,11 +37,25 @@ def conditions_patch(status: Any, generation: int | None,
     return {"observedGeneration": generation, "conditions": conds}
 
 
+
 def record_event(body: Any, reason: str, message: str, warning: bool = False) -> None:
     """A Kubernetes Event on the object for a decision the operator took.
 
-    Goes through ``kopf.event``, which posts whatever the posting level: the level (WARNING,
-    set at startup) only keeps kopf's own per-handler INFO chatter out of the Events."""
-    import kopf
-
-    kopf.event(body, type="Warning" if warning else "Normal", reason=reason, message=message)
+    Posted with the API client rather than kopf's posting queue, so it works from any thread
+    and whatever kopf's posting level (WARNING at startup, to keep kopf's per-handler chatter
+    out of the Events). A failure to post is logged, never raised: the decision stands."""
+    meta = body["metadata"]
+    now = dt.datetime.now(dt.UTC).isoformat()
+    event = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": body.get("apiVersion", API_VERSION), "kind": body["kind"],
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "reason": reason, "message": message[:1000], "type": "Warning" if warning else "Normal",
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "source": {"component": "kubeforge-operator", "host": socket.gethostname()},
+        "reportingComponent": "kubeforge-operator", "reportingInstance": socket.gethostname(),
+    }
+    try:
+        kube.core().create_namespaced_event(meta["namespace"], event)
+    except kubernetes.client.ApiException as e:
+        log.warning("could not post event %s on %s/%s: %s", reason, body["kind"], meta["name"], e.reason)

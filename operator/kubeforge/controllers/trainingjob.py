@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import logging
 import os
-import socket
 import time
 from collections import Counter as Tally
 from typing import Any, cast
@@ -28,9 +27,10 @@ import kubernetes
 
 from kubeforge import kube
 from kubeforge.api import CheckpointPolicySpec, TrainingJob
-from kubeforge.api.common import API_VERSION, GROUP, VERSION
+from kubeforge.api.common import GROUP, VERSION
 from kubeforge.controllers import trainingjob_pods as pods_
 from kubeforge.controllers.checkpointpolicy import STORE_RETRY_DEADLINE_S, storage_uri
+from kubeforge.controllers.status import record_event
 from kubeforge.controllers.trainingjob_plan import NodeHealth, Observed, Plan, StoreView, parse_time, plan
 from kubeforge.metrics import TRAININGJOBS, WORKER_REPLACEMENTS, reconciling
 from kubeforge.store import StoreError, open_store
@@ -351,7 +351,7 @@ def apply_children(obs: Observed, decided: Plan) -> None:
             if e.status != 409:
                 raise
     for event in decided.events:
-        post_event(obs.job, event.reason, event.message, event.warning)
+        record_event(obs.job, event.reason, event.message, event.warning)
     for reason, n in Tally(decided.replacements).items():
         WORKER_REPLACEMENTS.labels(reason).inc(n)
     if decided.delete_job:
@@ -369,24 +369,6 @@ def _apply(child: dict[str, Any]) -> None:
     call = {"ConfigMap": core.patch_namespaced_config_map, "Service": core.patch_namespaced_service}[child["kind"]]
     call(child["metadata"]["name"], child["metadata"]["namespace"], child, field_manager=FIELD_MANAGER, force=True,
          _content_type=APPLY)
-
-
-def post_event(job: dict[str, Any], reason: str, message: str, warning: bool) -> None:
-    meta = job["metadata"]
-    now = dt.datetime.now(dt.UTC).isoformat()
-    event = {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": API_VERSION, "kind": TrainingJob.kind, "name": meta["name"],
-                           "namespace": meta["namespace"], "uid": meta["uid"]},
-        "reason": reason, "message": message[:1000], "type": "Warning" if warning else "Normal",
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        "source": {"component": "kubeforge-operator", "host": socket.gethostname()},
-        "reportingComponent": "kubeforge-operator", "reportingInstance": socket.gethostname(),
-    }
-    try:
-        kube.core().create_namespaced_event(meta["namespace"], cast(Any, event))
-    except kubernetes.client.ApiException as e:
-        log.warning("could not post event %s on %s: %s", reason, meta["name"], e.reason)
 
 
 def _publish_phases() -> None:
