@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install tools crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime bench-trainer bench-checkpoint bench-serving bench-operator lint
+.PHONY: help install tools crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime bench-trainer bench-checkpoint bench-serving bench-operator lint kind-up kind-down
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -52,8 +52,15 @@ test-cluster: install tools ## only the tests against the local control plane
 test-runtime: install ## only the torch tests (trainer, checkpoints, server) on the CPU
 	$(PY) -m pytest tests/runtime
 
-lint: install
-	$(VENV)/bin/ruff check operator trainer_image tests bench
+lint: install ## ruff on the Python, shellcheck on the scripts
+	$(VENV)/bin/ruff check operator trainer_image tests bench hack
+	$(VENV)/bin/shellcheck -x hack/*.sh hack/cluster/*.sh .ci/run
+
+kind-up: install ## for users with Docker: a kind cluster with a fake GPU node, the chart and the examples
+	hack/kind-up.sh
+
+kind-down: ## delete the kind cluster made by kind-up
+	hack/kind-down.sh
 
 bench-trainer: install ## trainer throughput vs a bare loop, DDP and FSDP2 on CPU -> bench/results/trainer.json
 	$(PY) bench/trainer.py

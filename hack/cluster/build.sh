@@ -49,7 +49,7 @@ build_prometheus_operator_crds() {
   touch "$out/.complete"
 }
 
-parts=${*:-kubernetes etcd kwok helm minio}
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds}
 for p in $parts; do
   case $p in
     kubernetes) build_part kubernetes "$KUBERNETES_VERSION" "$(k8s_ldflags)" \
