@@ -122,8 +122,8 @@ def _install_fault_hooks(mgr: Any, rank: int) -> None:
         return
     upload = mgr.store.upload_checkpoint_file
 
-    def upload_then_die(namespace: str, job: str, step: int, name: str, path: Path) -> Any:
-        digest = upload(namespace, job, step, name, path)
+    def upload_then_die(namespace: str, job: str, step: int, name: str, path: Path, digest: Any = None) -> Any:
+        digest = upload(namespace, job, step, name, path, digest)
         _maybe_die("KF_KILL_DURING_SAVE", step, rank)
         return digest
     mgr.store.upload_checkpoint_file = upload_then_die

@@ -3,11 +3,12 @@
 Save. Every rank writes its own shards with ``torch.distributed.checkpoint`` into a local
 directory: the checkpoint's own directory when the store is a mounted volume, a per-rank
 staging directory on local disk when it is S3 (then uploaded with retries). Each rank hashes
-what it wrote; rank 0 gathers every rank's list and writes the commit marker only when all of
+its files as they are written; rank 0 gathers every rank's list and writes the commit marker only when all of
 them report their files durable. A rank that dies or fails leaves a directory without a
 marker, which restore ignores and retention removes.
 
-Async saves. The loop is blocked only while the state is copied to host memory; writing,
+Async saves. The loop is blocked only while the state is copied to host memory (into
+buffers reused from save to save); writing,
 hashing and uploading run in one background thread. That thread talks over its own gloo
 process group: DCP's collectives on the default group from a second thread interleave with
 the loop's collectives and deadlock. A second small gloo group, used only from the loop's
@@ -52,7 +53,6 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass(frozen=True)
