@@ -456,3 +456,18 @@ def test_on_a_volume_the_worker_applies_retention_and_keeps_what_it_restored(tmp
     mgr.close()
     assert mgr.store is not None
     assert [c.step for c in mgr.store.list_checkpoints(NS, JOB)] == [3, 10, 20, 30, 34, 35]
+
+
+def test_a_restarted_worker_clears_what_a_killed_one_left_in_staging(tmp_path: Path) -> None:
+    from kubeforge_runtime.checkpoint import CheckpointManager
+
+    staging = tmp_path / "staging"
+    mine = staging / "save" / NS / JOB / "step-7" / "rank-0"
+    other_rank = staging / "save" / NS / JOB / "step-7" / "rank-1"
+    for d in (mine, other_rank):
+        d.mkdir(parents=True)
+        (d / "__0_0.distcp").write_bytes(b"half a shard")
+    mgr = CheckpointManager.from_env(f"file://{tmp_path / 'store'}", None, 0, 1, namespace=NS, job=JOB, env={},
+                                     staging_dir=staging)
+    assert mgr.restore(torch.nn.Linear(2, 2), None, {}) is None
+    assert not mine.exists() and other_rank.exists()  # a rank only touches its own leftovers

@@ -273,6 +273,7 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
         self._staging = _HostStaging()
+        self._staging_cleaned = False
         self._last_save_time = time.monotonic()
         self._pending: Future[bool] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -311,7 +312,15 @@ class CheckpointManager:
 
     def _ensure_groups(self) -> None:
         """Create the two gloo groups; a collective call, so every rank reaches it in the same
-        order (the first restore/save/maybe_save call)."""
+        order (the first restore/save/maybe_save call). Also the first-call moment to drop what
+        a killed predecessor on this node left in the staging directory (torchrun restarts
+        workers in the same container, so the emptyDir is not fresh)."""
+        if not self._staging_cleaned:
+            self._staging_cleaned = True
+            base = self.settings.staging_dir
+            for leftover in [*base.glob(f"save/{self.namespace}/{self.job}/*/rank-{self.rank}"),
+                             *base.glob(f"restore/{self.namespace}/{self.job}/*/rank-{self.rank}")]:
+                shutil.rmtree(leftover, ignore_errors=True)
         if self._io_group is None and self._distributed():
             timeout = dt.timedelta(seconds=self.settings.group_timeout_s)
             self._io_group = dist.new_group(backend="gloo", timeout=timeout)
