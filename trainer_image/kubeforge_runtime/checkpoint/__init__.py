@@ -16,7 +16,8 @@ The trainer's whole interface::
 checkpointing: every call is then a cheap no-op, so the loop needs no ``if``.
 
 ``extra`` is the run's small global state (step, tokens seen, data cursor, LR schedule, RNG
-states): it must be the same on every rank; rank 0's copy is saved and every rank gets it back.
+states): it must be the same on every rank: DCP keeps one copy per key (from whichever rank it
+picks) and every rank gets that copy back. It is pickled, so the store must be trusted.
 """
 
 from kubeforge_runtime.checkpoint.manager import CheckpointManager, CheckpointSettings
