@@ -29,3 +29,9 @@ def reconciling(kind: str) -> Iterator[None]:
     finally:
         RECONCILE_DURATION.labels(kind).observe(time.perf_counter() - t0)
 CHECKPOINTS_DELETED = Counter("kubeforge_checkpoints_deleted_total", "Checkpoints deleted by retention.")
+LAST_CHECKPOINT_TIME = Gauge("kubeforge_trainingjob_last_checkpoint_timestamp_seconds",
+                             "Commit time of a TrainingJob's newest checkpoint (Unix seconds).",
+                             ["namespace", "trainingjob"])
+CHECKPOINT_INTERVAL = Gauge("kubeforge_trainingjob_checkpoint_interval_seconds",
+                            "The checkpoint interval of a TrainingJob's policy (schedule.everySeconds).",
+                            ["namespace", "trainingjob"])

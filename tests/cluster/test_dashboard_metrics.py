@@ -38,10 +38,6 @@ PROMQL_WORDS = {
 }
 #: Series the TrainingJob controller must still export (the checkpoint-age alert and panel need
 #: them); test_checkpoint_age_series_are_exported turns red the day they appear.
-PENDING = {"kubeforge_trainingjob_last_checkpoint_timestamp_seconds",
-           "kubeforge_trainingjob_checkpoint_interval_seconds"}
-
-
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (label matchers, groupings, strings, numbers and
     functions removed)."""
@@ -163,16 +159,9 @@ def test_dashboard_and_alerts_query_only_exported_metrics(crds: Cluster, operato
         "prometheus": {"up"},
     }
     missing = []
-    for name in sorted(wanted - PENDING):
+    for name in sorted(wanted):
         owner = ("prometheus" if name == "up" else "trainer" if name.startswith("kubeforge_trainer_")
                  else "server" if name.startswith("vllm:") else "operator" if name.startswith("kubeforge_") else None)
         if owner is None or name not in sources[owner]:
             missing.append(f"{name} (expected from {owner})")
     assert not missing, "queried but not exported: " + ", ".join(missing)
-    assert PENDING <= wanted
-
-
-@pytest.mark.xfail(strict=True, reason="the TrainingJob controller does not export checkpoint age series yet "
-                                       "(issue 5); when it does, drop them from PENDING and this mark")
-def test_checkpoint_age_series_are_exported(operator_metrics: str) -> None:
-    assert PENDING <= exported(operator_metrics)

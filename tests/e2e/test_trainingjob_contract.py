@@ -11,6 +11,7 @@ interpreter. The rendezvous store pod's own command runs locally too.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import yaml
 from kubeforge.api.contract import CONFIG_MOUNT_DIR, RENDEZVOUS_PORT
 from kubeforge.store import open_store
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.test_trainingjob_controller import cond, exit_pod, is_, job_status
 from tests.fixtures.cluster import REPO, OperatorProcess, free_port, kubectl_json, wait_for
@@ -141,3 +143,9 @@ def test_operator_pods_train_tiny_to_completion_and_the_job_succeeds(operator: O
     st = job_status(c, namespace, name)
     assert st["phase"] == "Succeeded" and st["lastCheckpoint"]["step"] == 24
     assert st["exportUri"] == store.export_uri(namespace, name)
+    # the checkpoint-age alert's input: the newest commit's time, per job
+    samples = {(smp.name, smp.labels.get("namespace"), smp.labels.get("trainingjob")): smp.value
+               for fam in text_string_to_metric_families(operator.metrics()) for smp in fam.samples}
+    assert newest.marker is not None
+    assert samples[("kubeforge_trainingjob_last_checkpoint_timestamp_seconds", namespace, name)] == \
+        dt.datetime.fromisoformat(newest.marker.time).timestamp()

@@ -68,7 +68,7 @@ def open_policy_store(spec: CheckpointPolicySpec, secret: dict[str, str] | None)
                       secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"), retry_deadline_s=STORE_RETRY_DEADLINE_S)
 
 
-def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
+def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     try:
         secret = kube.core().read_namespaced_secret(name, namespace)
     except kubernetes.client.ApiException as e:
@@ -98,7 +98,7 @@ def check_storage(spec: CheckpointPolicySpec, namespace: str) -> tuple[StorageCh
                                                 "retention runs in the workers for volume storage"), None
     s3 = spec.storage.s3
     assert s3 is not None
-    secret = _read_secret(namespace, s3.credentials_secret_ref.name)
+    secret = read_secret(namespace, s3.credentials_secret_ref.name)
     problem = secret_check(s3.credentials_secret_ref.name, secret)
     if problem:
         return problem, None

@@ -11,7 +11,6 @@ with its children through their ownerReferences.
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -29,11 +28,17 @@ from kubeforge import kube
 from kubeforge.api import CheckpointPolicySpec, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
 from kubeforge.controllers import trainingjob_pods as pods_
-from kubeforge.controllers.checkpointpolicy import STORE_RETRY_DEADLINE_S, storage_uri
+from kubeforge.controllers.checkpointpolicy import open_policy_store, read_secret
 from kubeforge.controllers.status import record_event
 from kubeforge.controllers.trainingjob_plan import NodeHealth, Observed, Plan, StoreView, parse_time, plan
-from kubeforge.metrics import TRAININGJOBS, WORKER_REPLACEMENTS, reconciling
-from kubeforge.store import StoreError, open_store
+from kubeforge.metrics import (
+    CHECKPOINT_INTERVAL,
+    LAST_CHECKPOINT_TIME,
+    TRAININGJOBS,
+    WORKER_REPLACEMENTS,
+    reconciling,
+)
+from kubeforge.store import StoreError
 
 log = logging.getLogger("kubeforge.trainingjob")
 Key = tuple[str, str]
@@ -139,6 +144,11 @@ async def job_event(type: str | None, body: Any, meta: Any, status: Any, **_: An
     if type == "DELETED":
         CACHES.phases.pop(key, None)
         CACHES.store.pop(key, None)
+        for gauge in (LAST_CHECKPOINT_TIME, CHECKPOINT_INTERVAL):
+            try:
+                gauge.remove(*key)
+            except KeyError:
+                pass
         _publish_phases()
         return
     if type is None or type == "ADDED" or meta.get("generation") != (status or {}).get("observedGeneration"):
@@ -253,13 +263,8 @@ def _store_view(key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreVie
     if cached and not fresh and time.monotonic() - cached[0] < SETTINGS.store_refresh_s:
         return cached[1]
     ns, job = key
-    secret = _get_json(kube.core().read_namespaced_secret, s3.credentials_secret_ref.name, ns)
-    data = {k: base64.b64decode(v).decode() for k, v in ((secret or {}).get("data") or {}).items()}
     try:
-        store = open_store(storage_uri(policy), endpoint_url=s3.endpoint, region=s3.region,
-                           force_path_style=s3.force_path_style, access_key_id=data.get("AWS_ACCESS_KEY_ID"),
-                           secret_access_key=data.get("AWS_SECRET_ACCESS_KEY"),
-                           retry_deadline_s=STORE_RETRY_DEADLINE_S)
+        store = open_policy_store(policy, read_secret(ns, s3.credentials_secret_ref.name))
         newest = store.newest_committed(ns, job)
         marker = store.export_marker(ns, job)
     except StoreError as e:
@@ -270,6 +275,9 @@ def _store_view(key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreVie
         last = {"step": newest.step, "uri": store.checkpoint_uri(ns, job, newest.step)}
         if newest.marker is not None and newest.marker.time:
             last["time"] = newest.marker.time
+            LAST_CHECKPOINT_TIME.labels(ns, job).set(dt.datetime.fromisoformat(newest.marker.time).timestamp())
+    if policy.schedule.every_seconds:
+        CHECKPOINT_INTERVAL.labels(ns, job).set(policy.schedule.every_seconds)
     view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
     CACHES.store[key] = (time.monotonic(), view)
     return view
