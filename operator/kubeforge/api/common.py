@@ -119,7 +119,7 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | s
             if generation is not None:
                 c["observedGeneration"] = generation
             return out
-    new = {"type": type_, "status": st, "reason": reason, "message": message, "lastTransitionTime": now_rfc3339()}
+    new: dict[str, Any] = {"type": type_, "status": st, "reason": reason, "message": message, "lastTransitionTime": now_rfc3339()}
     if generation is not None:
         new["observedGeneration"] = generation
     out.append(new)

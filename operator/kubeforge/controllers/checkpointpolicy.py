@@ -11,7 +11,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -79,7 +79,9 @@ def read_secret(namespace: str, name: str) -> dict[str, str] | None:
 
 
 def _jobs_using(namespace: str, policy: str) -> list[dict[str, Any]]:
-    jobs = kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace, TrainingJob.plural)["items"]
+    listed = cast(dict[str, Any], kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                               TrainingJob.plural))
+    jobs: list[dict[str, Any]] = listed["items"]
     return [j for j in jobs if (j.get("spec", {}).get("checkpointPolicyRef") or {}).get("name") == policy]
 
 

@@ -56,6 +56,6 @@ def record_event(body: Any, reason: str, message: str, warning: bool = False) ->
         "reportingComponent": "kubeforge-operator", "reportingInstance": socket.gethostname(),
     }
     try:
-        kube.core().create_namespaced_event(meta["namespace"], event)
+        kube.core().create_namespaced_event(meta["namespace"], event)  # type: ignore[arg-type]  # dicts go as they are
     except kubernetes.client.ApiException as e:
         log.warning("could not post event %s on %s/%s: %s", reason, body["kind"], meta["name"], e.reason)
