@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hf-page-size", type=int, default=16, help="transformers' KV page size (its default: 256)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the three systems (best kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the three systems (best kept)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
