@@ -367,12 +367,12 @@ class OpenAIServer:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(request, jobs, arrival, chunk, None, rid, created, "text_completion",
                                       usage_prompt, include_usage)
-        texts, finishes, completion = await self._collect(jobs, arrival)
+        texts, finishes, completion, cached = await self._collect(jobs, arrival)
         return web.json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
             "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]}
                         for i in range(len(jobs))],
-            "usage": _usage(usage_prompt, completion)})
+            "usage": _usage(usage_prompt, completion, cached)})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -408,12 +408,12 @@ class OpenAIServer:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(request, jobs, arrival, chunk, first, rid, created, "chat.completion.chunk",
                                       len(ids) * req.n, include_usage)
-        texts, finishes, completion = await self._collect(jobs, arrival)
+        texts, finishes, completion, cached = await self._collect(jobs, arrival)
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.settings.model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                          "finish_reason": finishes[i]} for i in range(len(jobs))],
-            "usage": _usage(len(ids) * req.n, completion)})
+            "usage": _usage(len(ids) * req.n, completion, cached)})
 
     def _encode_text(self, text: str) -> list[int]:
         assert self.tokenizer is not None
@@ -421,17 +421,18 @@ class OpenAIServer:
         return [self.tokenizer.bos_id, *ids] if self.add_bos else ids
 
     async def _collect(self, jobs: list[tuple[list[int], SamplingParams]], arrival: float,
-                       ) -> tuple[list[str], list[str | None], int]:
+                       ) -> tuple[list[str], list[str | None], int, int]:
         texts = [""] * len(jobs)
         finishes: list[str | None] = [None] * len(jobs)
-        completion = 0
+        completion = cached = 0
         async with contextlib.aclosing(self._outputs(jobs, arrival)) as outs:
             async for i, out in outs:
                 texts[i] += out.delta_text
                 if out.finished:
                     finishes[i] = out.finish_reason
                     completion += out.num_output_tokens
-        return texts, finishes, completion
+                    cached += out.num_cached_tokens
+        return texts, finishes, completion, cached
 
     async def _stream(self, request: web.Request, jobs: list[tuple[list[int], SamplingParams]], arrival: float,
                       chunk: Callable[[int, str, str | None], dict[str, Any]],
@@ -447,12 +448,13 @@ class OpenAIServer:
         if first is not None:
             for i in range(len(jobs)):
                 await send(first(i))
-        completion = 0
+        completion = cached = 0
         try:
             async with contextlib.aclosing(self._outputs(jobs, arrival)) as outs:
                 async for i, out in outs:
                     if out.finished:
                         completion += out.num_output_tokens
+                        cached += out.num_cached_tokens
                     if out.delta_text or out.finished:
                         await send(chunk(i, out.delta_text, out.finish_reason if out.finished else None))
         except (ConnectionResetError, asyncio.CancelledError):
@@ -463,11 +465,13 @@ class OpenAIServer:
         else:
             if include_usage:
                 await send({"id": rid, "object": obj, "created": created, "model": self.settings.model_name,
-                            "choices": [], "usage": _usage(usage_prompt, completion)})
+                            "choices": [], "usage": _usage(usage_prompt, completion, cached)})
         await send("[DONE]")
         await resp.write_eof()
         return resp
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens`` counts prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

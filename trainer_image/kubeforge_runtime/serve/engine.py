@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kubeforge_runtime.model.llama import Llama
-from kubeforge_runtime.serve.kv_cache import KVBlockPool
+from kubeforge_runtime.serve.kv_cache import KVBlockPool, KVCacheTensors
 from kubeforge_runtime.serve.metrics import ServingMetrics
 from kubeforge_runtime.serve.runner import DecodeGroup, PagedRunner, PrefillChunk, StepBatch
 from kubeforge_runtime.serve.sampling import SamplingParams, make_generator, sample
@@ -79,7 +79,8 @@ def resolve_num_blocks(cfg: EngineConfig, model: Llama, max_model_len: int) -> i
             frac = 0.9 if p.device.type == "cuda" else 0.2
         weights = sum(t.numel() * t.element_size() for t in model.parameters())
         c = model.cfg
-        per_block = 2 * c.num_hidden_layers * bs * c.num_key_value_heads * c.head_dim * p.element_size()
+        per_block = KVCacheTensors.bytes_per_block(c.num_hidden_layers, bs, c.num_key_value_heads, c.head_dim,
+                                                   p.dtype)
         n = int((_memory_budget(p.device) * frac - weights * 1.1) // per_block)
         if p.device.type != "cuda" and cfg.kv_cache_memory_fraction is None:
             n = min(n, 2 * cfg.max_num_seqs * per_seq)
@@ -118,7 +119,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         self.metrics = metrics or ServingMetrics(model_name="model")
         self._seqs: dict[str, Sequence] = {}
-        self._step_prefix = (0, 0)
+        self._prefix_counted = (0, 0)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -199,10 +200,10 @@ class LLMEngine:
         if sched.num_preempted:
             m.num_preemptions.inc(sched.num_preempted)
         q, h = self.scheduler.prefix_queries, self.scheduler.prefix_hits
-        if (q, h) != self._step_prefix:
-            m.prefix_cache_queries.inc(q - self._step_prefix[0])
-            m.prefix_cache_hits.inc(h - self._step_prefix[1])
-            self._step_prefix = (q, h)
+        if (q, h) != self._prefix_counted:
+            m.prefix_cache_queries.inc(q - self._prefix_counted[0])
+            m.prefix_cache_hits.inc(h - self._prefix_counted[1])
+            self._prefix_counted = (q, h)
         outputs: list[RequestOutput] = []
         if sched.entries:
             batch, sampled = self._build_batch(sched.entries)

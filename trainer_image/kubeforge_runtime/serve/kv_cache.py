@@ -69,10 +69,6 @@ class KVBlockPool:
         """Blocks no request holds (cached-but-unreferenced ones included: they are evictable)."""
         return len(self._free)
 
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._cached)
-
     def usage(self) -> float:
         """Fraction of blocks held by requests, vLLM's ``kv_cache_usage_perc`` (0..1)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
