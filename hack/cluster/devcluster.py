@@ -183,7 +183,9 @@ class Cluster:
                       "-days", "3650", "-out", f"{name}.crt", "-extfile", ext.name)
 
     def _kubeconfig(self, path: Path, user: str) -> None:
-        b64 = lambda p: base64.b64encode((self.pki / p).read_bytes()).decode()  # noqa: E731
+        def b64(name: str) -> str:
+            return base64.b64encode((self.pki / name).read_bytes()).decode()
+
         cfg = {
             "apiVersion": "v1", "kind": "Config", "current-context": "kubeforge-local",
             "clusters": [{"name": "kubeforge-local",

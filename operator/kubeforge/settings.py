@@ -29,7 +29,7 @@ class OperatorSettings:
     retention_interval_s: float = 60.0
 
     @classmethod
-    def from_env(cls) -> "OperatorSettings":
+    def from_env(cls) -> OperatorSettings:
         env = os.environ
         ns = tuple(n for n in env.get("KUBEFORGE_NAMESPACES", "").split(",") if n)
         return cls(

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from devcluster import Cluster
 
 pytestmark = pytest.mark.cluster

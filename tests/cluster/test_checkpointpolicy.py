@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from devcluster import Cluster
 from kubeforge.store import CommitMarker, open_store, utc_now
+
 from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster

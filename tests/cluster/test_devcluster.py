@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from devcluster import Cluster, ClusterConfig
+
 from tests.fixtures.cluster import kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster

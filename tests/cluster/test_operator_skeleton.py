@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from devcluster import Cluster
+
 from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -34,7 +34,7 @@ def test_operator_writes_status_on_every_example(operator: OperatorProcess, name
         c.kubectl("apply", "-n", namespace, "-f", str(path))
         objects += [(d["kind"].lower(), d["metadata"]["name"]) for d in yaml.safe_load_all(path.read_text()) if d]
     for kind, name in objects:
-        status = wait_for(f"status of {kind}/{name}", lambda: _status_written(c, namespace, kind, name), 60)
+        status = wait_for(f"status of {kind}/{name}", lambda kind=kind, name=name: _status_written(c, namespace, kind, name), 60)
         ready = next(cond for cond in status["conditions"] if cond["type"] == "Ready")
         assert ready["reason"] and ready["lastTransitionTime"], ready
     metrics = operator.metrics()

@@ -8,7 +8,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from kubeforge_runtime.data import BUILTIN_CORPUS, BatchLoader, DataState, TokenStream, list_files, rank_plan
 from kubeforge_runtime.data.sources import read_pieces
 from kubeforge_runtime.tokenizer import ByteTokenizer

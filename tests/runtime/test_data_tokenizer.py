@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.runtime

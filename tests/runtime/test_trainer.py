@@ -14,8 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-
-from kubeforge.api.contract import ENV_CHECKPOINT_POLICY, ENV_CHECKPOINT_URI, ENV_JOB_NAME, ENV_JOB_NAMESPACE, ExitCode
+from kubeforge.api.contract import (
+    ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_URI,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ExitCode,
+)
 
 pytestmark = pytest.mark.runtime
 VENV_BIN = Path(sys.executable).parent

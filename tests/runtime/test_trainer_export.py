@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kubeforge_runtime.model.hf import load_hf
+
 from tests.runtime.test_trainer import job_env, run_trainer, write_config
 
 pytestmark = pytest.mark.runtime

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from kubeforge.api import KINDS, GROUP
+from kubeforge.api import GROUP, KINDS
 from kubeforge.api.crdgen import crd, main, render_all
 
 pytestmark = pytest.mark.unit

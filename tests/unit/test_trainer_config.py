@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubeforge.api.contract import ExitCode
 from kubeforge_runtime.config import ConfigError, check_runtime, parse_config
 

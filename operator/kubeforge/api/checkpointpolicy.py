@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from kubeforge.api.common import Kind, ApiModel, LocalObjectReference, Rule, StatusBase
+from kubeforge.api.common import ApiModel, Kind, LocalObjectReference, Rule, StatusBase
 
 
 class Schedule(ApiModel):

@@ -103,7 +103,7 @@ class StatusBase(ApiModel):
 
 
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | str, reason: str,

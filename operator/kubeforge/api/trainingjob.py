@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from kubeforge.api.common import (
-    Kind,
     ApiModel,
     ComputeResources,
     EnvVar,
+    Kind,
     LocalObjectReference,
     Rule,
     StatusBase,

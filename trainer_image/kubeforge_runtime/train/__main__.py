@@ -13,6 +13,7 @@ import os
 import sys
 
 from kubeforge.api.contract import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_FILE, ExitCode
+
 from kubeforge_runtime.config import ConfigError, load_config
 
 

@@ -30,17 +30,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from kubeforge.api.contract import (
+    ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_URI,
+    ENV_METRICS_PORT,
+    TRAINER_METRICS_PORT,
+    ExitCode,
+)
 from torch import nn
 
-from kubeforge.api.contract import ENV_CHECKPOINT_POLICY, ENV_CHECKPOINT_URI, ENV_METRICS_PORT, TRAINER_METRICS_PORT, ExitCode
 from kubeforge_runtime.config import TrainerConfig, check_runtime
 from kubeforge_runtime.data import BatchLoader, DataState, SourceFile, TokenStream, list_files
 from kubeforge_runtime.metrics import TrainerMetrics, log_event, peak_flops
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from kubeforge_runtime.train.parallel import (Topology, init_process_group, pick_device, set_gradient_sync, unwrap,
-                                              wrap_model)
+from kubeforge_runtime.train.parallel import (
+    Topology,
+    init_process_group,
+    pick_device,
+    set_gradient_sync,
+    unwrap,
+    wrap_model,
+)
 from kubeforge_runtime.train.schedule import lr_at
 
 log = logging.getLogger("kubeforge.train")
