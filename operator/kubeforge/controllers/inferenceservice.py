@@ -3,8 +3,8 @@ TrainingJob), server-side applies the Deployment, Service, PodDisruptionBudget a
 built by ``inferenceservice_children``, and reports status.
 
 Handlers:
-- create/update/resume of an InferenceService, and a timer for those that follow a
-  TrainingJob's export (the store has no watch: the timer re-reads the commit marker);
+- create/update/resume of an InferenceService, and a poll for those that follow a
+  TrainingJob's export (the store has no watch: the poll re-reads the commit marker);
 - events of the serving Deployments, which refresh replicas and the Available/Ready
   conditions of their owner.
 
@@ -14,9 +14,12 @@ through the scale subresource, and the Deployment follows it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextvars
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, cast
 
@@ -324,8 +327,14 @@ def _reconcile(body: Any, spec: Any, status: Any, meta: Any, namespace: str | No
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
         if not resolution.ready:
             logger.info("model not ready: %s", resolution.message)
-        patch.status.update(new)
-        _count_ready(owner, new)
+        # written here, not through kopf's patch after the handler: the Deployment's pods may
+        # have turned ready meanwhile, and their events found no status to update; a re-read
+        # after the write leaves no such gap
+        _patch_status(owner, new)
+        fresh = status_patch(owner, parsed, new, generation, resolution, read_deployment(owner))
+        if fresh != new:
+            _patch_status(owner, fresh)
+        _count_ready(owner, fresh)
 
 
 @kopf.on.resume(GROUP, VERSION, InferenceService.plural)
@@ -336,16 +345,57 @@ def reconcile(body: Any, spec: Any, status: Any, meta: Any, namespace: str | Non
     _reconcile(body, spec, status, meta, namespace, patch, logger)
 
 
-def _follows_a_job(spec: Any, **_: Any) -> bool:
-    return bool((spec or {}).get("model", {}).get("trainingJobRef"))
+# The store has no watch, so services that follow a TrainingJob's export are re-reconciled on
+# a poll. Not a kopf timer: kopf puts a finalizer on every object a timer runs for, and a
+# finalizer left behind by a stopped operator blocks deleting the service and its namespace.
+_FOLLOWING: set[tuple[str, str]] = set()
+_POLLER: list[asyncio.Task[None]] = []
+log = logging.getLogger(__name__)
 
 
-# only services that follow a TrainingJob get the timer (and the finalizer kopf adds for it)
-@kopf.timer(GROUP, VERSION, InferenceService.plural, interval=SETTINGS.export_poll_interval_s,
-            initial_delay=SETTINGS.export_poll_interval_s, when=_follows_a_job)
-def follow_export(body: Any, spec: Any, status: Any, meta: Any, namespace: str | None, patch: kopf.Patch, logger: Any,
-                  **_: Any) -> None:
-    _reconcile(body, spec, status, meta, namespace, patch, logger)
+@kopf.on.event(GROUP, VERSION, InferenceService.plural)
+def track_followers(event: Any, spec: Any, name: str | None, namespace: str | None, **_: Any) -> None:
+    if name is None or namespace is None:
+        return
+    key = (namespace, name)
+    if event.get("type") != "DELETED" and (spec or {}).get("model", {}).get("trainingJobRef"):
+        _FOLLOWING.add(key)
+    else:
+        _FOLLOWING.discard(key)
+
+
+def repoll(namespace: str, name: str) -> None:
+    """One reconciliation outside kopf's handlers: the same function, status patched here."""
+    body = _read_custom(namespace, InferenceService.plural, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    patch = kopf.Patch()
+    _reconcile(body, body.get("spec"), body.get("status") or {}, body["metadata"], namespace, patch, log)
+    if patch.get("status"):
+        _patch_status(Owner(name, namespace, body["metadata"]["uid"]), dict(patch["status"]))
+
+
+async def _poll_exports(interval_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        for namespace, name in sorted(_FOLLOWING):
+            try:
+                # the copied context carries kopf's event queue, so Events still get posted
+                await loop.run_in_executor(None, contextvars.copy_context().run, repoll, namespace, name)
+            except Exception:  # noqa: BLE001 - one service's failure must not stop the others' polls
+                log.exception("re-reconciling InferenceService %s/%s failed", namespace, name)
+
+
+@kopf.on.startup()
+async def start_export_poll(**_: Any) -> None:
+    _POLLER.append(asyncio.create_task(_poll_exports(SETTINGS.export_poll_interval_s)))
+
+
+@kopf.on.cleanup()
+async def stop_export_poll(**_: Any) -> None:
+    while _POLLER:
+        _POLLER.pop().cancel()
 
 
 @kopf.on.event("apps", "v1", "deployments",
