@@ -49,6 +49,22 @@ build_prometheus_operator_crds() {
   touch "$out/.complete"
 }
 
+# Kubeflow's training operator v1 and its PyTorchJob CRD (from the module's manifests), for
+# bench/operator.py's comparison; not in the default parts.
+build_kubeflow() {
+  local out="$cache/bin/kubeflow-$KUBEFLOW_TRAINING_OPERATOR_VERSION"
+  if [ -f "$out/.complete" ]; then return 0; fi
+  local t0=$SECONDS src
+  echo ">> building kubeflow $KUBEFLOW_TRAINING_OPERATOR_VERSION into $out" >&2
+  mkdir -p "$out"
+  (cd "$here/kubeflow" && go build -ldflags "-s -w" -o "$out/training-operator" \
+      github.com/kubeflow/training-operator/cmd/training-operator.v1)
+  src=$(cd "$here/kubeflow" && go list -m -f '{{.Dir}}' github.com/kubeflow/training-operator)
+  install -m 0644 "$src/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$out/"
+  touch "$out/.complete"
+  echo ">> built kubeflow in $((SECONDS - t0))s" >&2
+}
+
 parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds}
 for p in $parts; do
   case $p in
@@ -63,6 +79,7 @@ for p in $parts; do
     minio) build_part minio "$MINIO_VERSION" "-s -w" minio=github.com/minio/minio ;;
     kind) build_part kind "$KIND_VERSION" "-s -w" kind=sigs.k8s.io/kind ;;
     prometheus-operator-crds) build_prometheus_operator_crds ;;
+    kubeflow) build_kubeflow ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
 done

@@ -53,6 +53,15 @@ gen_prometheus_operator() { # controller-gen and the API types it turns into CRD
   go get "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION"
 }
 
+gen_kubeflow() { # the training operator v1 (PyTorchJob), for bench/operator.py's comparison
+  new_module kubeflow
+  local gomod
+  gomod=$(go mod download -json "github.com/kubeflow/training-operator@$KUBEFLOW_TRAINING_OPERATOR_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  # replace directives of a required module are ignored: copy any it has, as for kubernetes
+  awk '/^replace / && !/=> \.\.?\// { print }' "$gomod" | sort -u >> go.mod
+  go get -tool "github.com/kubeflow/training-operator/cmd/training-operator.v1@$KUBEFLOW_TRAINING_OPERATOR_VERSION"
+}
+
 parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator}
 for p in $parts; do
   case $p in
@@ -63,6 +72,7 @@ for p in $parts; do
     minio) gen_plain minio github.com/minio/minio "$MINIO_VERSION" ;;
     kind) gen_plain kind sigs.k8s.io/kind "$KIND_VERSION" ;;
     prometheus-operator) gen_prometheus_operator ;;
+    kubeflow) gen_kubeflow ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
   echo "generated hack/cluster/$p"

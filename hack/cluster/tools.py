@@ -56,3 +56,16 @@ def prometheus_operator_crds(build: bool = True) -> Path:
             raise FileNotFoundError("run hack/cluster/build.sh prometheus-operator-crds")
         subprocess.run([str(HERE / "build.sh"), "prometheus-operator-crds"], check=True)
     return path
+
+
+def kubeflow_training_operator(build: bool = True) -> Path:
+    """Folder holding Kubeflow's training operator v1 (``training-operator``) and its
+    PyTorchJob CRD (``kubeflow.org_pytorchjobs.yaml``), for bench/operator.py; built first
+    when missing and ``build``."""
+    version = versions()["KUBEFLOW_TRAINING_OPERATOR_VERSION"]
+    path = cache_root() / "bin" / f"kubeflow-{version}"
+    if not (path / ".complete").exists():
+        if not build:
+            raise FileNotFoundError("run hack/cluster/build.sh kubeflow")
+        subprocess.run([str(HERE / "build.sh"), "kubeflow"], check=True)
+    return path
