@@ -319,7 +319,6 @@ def main() -> None:
     theirs = result.get("kubeflow_all_running_s")
     result["ratio_vs_kubeflow"] = round(result["all_running_s"] / theirs, 3) if theirs else None
     result["load_avg"] = [round(x, 1) for x in os.getloadavg()]
-    result["logs"] = str(work)
     out = Path(args.out)
     out.write_text(json.dumps({k: result.get(k) for k in KEYS} | {k: v for k, v in result.items() if k not in KEYS},
                               indent=2) + "\n")
@@ -330,7 +329,7 @@ def main() -> None:
     for key in ("kubeflow_node_recovery_note", "kubeflow_error"):
         if key in result:
             print(f"  {key}: {result[key]}")
-    print(f"wrote {out}")
+    print(f"wrote {out}; logs in {work}")
 
 
 if __name__ == "__main__":
