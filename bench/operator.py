@@ -257,7 +257,7 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
             return data if "tls.crt" in data else None
 
         data = wait_for("the webhook certificate", certificate, 60)
-        created = not KUBEFLOW_CERT_DIR.exists()
+        created = not KUBEFLOW_CERT_DIR.parent.exists()
         KUBEFLOW_CERT_DIR.mkdir(parents=True, exist_ok=True)
         for key, value in data.items():
             (KUBEFLOW_CERT_DIR / key).write_bytes(base64.b64decode(value))
@@ -270,12 +270,11 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
         note = None
         if recovery is None:
             stuck = [p["name"] for p in pods(c, KUBEFLOW_NS, selector) if p["deleting"]]
-            note = (f"not within {recovery_timeout:.0f}s of the node failure: {len(stuck)} worker pods stuck "
-                    "Terminating on the dead kubelet (taint eviction deletes them gracefully, nothing force-deletes "
-                    "them, and the operator recreates a pod only under the same name; kubeflow/trainer #2072)")
+            note = (f"not within {recovery_timeout:.0f}s of the node failure: {len(stuck)} worker pods still "
+                    "Terminating on the dead node (deleted gracefully, by the operator's restart or taint eviction, "
+                    "but nothing force-deletes a pod whose kubelet is gone, and the operator recreates a worker only "
+                    "under the same name; kubeflow/trainer #2072)")
     finally:
-        if created:
-            shutil.rmtree(KUBEFLOW_CERT_DIR, ignore_errors=True)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -284,6 +283,8 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
                 proc.kill()
                 proc.wait()
         log_file.close()
+        if created:
+            shutil.rmtree(KUBEFLOW_CERT_DIR.parent, ignore_errors=True)
     out: dict[str, Any] = {"kubeflow_all_running_s": round(all_running, 1),
                            "kubeflow_node_recovery_s": None if recovery is None else round(recovery, 1)}
     if note:
