@@ -270,7 +270,9 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
         note = None
         if recovery is None:
             stuck = [p["name"] for p in pods(c, KUBEFLOW_NS, selector) if p["deleting"]]
-            note = (f"not within {recovery_timeout:.0f}s of the node failure: {len(stuck)} worker pods still "
+            note = (f"not within {recovery_timeout:.0f}s of the node failure: the lost workers were not replaced, "
+                    "none was being deleted yet" if not stuck else
+                    f"not within {recovery_timeout:.0f}s of the node failure: {len(stuck)} worker pods still "
                     "Terminating on the dead node (deleted gracefully, by the operator's restart or taint eviction, "
                     "but nothing force-deletes a pod whose kubelet is gone, and the operator recreates a worker only "
                     "under the same name; kubeflow/trainer #2072)")
