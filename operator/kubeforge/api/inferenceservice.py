@@ -6,7 +6,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from kubeforge.api.common import Kind, ApiModel, ComputeResources, EnvVar, LocalObjectReference, Rule, StatusBase, Toleration
+from kubeforge.api.common import (
+    ApiModel,
+    ComputeResources,
+    EnvVar,
+    Kind,
+    LocalObjectReference,
+    Rule,
+    StatusBase,
+    Toleration,
+)
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
 
