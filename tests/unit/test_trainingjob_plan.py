@@ -264,6 +264,34 @@ def test_worker_zero_exit_zero_without_export_is_an_application_failure() -> Non
     assert condition(sim.status()["conditions"], "Succeeded") is None
 
 
+def test_unreadable_store_delays_success_until_the_export_marker_is_seen() -> None:
+    sim = Sim(job_spec(checkpointPolicyRef={"name": "p"}), policy=POLICY)
+    sim.converge(2)
+    sim.run_all()
+    sim.step()
+    sim.store = None  # S3 did not answer
+    sim.exit("llm-worker-0", 0)
+    p = sim.step()
+    assert sim.status()["phase"] != "Succeeded" and not p.replacements and p.requeue_after is not None
+    assert sim.cond("Succeeded")["status"] == "False" and sim.cond("Succeeded")["reason"] == "ExportUnverified"
+    sim.store = StoreView(export_committed=True, export_uri="s3://ckpt/ns/llm/export")
+    sim.step()
+    assert sim.status()["phase"] == "Succeeded" and sim.status()["exportUri"] == "s3://ckpt/ns/llm/export"
+
+
+def test_volume_storage_trusts_worker_zero_exit_code_for_the_export() -> None:
+    volume = CheckpointPolicySpec.model_validate({
+        "schedule": {"everySteps": 10}, "storage": {"volume": {"claimName": "ckpt"}}})
+    sim = Sim(job_spec(checkpointPolicyRef={"name": "p"}), policy=volume)
+    sim.store = None  # the operator cannot read a volume mounted only in the workers
+    sim.converge(2)
+    sim.run_all()
+    sim.step()
+    sim.exit("llm-worker-0", 0)
+    sim.step()
+    assert sim.status()["phase"] == "Succeeded"
+
+
 def test_suspend_deletes_pods_without_counting_and_resume_recreates() -> None:
     sim = running_job()
     sim.job["spec"]["suspend"] = True

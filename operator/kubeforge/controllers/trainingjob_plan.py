@@ -584,8 +584,14 @@ def plan(obs: Observed) -> Plan:
     if winner is not None:
         if spec.export.enabled and obs.policy is not None:
             export = obs.store.export_committed if obs.store else None
-            if export is None:
-                p.plan.look_again(5.0)  # the store could not be read; worker 0 waits
+            if export is None and obs.policy.storage.s3 is not None:
+                # The store could not be read just now: no verdict until it can be.
+                p.cond("Succeeded", False, "ExportUnverified",
+                       "worker 0 exited 0; the export's commit marker could not be read from the store yet")
+                p.plan.look_again(5.0)
+                winner = None
+            elif export is None:
+                pass  # a volume is mounted only in the workers: worker 0 exits 0 only after committing it
             elif not export:
                 p.end_life(0, _Outcome("ExportMissing", "worker 0 exited 0 but the export has no commit marker",
                                        False), winner)
