@@ -173,3 +173,29 @@ def test_preempted_exit_code_without_torchrun(tmp_path: Path) -> None:
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(30) == ExitCode.PREEMPTED
     assert run.events("preempted")[0]["step"] < 400
+
+
+def test_policy_without_at_end_or_on_preemption_saves_neither(tmp_path: Path) -> None:
+    from kubeforge.store import open_store
+
+    store = tmp_path / "store"
+    env = job_env(store)
+    env[ENV_CHECKPOINT_POLICY] = json.dumps({"everySteps": 100, "atEnd": False, "onPreemption": False})
+    rc, done = run_trainer(tmp_path, "no-end", write_config(tmp_path / "a.yaml", train={"steps": 3}), None, env)
+    assert rc == 0, done.log.read_text()[-3000:]
+    assert open_store(store.as_uri()).committed_checkpoints("ns", "job") == []
+
+    run = Run(trainer_cmd(write_config(tmp_path / "b.yaml", train={"steps": 400}), None), env, tmp_path / "p.log")
+    deadline = time.monotonic() + 60
+    while not run.events("train_step"):
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.log.read_text()[-3000:]
+        time.sleep(0.1)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(30) == ExitCode.PREEMPTED
+    assert run.events("preempted")[0]["checkpoint_step"] is None
+    assert open_store(store.as_uri()).committed_checkpoints("ns", "job") == []
+
+    # the defaults (both on) do save at the end
+    env[ENV_CHECKPOINT_POLICY] = json.dumps({"everySteps": 100})
+    rc, done = run_trainer(tmp_path, "end", write_config(tmp_path / "a.yaml", train={"steps": 3}), None, env)
+    assert rc == 0 and [c.step for c in open_store(store.as_uri()).committed_checkpoints("ns", "job")] == [3]

@@ -241,13 +241,14 @@ class Trainer:
                                  flops_per_token, peak, ckpt)
             if preempted:
                 t_save = time.perf_counter()
-                ckpt.save(step, model, optimizer, extra, blocking=True)
+                if ckpt.settings.on_preemption:  # the policy's schedule.onPreemption
+                    ckpt.save(step, model, optimizer, extra, blocking=True)
                 ckpt.close()
                 if metrics is not None:
                     log_event("preempted", step=step, checkpoint_step=ckpt.last_committed_step,
                               save_s=round(time.perf_counter() - t_save, 3))
                 return ExitCode.PREEMPTED
-            if step and ckpt.enabled and ckpt.last_committed_step != step:
+            if step and ckpt.enabled and ckpt.settings.at_end and ckpt.last_committed_step != step:
                 ckpt.save(step, model, optimizer, extra, blocking=True)
             ckpt.close()
             self._export(model, llama, ckpt, step)
