@@ -207,3 +207,24 @@ def test_block_pool_refcounts_and_lru_eviction() -> None:
     pool.free(got)
     with pytest.raises(RuntimeError):
         pool.free(got[:1])
+
+
+def test_the_models_own_eos_ids_end_generation(model: Llama, tmp_path: Path) -> None:
+    from kubeforge_runtime.model.hf import eos_token_ids
+
+    save_hf(model, tmp_path, bos_token_id=TOK.bos_id, eos_token_id=TOK.eos_id)
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(gen.read_text().replace(f'"eos_token_id": {TOK.eos_id}', '"eos_token_id": [257, 40, 41]'))
+    assert eos_token_ids(tmp_path) == {TOK.eos_id, 40, 41}
+
+    prompt = prompts(1, seed=5)[0]
+    free = run(LLMEngine(model, TOK, EngineConfig(block_size=8, num_blocks=64)),
+               [(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))])[0]
+    stop_at = free[4]
+    e = LLMEngine(model, TOK, EngineConfig(block_size=8, num_blocks=64), eos_token_ids=[stop_at])
+    e.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    outs: list[RequestOutput] = []
+    while e.has_unfinished_requests():
+        outs += e.step()
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == free[:free.index(stop_at) + 1] and outs[-1].finish_reason == "stop"

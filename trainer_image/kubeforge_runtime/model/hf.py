@@ -61,7 +61,35 @@ def load_config(directory: str | Path) -> LlamaConfig:
     raw = json.loads((Path(directory) / "config.json").read_text())
     if raw.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json model_type must be 'llama', got {raw.get('model_type')!r}")
-    return LlamaConfig(**{k: v for k, v in raw.items() if k in _CONFIG_KEYS})
+    # transformers >= 5 keeps rope_theta (and any scaling) under rope_parameters; 4.x at the top
+    rope = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"config.json rope_type {kind!r} is not supported: only unscaled rotary embeddings "
+                         "(rope_type 'default') are implemented")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if raw.get(key, ok) != ok:
+            raise ValueError(f"config.json {key} must be {ok!r} for this Llama implementation, got {raw[key]!r}")
+    fields = {k: v for k, v in raw.items() if k in _CONFIG_KEYS}
+    if "rope_theta" in rope:
+        fields["rope_theta"] = float(rope["rope_theta"])
+    cfg = LlamaConfig(**fields)
+    if raw.get("head_dim") not in (None, cfg.head_dim):
+        raise ValueError(f"config.json head_dim must be hidden_size / num_attention_heads = {cfg.head_dim}, "
+                         f"got {raw['head_dim']}")
+    return cfg
+
+
+def eos_token_ids(directory: str | Path) -> frozenset[int]:
+    """The model's end-of-sequence ids: ``eos_token_id`` (an id or a list) of
+    ``generation_config.json`` and ``config.json``."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(directory) / name
+        if path.exists():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return frozenset(int(i) for i in ids)
 
 
 def load_hf(directory: str | Path, device: str | torch.device = "cpu",

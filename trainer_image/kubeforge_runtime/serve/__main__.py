@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from aiohttp import web
 
-from kubeforge_runtime.model.hf import load_hf
+from kubeforge_runtime.model.hf import eos_token_ids, load_hf
 from kubeforge_runtime.serve.api import OpenAIServer, ServerSettings, ServerState
 from kubeforge_runtime.serve.async_engine import AsyncEngine
 from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine
@@ -93,7 +93,7 @@ def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, B
                        kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        enable_prefix_caching=args.enable_prefix_caching)
-    engine = LLMEngine(model, tokenizer, cfg, ServingMetrics(model_name))
+    engine = LLMEngine(model, tokenizer, cfg, ServingMetrics(model_name), eos_token_ids(directory))
     warm_up(engine)
     log.info("model %s loaded in %.1fs: %s on %s %s, %d KV blocks of %d tokens, max_model_len %d", args.model,
              time.monotonic() - t0, type(tokenizer).__name__, device, dtype, engine.num_blocks, cfg.block_size,

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -106,9 +107,12 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, model: Llama, tokenizer: ByteTokenizer | HFTokenizer, config: EngineConfig,
-                 metrics: ServingMetrics | None = None) -> None:
+                 metrics: ServingMetrics | None = None, eos_token_ids: Iterable[int] = ()) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        #: end-of-sequence ids: the tokenizer's plus the model's own (Llama 3 chat models end
+        #: turns with <|eot_id|>, listed in generation_config.json's eos_token_id)
+        self.eos_ids = frozenset({tokenizer.eos_id, *eos_token_ids})
         self.config = config
         self.max_model_len = min(config.max_model_len or model.cfg.max_position_embeddings,
                                  model.cfg.max_position_embeddings)
@@ -237,7 +241,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         p = seq.params
         reason: str | None = None
-        if (token == self.tokenizer.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         text = self.tokenizer.decode(seq.output_ids)
         for s in p.stop:
