@@ -43,13 +43,13 @@ demo: cluster-up ## the main job on the local cluster: CRDs, operator, examples
 test: install tools ## the whole suite (starts the local cluster itself)
 	@t0=$$SECONDS; $(PY) -m pytest tests; rc=$$?; echo "tests: $$((SECONDS - t0))s"; exit $$rc
 
-test-unit: install ## only the pure unit tests
+test-unit: install tools ## only the unit tests (a few start MinIO or run helm template)
 	$(PY) -m pytest tests/unit
 
-test-cluster: install tools ## only the tests against the local control plane
-	$(PY) -m pytest tests/cluster
+test-cluster: install tools ## only the tests against the local control plane (incl. the pod-contract e2e tests)
+	$(PY) -m pytest tests/cluster tests/e2e
 
-test-runtime: install ## only the torch tests (trainer, checkpoints, server) on the CPU
+test-runtime: install tools ## only the torch tests (trainer, checkpoints, server) on the CPU
 	$(PY) -m pytest tests/runtime
 
 lint: install ## ruff on the Python, shellcheck on the scripts
