@@ -36,8 +36,6 @@ PROMQL_WORDS = {
     "increase", "deriv", "delta", "histogram_quantile", "time", "absent", "max", "min", "avg", "count",
     "label_values", "offset", "bool", "topk", "bottomk", "clamp_min", "clamp_max", "abs", "vector", "scalar",
 }
-#: Series the TrainingJob controller must still export (the checkpoint-age alert and panel need
-#: them); test_checkpoint_age_series_are_exported turns red the day they appear.
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (label matchers, groupings, strings, numbers and
     functions removed)."""
@@ -65,7 +63,8 @@ def dashboard_queries() -> list[str]:
 def alert_queries(cluster: Cluster) -> list[str]:
     out = subprocess.run([str(tools.binary("helm")), "template", "x", str(REPO / "charts" / "kubeforge"),
                           "--kube-version", tools.versions()["KUBERNETES_VERSION"],
-                          "--set", "metrics.prometheusRule.enabled=true", "-s", "templates/prometheusrule.yaml"],
+                          "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
+                          "-s", "templates/prometheusrule.yaml"],
                          capture_output=True, text=True, check=True)
     rule = yaml.safe_load(out.stdout)
     return [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]

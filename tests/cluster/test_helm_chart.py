@@ -108,6 +108,25 @@ def test_one_active_operator(cluster: Cluster) -> None:
     (ha,) = (d for d in docs if d["kind"] == "Deployment")
     assert "--peering=kubeforge" in ha["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {d["kind"] for d in docs} >= {"CustomResourceDefinition", "ClusterKopfPeering"}
+    (role,) = (d for d in docs if d["kind"] == "ClusterRole")
+    assert "clusterkopfpeerings" in {res for rule in role["rules"] for res in rule["resources"]}
+    # a ClusterRole with a namespace list: kopf peers through KopfPeering objects in those namespaces
+    docs = render(cluster, "x", "ops", "--set", "replicaCount=2", "--set", "watchNamespaces={a}")
+    (role,) = (d for d in docs if d["kind"] == "ClusterRole")
+    resources = {res for rule in role["rules"] for res in rule["resources"]}
+    assert "kopfpeerings" in resources and "clusterkopfpeerings" not in resources
+    assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering"] == ["a"]
+
+
+def test_operator_down_alert_needs_the_chart_scrape_job(cluster: Cluster) -> None:
+    def alerts(*args: str) -> set[str]:
+        (rule,) = (d for d in render(cluster, "x", "ops", "--set", "metrics.prometheusRule.enabled=true", *args)
+                   if d["kind"] == "PrometheusRule")
+        return {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+    # without the ServiceMonitor no scrape job carries the label it matches: it would always fire
+    assert "KubeforgeOperatorDown" not in alerts() and "KubeforgeCheckpointStale" in alerts()
+    assert "KubeforgeOperatorDown" in alerts("--set", "metrics.serviceMonitor.enabled=true")
 
 
 # ---------------------------------------------------------------------------- server-side dry-run

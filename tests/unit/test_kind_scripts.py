@@ -102,7 +102,9 @@ def test_examples_rewritten_for_kind_are_valid(tmp_path: Path) -> None:
 
 def test_chart_flags_exist_in_the_chart() -> None:
     schema = yaml.safe_load((REPO / "charts" / "kubeforge" / "values.schema.json").read_text())
-    for key in re.findall(r"--set ([\w.]+)=", UP.read_text()):
+    keys = re.findall(r"--set ([\w.]+)=", UP.read_text())
+    assert keys, "kind-up.sh sets no chart value: did its helm command change?"
+    for key in keys:
         node = schema
         for part in key.split("."):
             assert part in node["properties"], f"kind-up.sh sets {key}, which the chart does not have"

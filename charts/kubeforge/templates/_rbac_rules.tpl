@@ -1,7 +1,7 @@
 {{- /*
 Exactly what the operator calls; no wildcards. Where each rule comes from:
   kubeforge.dev      kopf watches all three kinds (list, watch) and patches them (progress and
-                     diff-base annotations, the InferenceService timer's finalizer); the
+                     diff-base annotations; no kind gets a finalizer); the
                      controllers get TrainingJobs and CheckpointPolicies, list TrainingJobs
                      (CheckpointPolicy job summaries) and delete a finished TrainingJob (ttl).
   <kind>/status      status patches of all three kinds.
@@ -17,7 +17,8 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   poddisruptionbudgets   apply (create, patch).
   nodes              TrainingJob: watch node health, get a node not seen yet (cluster-scoped).
   namespaces, customresourcedefinitions   kopf's own scanning (list, watch).
-  kopf.dev           peering (only with replicaCount > 1).
+  kopf.dev           peering (only with replicaCount > 1): clusterkopfpeerings, or kopfpeerings
+                     when watchNamespaces lists the namespaces.
 */}}
 {{- define "kubeforge.rules.namespaced" }}
 - apiGroups: ["kubeforge.dev"]
