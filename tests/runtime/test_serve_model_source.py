@@ -71,3 +71,19 @@ def test_plain_directory_and_missing_config(tmp_path: Path) -> None:
         fetch_model(str(tmp_path), tmp_path / "dl")
     with pytest.raises(ModelSourceError, match="unsupported"):
         fetch_model("gs://bucket/x", tmp_path / "dl")
+
+
+def test_only_the_expected_export_revision_is_served(exported: tuple[Path, str], tmp_path: Path) -> None:
+    root, uri = exported
+    store = open_store(f"file://{root}")
+    first = store.export_marker("team-a", "ft")
+    assert first is not None
+    assert fetch_model(uri, tmp_path / "dl", expect_revision=first.time).is_dir()
+    # the job exported again (a restarted or re-run job): a Pinned server must not take it
+    store.write_export("team-a", "ft", tmp_path / "dl" / next((tmp_path / "dl").iterdir()).name, step=43)
+    newer = store.export_marker("team-a", "ft")
+    assert newer is not None and newer.time != first.time
+    for source in (uri, f"file://{root}/team-a/ft/export"):
+        with pytest.raises(ModelSourceError, match=f"must serve revision {first.time}"):
+            fetch_model(source, tmp_path / "dl2", expect_revision=first.time)
+        assert fetch_model(source, tmp_path / "dl2", expect_revision=newer.time).is_dir()

@@ -47,6 +47,7 @@ def test_deployment_runs_the_server_on_the_resolved_model() -> None:
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations[ch.REVISION_ANNOTATION] == MODEL.revision
     assert annotations[ch.MODEL_STEP_ANNOTATION] == "100"
+    assert env["KUBEFORGE_MODEL_REVISION"] == MODEL.revision  # the server refuses any other export
 
 
 def test_deployment_probes_drain_and_grace() -> None:

@@ -35,6 +35,9 @@ ENV_CHECKPOINT_POLICY = "KUBEFORGE_CHECKPOINT_POLICY"  # JSON of CheckpointPolic
 ENV_JOB_NAMESPACE = "KUBEFORGE_JOB_NAMESPACE"
 ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
 ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"
+#: On serving pods of a TrainingJob's export: the export revision (its commit marker's time) the
+#: pod must serve; the server refuses any other, so a Pinned service never serves a newer model.
+ENV_MODEL_REVISION = "KUBEFORGE_MODEL_REVISION"
 #: S3 settings; credentials come only from a Secret via envFrom (AWS_ACCESS_KEY_ID,
 #: AWS_SECRET_ACCESS_KEY), never from the custom resource.
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"

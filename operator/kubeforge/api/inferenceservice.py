@@ -31,7 +31,8 @@ class ModelSource(ApiModel):
         "ModelReady stays False with reason WaitingForTrainingJob until the export's commit marker exists."))
     update_policy: Literal["FollowLatest", "Pinned"] = Field(default="FollowLatest", description=(
         "With trainingJobRef: FollowLatest rolls the pods (no dropped requests) when a newer export is "
-        "committed; Pinned keeps the pod template of the revision first served."))
+        "committed; Pinned keeps the revision first served, and servers refuse any other export (new pods of a "
+        "Pinned service cannot start once the job exported again: copy the export and serve it by uri)."))
     credentials_secret_ref: LocalObjectReference | None = Field(default=None, description=(
         "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3:// models (envFrom). With trainingJobRef "
         "the CheckpointPolicy's Secret is used when this is empty."))

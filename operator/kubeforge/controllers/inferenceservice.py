@@ -221,7 +221,8 @@ def resolve_model(owner: Owner, spec: InferenceServiceSpec, served: dict[str, An
                           credentials_secret=secret or s3.credentials_secret_ref.name)
     message = f"export of TrainingJob {job_name} committed {marker.time} (step {marker.step})"
     if revision != marker.time:
-        message = f"Pinned to revision {revision}; a newer export committed {marker.time} is not served"
+        message = (f"Pinned to revision {revision}; a newer export committed {marker.time} is not served "
+                   "(pods started from now on refuse it: copy the pinned export and serve it by uri)")
     return ModelResolution(True, "ExportFound", message, model)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from kubeforge.api import InferenceService, InferenceServiceSpec
 from kubeforge.api.common import API_VERSION
-from kubeforge.api.contract import ENV_S3_ENDPOINT, ENV_S3_REGION, SERVING_PORT
+from kubeforge.api.contract import ENV_MODEL_REVISION, ENV_S3_ENDPOINT, ENV_S3_REGION, SERVING_PORT
 from kubeforge.api.inferenceservice import Autoscaling, RatePolicy
 
 #: Label every child carries; its value is the InferenceService's name. The pods' selector.
@@ -132,6 +132,8 @@ def server_args(name: str, spec: InferenceServiceSpec, model: ResolvedModel) -> 
 
 def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "HOME", "value": TMP_DIR}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if model.revision:
+        env.append({"name": ENV_MODEL_REVISION, "value": model.revision})
     if model.s3_endpoint:
         env.append({"name": ENV_S3_ENDPOINT, "value": model.s3_endpoint})
     if model.s3_region:

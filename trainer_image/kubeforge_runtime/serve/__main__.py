@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 from aiohttp import web
+from kubeforge.api.contract import ENV_MODEL_REVISION
 
 from kubeforge_runtime.model.hf import eos_token_ids, load_hf
 from kubeforge_runtime.serve.api import OpenAIServer, ServerSettings, ServerState
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when available)")
     p.add_argument("--download-dir", default=os.environ.get("KUBEFORGE_DOWNLOAD_DIR",
                                                             str(Path(tempfile.gettempdir()) / "kubeforge-models")))
+    p.add_argument("--expect-revision", default=os.environ.get(ENV_MODEL_REVISION) or None,
+                   help="serve the export only if its commit marker has this time (env " + ENV_MODEL_REVISION + ")")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: the container's CPU limit when one is set)")
     p.add_argument("--log-level", default=os.environ.get("KUBEFORGE_LOG_LEVEL", "INFO"))
@@ -84,7 +87,7 @@ def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, B
     t0 = time.monotonic()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    directory = fetch_model(args.model, Path(args.download_dir))
+    directory = fetch_model(args.model, Path(args.download_dir), args.expect_revision)
     model = load_hf(directory, device=device, dtype=dtype)
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
-    from kubeforge.store import S3Options
+    from kubeforge.store import ExportMarker, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_model(uri: str, download_dir: Path) -> Path:
-    """A local directory holding config.json and the safetensors for ``uri``."""
+def _check_revision(uri: str, marker: ExportMarker | None, expect_revision: str | None) -> None:
+    if expect_revision and (marker is None or marker.time != expect_revision):
+        found = marker.time if marker else "no commit marker"
+        raise ModelSourceError(f"{uri}: export revision is {found}, this server must serve revision "
+                               f"{expect_revision} (Pinned, or a rollout still on its way); not serving another")
+
+
+def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None) -> Path:
+    """A local directory holding config.json and the safetensors for ``uri``. With
+    ``expect_revision``, an export whose commit marker has another time is refused."""
+    from kubeforge.store import ExportMarker, NotFound, open_backend
+
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else uri)
         if path.name == "export" and not (path / "commit.json").is_file():
             # a volume-backed store: same rule as S3 (files are not re-hashed on every start)
             raise ModelSourceError(f"{uri}: export has no commit marker yet (still being written?)")
+        if expect_revision:
+            marker_file = path / "commit.json"
+            _check_revision(uri, ExportMarker.model_validate_json(marker_file.read_bytes())
+                            if marker_file.is_file() else None, expect_revision)
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{uri}: no config.json (expected a Hugging Face Llama directory)")
         return path
     if parsed.scheme != "s3":
         raise ModelSourceError(f"unsupported model URI {uri!r}; use a path, file:// or s3://bucket/prefix")
-    from kubeforge.store import ExportMarker, NotFound, open_backend
-
     backend = open_backend(uri, _s3_options())
     dest = download_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
@@ -68,6 +80,7 @@ def fetch_model(uri: str, download_dir: Path) -> Path:
         marker: ExportMarker | None = ExportMarker.model_validate_json(backend.get_bytes("commit.json"))
     except NotFound:
         marker = None
+    _check_revision(uri, marker, expect_revision)
     if marker is not None:
         for name, digest in marker.files.items():
             target = dest / name
