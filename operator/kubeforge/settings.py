@@ -6,6 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ENV_WORKLOAD_IMAGE
+
+
+def workload_image(requested: str | None) -> str:
+    """The image a worker or server runs: the resource's own, else the operator's setting."""
+    return requested or os.environ.get(ENV_WORKLOAD_IMAGE) or DEFAULT_WORKLOAD_IMAGE
+
 
 @dataclasses.dataclass(frozen=True)
 class OperatorSettings:

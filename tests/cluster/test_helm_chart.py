@@ -118,6 +118,17 @@ def test_one_active_operator(cluster: Cluster) -> None:
     assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering"] == ["a"]
 
 
+def test_workload_image_is_a_chart_value(cluster: Cluster) -> None:
+    def env(*args: str) -> dict[str, str]:
+        (dep,) = (d for d in render(cluster, "x", "ops", *args) if d["kind"] == "Deployment")
+        return {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert env()["KUBEFORGE_WORKLOAD_IMAGE"] == f"ghcr.io/kubeforge/trainer:{app_version}"
+    assert env("--set", "workloadImage.repository=mirror.example/kf/trainer", "--set", "workloadImage.tag=1-cpu")[
+        "KUBEFORGE_WORKLOAD_IMAGE"] == "mirror.example/kf/trainer:1-cpu"
+
+
 def test_operator_down_alert_needs_the_chart_scrape_job(cluster: Cluster) -> None:
     def alerts(*args: str) -> set[str]:
         (rule,) = (d for d in render(cluster, "x", "ops", "--set", "metrics.prometheusRule.enabled=true", *args)

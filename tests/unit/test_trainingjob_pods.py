@@ -140,3 +140,13 @@ def test_config_map_holds_the_trainer_config_with_export_from_the_spec() -> None
     cm = tp.config_map(OWNER, spec(export={"enabled": False}))
     config = yaml.safe_load(cm["data"]["trainer.yaml"])
     assert config["model"] == {"preset": "tiny"} and config["export"] == {"enabled": False}
+
+
+def test_workload_image_is_the_resources_own_else_the_operators_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBEFORGE_WORKLOAD_IMAGE", raising=False)
+    image = lambda s: tp.worker_pod(OWNER, s, None, 0, 0)["spec"]["containers"][0]["image"]  # noqa: E731
+    assert image(spec()) == "ghcr.io/kubeforge/trainer:0.1.0"
+    monkeypatch.setenv("KUBEFORGE_WORKLOAD_IMAGE", "mirror.example/kf/trainer:0.1.0-cpu")
+    assert image(spec()) == "mirror.example/kf/trainer:0.1.0-cpu"
+    assert tp.rendezvous_pod(OWNER, spec())["spec"]["containers"][0]["image"] == "mirror.example/kf/trainer:0.1.0-cpu"
+    assert image(spec(trainer={"image": "own/image:1"})) == "own/image:1"

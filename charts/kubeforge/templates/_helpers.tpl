@@ -32,6 +32,10 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
+{{- define "kubeforge.workloadImage" -}}
+{{- printf "%s:%s" .Values.workloadImage.repository (.Values.workloadImage.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
 {{- define "kubeforge.peering" -}}
 {{- if gt (int .Values.replicaCount) 1 }}{{ .Values.peering.name }}{{ end -}}
 {{- end -}}

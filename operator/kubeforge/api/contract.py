@@ -45,6 +45,11 @@ ENV_S3_REGION = "AWS_REGION"
 ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 
+#: The workload image (trainer and server) when a resource names none; the operator's
+#: ``KUBEFORGE_WORKLOAD_IMAGE`` (Helm value ``workloadImage``) overrides it.
+DEFAULT_WORKLOAD_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
+ENV_WORKLOAD_IMAGE = "KUBEFORGE_WORKLOAD_IMAGE"
+
 #: Where the operator mounts the trainer config inside worker pods.
 CONFIG_MOUNT_DIR = "/etc/kubeforge"
 CONFIG_FILE_NAME = "trainer.yaml"

@@ -17,8 +17,6 @@ from kubeforge.api.common import (
     Toleration,
 )
 
-DEFAULT_SERVER_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
-
 
 class ModelSource(ApiModel):
     """The model to serve: exactly one of uri or trainingJobRef."""
@@ -124,7 +122,9 @@ class InferenceServiceSpec(ApiModel):
     replicas: int = Field(default=1, ge=0, description=(
         "Replicas; the HPA or `kubectl scale` sets this through the scale subresource, and the Deployment "
         "follows it."))
-    image: str = Field(default=DEFAULT_SERVER_IMAGE, min_length=1, description="Server image.")
+    image: str | None = Field(default=None, min_length=1, description=(
+        "Server image. Unset: the operator's workload image (Helm value `workloadImage`, default "
+        "ghcr.io/kubeforge/trainer:<version>)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Image pull policy of the server container.")
     gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per replica.")

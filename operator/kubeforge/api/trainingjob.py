@@ -19,8 +19,6 @@ from kubeforge.api.common import (
     VolumeMount,
 )
 
-DEFAULT_TRAINER_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
-
 
 class Workers(ApiModel):
     """How many worker pods (nodes) and GPUs each; torchrun runs --nnodes=min:max."""
@@ -65,7 +63,9 @@ class FailurePolicy(ApiModel):
 class Trainer(ApiModel):
     """What the workers run: the image and the trainer config (model, data, optimizer, parallelism)."""
 
-    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image.")
+    image: str | None = Field(default=None, min_length=1, description=(
+        "Trainer image. Unset: the operator's workload image (Helm value `workloadImage`, default "
+        "ghcr.io/kubeforge/trainer:<version>)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Image pull policy of the worker container.")
     config: dict[str, Any] = Field(default_factory=dict, description=(

@@ -16,6 +16,7 @@ from kubeforge.api import InferenceService, InferenceServiceSpec
 from kubeforge.api.common import API_VERSION
 from kubeforge.api.contract import ENV_MODEL_REVISION, ENV_S3_ENDPOINT, ENV_S3_REGION, SERVING_PORT
 from kubeforge.api.inferenceservice import Autoscaling, RatePolicy
+from kubeforge.settings import workload_image
 
 #: Label every child carries; its value is the InferenceService's name. The pods' selector.
 SERVICE_LABEL = "kubeforge.dev/inferenceservice"
@@ -183,7 +184,7 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         mounts.append({"name": "model-pvc", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image,
+        "image": workload_image(spec.image),
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "kubeforge_runtime.serve"],
         "args": server_args(owner.name, spec, model),

@@ -39,6 +39,7 @@ from kubeforge.api.contract import (
     RENDEZVOUS_PORT,
     TRAINER_METRICS_PORT,
 )
+from kubeforge.settings import workload_image
 
 JOB_LABEL = "kubeforge.dev/job-name"
 INDEX_LABEL = "kubeforge.dev/replica-index"
@@ -238,7 +239,7 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
     volumes, mounts = _volumes(owner, spec, policy)
     container: dict[str, Any] = {
         "name": "trainer",
-        "image": spec.trainer.image,
+        "image": workload_image(spec.trainer.image),
         "imagePullPolicy": spec.trainer.image_pull_policy,
         "command": worker_command(owner, spec),
         "env": _env(owner, spec, policy),
@@ -280,7 +281,7 @@ def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
         {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}
     container = {
         "name": "rendezvous",
-        "image": spec.trainer.image,
+        "image": workload_image(spec.trainer.image),
         "imagePullPolicy": spec.trainer.image_pull_policy,
         "command": ["python", "-m", "kubeforge_runtime.rendezvous", "--port", str(RENDEZVOUS_PORT)],
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
