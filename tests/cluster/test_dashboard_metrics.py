@@ -3,11 +3,13 @@ that should export it:
 
 - ``kubeforge_*`` (not ``kubeforge_trainer_*``): the operator. Scraped from the real
   ``kubeforge-operator`` /metrics after it reconciled a CheckpointPolicy.
-- ``kubeforge_trainer_*``: rank 0 of the trainer. Scraped over HTTP from a small process that
-  serves the trainer's own registry (``TrainerMetrics.serve``, what rank 0 runs), without
-  training: a training run costs far more than the names need.
-- ``vllm:*``: the inference server. Likewise from ``ServingMetrics``, the registry the
-  server's /metrics exposes.
+- ``kubeforge_trainer_*``: rank 0 of the trainer, scraped from a real ``kubeforge_runtime.train``
+  run (tiny model, one process, checkpointing to a volume store) while it trains.
+- ``vllm:*``: the inference server, scraped from a real ``kubeforge_runtime.serve`` after it
+  answered a completion.
+
+For those two a name counts only when a sample line carries it (a ``# TYPE`` line alone is a
+series that was never produced), for the trainer only with a value other than 0.
 - ``up``: Prometheus' own.
 """
 
@@ -16,10 +18,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-import textwrap
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,13 @@ def alert_queries(cluster: Cluster) -> list[str]:
     return [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
 
 
-def exported(text: str) -> set[str]:
-    """Names a Prometheus text exposition offers to queries (histograms as _bucket/_sum/_count)."""
+def exported(text: str, samples_only: bool = False, nonzero: bool = False) -> set[str]:
+    """Names a Prometheus text exposition offers to queries (histograms as _bucket/_sum/_count);
+    ``samples_only``: only names with a sample line; ``nonzero``: only with a sample that is not 0
+    (an unlabelled gauge shows 0 before anything set it)."""
     names = set()
     for line in text.splitlines():
-        if line.startswith("# TYPE "):
+        if line.startswith("# TYPE ") and not (samples_only or nonzero):
             _, _, name, kind = line.split()
             names.add(name)
             if kind == "histogram":
@@ -82,46 +85,64 @@ def exported(text: str) -> set[str]:
             if kind == "counter":
                 names |= {name if name.endswith("_total") else f"{name}_total"}
         elif line and not line.startswith("#"):
+            if nonzero and float(line.rsplit(" ", 1)[1]) == 0:
+                continue
             names.add(re.split(r"[{\s]", line, maxsplit=1)[0])
     return names
 
 
-def scrape_registry(code: str) -> str:
-    """Start a process serving a registry on a free port, scrape /metrics once, stop it by pid."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code).format(port=port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                    return str(r.read().decode())
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read().decode() if proc.stdout else ""
-                    raise AssertionError(f"metrics process did not serve: {out}") from None
-                time.sleep(0.2)
-    finally:
+def scrape(url: str, proc: subprocess.Popen[bytes], log: Path, until: str, timeout: float = 120) -> str:
+    """/metrics of a running process once the series ``until`` is produced (not 0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = str(r.read().decode())
+            if until in exported(text, nonzero=True):
+                return text
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {until} at {url}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    proc.wait()
 
 
-TRAINER = """
-    import time
-    from kubeforge_runtime.metrics import TrainerMetrics
-    TrainerMetrics().serve({port})
-    time.sleep(120)
-"""
-SERVER = """
-    import time
-    from prometheus_client import start_http_server
-    from kubeforge_runtime.serve.metrics import ServingMetrics
-    m = ServingMetrics("tiny")
-    m.request_success_for("stop").inc()
-    start_http_server({port}, addr="127.0.0.1", registry=m.registry)
-    time.sleep(120)
-"""
+@pytest.fixture
+def trainer_metrics(tmp_path: Path) -> Iterator[str]:
+    from tests.runtime.test_trainer import job_env, trainer_cmd, write_config
+
+    port = free_port()
+    cfg = write_config(tmp_path / "c.yaml", train={"steps": 2000}, metrics={"port": port, "log_every": 1})
+    log = tmp_path / "trainer.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(trainer_cmd(cfg, None), env=job_env(tmp_path / "store", every_steps=2),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield scrape(f"http://127.0.0.1:{port}/metrics", proc, log, "kubeforge_trainer_checkpoint_save_seconds")
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def server_metrics(tmp_path: Path) -> Iterator[str]:
+    from tests.runtime.test_serve_api import Server, save_tiny_model
+
+    server = Server(save_tiny_model(tmp_path / "model"), tmp_path / "server.log")
+    try:
+        server.wait_ready(120)
+        status, _ = server.post("/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 4})
+        assert status == 200
+        status, _, body = server.request("GET", "/metrics")
+        assert status == 200
+        yield body.decode()
+    finally:
+        server.stop()
 
 
 def test_metric_name_parser() -> None:
@@ -147,14 +168,15 @@ def operator_metrics(crds: Cluster, namespace: str, tmp_path: Path) -> str:
         op.stop()
 
 
-def test_dashboard_and_alerts_query_only_exported_metrics(crds: Cluster, operator_metrics: str) -> None:
+def test_dashboard_and_alerts_query_only_exported_metrics(crds: Cluster, operator_metrics: str, trainer_metrics: str,
+                                                        server_metrics: str) -> None:
     wanted = set().union(*map(metric_names, dashboard_queries() + alert_queries(crds)))
     assert {"kubeforge_trainer_loss", "vllm:time_to_first_token_seconds_bucket",
             "kubeforge_reconcile_duration_seconds_bucket", "up"} <= wanted, "the parser lost the queries"
     sources = {
         "operator": exported(operator_metrics),
-        "trainer": exported(scrape_registry(TRAINER)),
-        "server": exported(scrape_registry(SERVER)),
+        "trainer": exported(trainer_metrics, nonzero=True),
+        "server": exported(server_metrics, samples_only=True),
         "prometheus": {"up"},
     }
     missing = []
