@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
 from collections.abc import Mapping
 
@@ -20,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from kubeforge_runtime.config import ParallelismConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,11 @@ def wrap_model(model: nn.Module, par: ParallelismConfig, topo: Topology, device:
         mesh = init_device_mesh(device.type, (topo.world_size,), mesh_dim_names=("dp_shard",))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
         if param_dtype != torch.float32 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if par.cpu_offload else OffloadPolicy()
+    offload = OffloadPolicy()
+    if par.cpu_offload and device.type == "cuda":
+        offload = CPUOffloadPolicy()  # pinned host memory, copied to the GPU per block
+    elif par.cpu_offload:
+        log.info("parallelism.cpu_offload has no effect on the CPU: parameters already live in host memory")
     reshard = par.sharding != "grad_op"
     for block in model.layers:  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
