@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "trainer.json"
 SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH, STEPS, WARMUP = 128, 16, 4, 40, 8
 LR = 1e-3
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 
 
 def _free_port() -> int:
@@ -105,20 +106,23 @@ def main() -> dict[str, Any]:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        # bare and single alternate, best of two each: the machine is shared, and a noisy
-        # neighbour during one run must not decide the ratio
-        bare_runs, single_runs = [], []
-        for _ in range(2):
-            bare_runs.append(bare())
-            single_runs.append(trainer(None, "full", work))
-        tps = {"bare": max(bare_runs), "single": max(single_runs),
-               "ddp2": trainer(2, "ddp", work), "fsdp2": trainer(2, "full", work)}
+        # all four alternate, best of ROUNDS each: the machine is shared, and a noisy
+        # neighbour during one run must not decide a ratio
+        runs: dict[str, list[float]] = {"bare": [], "single": [], "ddp2": [], "fsdp2": []}
+        for _ in range(ROUNDS):
+            runs["bare"].append(bare())
+            runs["single"].append(trainer(None, "full", work))
+            runs["ddp2"].append(trainer(2, "ddp", work))
+            runs["fsdp2"].append(trainer(2, "full", work))
+        tps = {k: max(v) for k, v in runs.items()}
     result = {
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "runs_tokens_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
         "trainer_vs_bare": round(tps["single"] / tps["bare"], 3),
         "fsdp2_vs_ddp2": round(tps["fsdp2"] / tps["ddp2"], 3),
         "setup": {"model": "tiny", "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
-                  "steps": STEPS, "warmup_steps_excluded": WARMUP, "statistic": "median step time",
+                  "steps": STEPS, "warmup_steps_excluded": WARMUP,
+                  "statistic": f"median step time, best of {ROUNDS} alternating rounds",
                   "torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_process": 1,
                   "backend": "gloo", "load_average_1m": round(os.getloadavg()[0], 2)},
     }
