@@ -89,6 +89,13 @@ class Run:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def wait_for_step(self, step: int = 1, timeout: float = 60) -> None:
+        """Until a train_step event at ``step`` or later is logged; fails if the run ends first."""
+        deadline = time.monotonic() + timeout
+        while not any(e["step"] >= step for e in self.events("train_step")):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.1)
+
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
         for line in self.log.read_text().splitlines():
@@ -141,10 +148,7 @@ def test_sigterm_checkpoints_exits_preempted_and_resumes_exactly_at_another_worl
 
     store = tmp_path / "store"
     run = Run(trainer_cmd(cfg, 2), job_env(store, every_steps=100), tmp_path / "pre.log")
-    deadline = time.monotonic() + 60
-    while not any(e["step"] >= 4 for e in run.events("train_step")):
-        assert run.proc.poll() is None and time.monotonic() < deadline, run.log.read_text()[-3000:]
-        time.sleep(0.2)
+    run.wait_for_step(4)
     os.kill(run.proc.pid, signal.SIGTERM)  # launcher → torchrun → both workers
     assert run.wait(60) == ExitCode.PREEMPTED
     pre = run.events("preempted")
@@ -166,10 +170,7 @@ def test_sigterm_checkpoints_exits_preempted_and_resumes_exactly_at_another_worl
 def test_preempted_exit_code_without_torchrun(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", train={"steps": 400})
     run = Run(trainer_cmd(cfg, None), job_env(), tmp_path / "p.log")
-    deadline = time.monotonic() + 60
-    while not run.events("train_step"):
-        assert run.proc.poll() is None and time.monotonic() < deadline, run.log.read_text()[-3000:]
-        time.sleep(0.1)
+    run.wait_for_step()
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(30) == ExitCode.PREEMPTED
     assert run.events("preempted")[0]["step"] < 400
@@ -186,10 +187,7 @@ def test_policy_without_at_end_or_on_preemption_saves_neither(tmp_path: Path) ->
     assert open_store(store.as_uri()).committed_checkpoints("ns", "job") == []
 
     run = Run(trainer_cmd(write_config(tmp_path / "b.yaml", train={"steps": 400}), None), env, tmp_path / "p.log")
-    deadline = time.monotonic() + 60
-    while not run.events("train_step"):
-        assert run.proc.poll() is None and time.monotonic() < deadline, run.log.read_text()[-3000:]
-        time.sleep(0.1)
+    run.wait_for_step()
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(30) == ExitCode.PREEMPTED
     assert run.events("preempted")[0]["checkpoint_step"] is None
