@@ -197,3 +197,25 @@ def test_policy_without_at_end_or_on_preemption_saves_neither(tmp_path: Path) ->
     env[ENV_CHECKPOINT_POLICY] = json.dumps({"everySteps": 100})
     rc, done = run_trainer(tmp_path, "end", write_config(tmp_path / "a.yaml", train={"steps": 3}), None, env)
     assert rc == 0 and [c.step for c in open_store(store.as_uri()).committed_checkpoints("ns", "job")] == [3]
+
+
+def test_time_based_saves_are_agreed_by_every_rank(tmp_path: Path) -> None:
+    """everySeconds alone: each rank's clock is its own, the save decision is one (an
+    all-reduce), so every rank writes its shards and the checkpoint commits mid-run."""
+    from kubeforge.store import open_store
+
+    store = tmp_path / "store"
+    env = job_env(store)
+    env[ENV_CHECKPOINT_POLICY] = json.dumps({"everySeconds": 10, "atEnd": False})
+    run = Run(trainer_cmd(write_config(tmp_path / "t.yaml", train={"steps": 100000}), 2), env, tmp_path / "t.log")
+    try:
+        deadline = time.monotonic() + 120
+        while not open_store(store.as_uri()).committed_checkpoints("ns", "job"):
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.log.read_text()[-3000:]
+            time.sleep(0.5)
+        (first,) = open_store(store.as_uri()).committed_checkpoints("ns", "job")
+        assert first.marker is not None and first.marker.world_size == 2
+        assert 0 < first.step < 100000
+    finally:
+        run.kill()
+        run.wait(10)
