@@ -261,7 +261,7 @@ class Cluster:
             "--client-ca-file", str(pki / "ca.crt"),
             "--authorization-mode", "RBAC",
             "--enable-admission-plugins", "NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,"
-                                          "DefaultTolerationSeconds,ResourceQuota,Priority",
+                                          "DefaultTolerationSeconds,ResourceQuota,Priority,OwnerReferencesPermissionEnforcement",
             "--service-account-key-file", str(pki / "sa.pub"),
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
