@@ -72,4 +72,4 @@ bench-serving: install ## engine vs naive generate and transformers' continuous 
 	$(PY) bench/serving.py
 
 bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench/results/operator.json
-	$(PY) bench/operator.py
+	$(PY) bench/operator_scale.py

@@ -50,7 +50,7 @@ build_prometheus_operator_crds() {
 }
 
 # Kubeflow's training operator v1 and its PyTorchJob CRD (from the module's manifests), for
-# bench/operator.py's comparison; not in the default parts.
+# bench/operator_scale.py's comparison; not in the default parts.
 build_kubeflow() {
   local out="$cache/bin/kubeflow-$KUBEFLOW_TRAINING_OPERATOR_VERSION"
   if [ -f "$out/.complete" ]; then return 0; fi

@@ -53,7 +53,7 @@ gen_prometheus_operator() { # controller-gen and the API types it turns into CRD
   go get "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION"
 }
 
-gen_kubeflow() { # the training operator v1 (PyTorchJob), for bench/operator.py's comparison
+gen_kubeflow() { # the training operator v1 (PyTorchJob), for bench/operator_scale.py's comparison
   new_module kubeflow
   local gomod
   gomod=$(go mod download -json "github.com/kubeflow/training-operator@$KUBEFLOW_TRAINING_OPERATOR_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')

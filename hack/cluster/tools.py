@@ -60,7 +60,7 @@ def prometheus_operator_crds(build: bool = True) -> Path:
 
 def kubeflow_training_operator(build: bool = True) -> Path:
     """Folder holding Kubeflow's training operator v1 (``training-operator``) and its
-    PyTorchJob CRD (``kubeflow.org_pytorchjobs.yaml``), for bench/operator.py; built first
+    PyTorchJob CRD (``kubeflow.org_pytorchjobs.yaml``), for bench/operator_scale.py; built first
     when missing and ``build``."""
     version = versions()["KUBEFLOW_TRAINING_OPERATOR_VERSION"]
     path = cache_root() / "bin" / f"kubeflow-{version}"

@@ -2,7 +2,7 @@
 workload as elastic PyTorchJobs under Kubeflow's training operator v1, on one private
 local control plane (kwok nodes, its own ports and state, so the shared cluster is untouched).
 
-``make bench-operator`` (or ``python bench/operator.py``) writes bench/results/operator.json:
+``make bench-operator`` (or ``python bench/operator_scale.py``) writes bench/results/operator.json:
 
   all_running_s             apply 200 TrainingJobs at once -> all 800 worker pods Running
   rss_mb                    the operator's peak RSS over the whole run (/proc/<pid>/status VmHWM)
