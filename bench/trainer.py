@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "trainer.json"
 SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH, STEPS, WARMUP = 128, 16, 4, 40, 8
 LR = 1e-3
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
 def _free_port() -> int:

@@ -17,7 +17,6 @@ worker are SIGKILLed (its node is gone) once the 2-node world has committed a ch
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import time
@@ -59,30 +58,9 @@ def job_spec() -> tuple[TrainingJobSpec, CheckpointPolicySpec]:
     return TrainingJobSpec.model_validate(job), CheckpointPolicySpec.model_validate(policy)
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process under it (torchrun's workers included: they are children
-    of the agent, in a session of their own)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:  # gone meanwhile
-            pass
-    return out
-
-
 def kill_node(run: Run) -> None:
     """SIGKILL an agent and its workers by pid, as a lost node takes them all at once."""
-    pids = descendants(run.proc.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    run.proc.wait()
+    run.kill()
 
 
 def listening(port: int) -> bool:

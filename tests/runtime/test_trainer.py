@@ -67,6 +67,20 @@ def job_env(store: Path | None = None, every_steps: int | None = None) -> dict[s
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            pass
+    return out
+
+
 class Run:
     """A trainer process group started in its own session, ended by its pid."""
 
@@ -85,9 +99,14 @@ class Run:
             self._fh.close()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        """SIGKILL the process and everything under it, by pid (torchrun's workers run in
+        sessions of their own: killing the launcher's process group would leave them training)."""
+        for pid in descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
 
     def wait_for_step(self, step: int = 1, timeout: float = 60) -> None:
         """Until a train_step event at ``step`` or later is logged; fails if the run ends first."""
@@ -217,5 +236,7 @@ def test_time_based_saves_are_agreed_by_every_rank(tmp_path: Path) -> None:
         assert first.marker is not None and first.marker.world_size == 2
         assert 0 < first.step < 100000
     finally:
-        run.kill()
-        run.wait(10)
+        # SIGTERM to the launcher reaches torchrun and its workers (their own process groups:
+        # killing the launcher's group would leave them training)
+        os.kill(run.proc.pid, signal.SIGTERM)
+        assert run.wait(60) == ExitCode.PREEMPTED
