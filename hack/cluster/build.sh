@@ -4,7 +4,7 @@
 # A part whose folder is complete is not rebuilt, so a second run costs nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=SCRIPTDIR/versions.env
 source "$here/versions.env"
 cache=${KUBEFORGE_CACHE:-$HOME/.cache/kubeforge}
 export CGO_ENABLED=0 GOFLAGS="-mod=mod -trimpath" GOTOOLCHAIN=local

@@ -7,7 +7,7 @@
 # turns each local `replace k8s.io/x => ./staging/...` into the published v0.X.Y module.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
+# shellcheck source=SCRIPTDIR/versions.env
 source "$here/versions.env"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
