@@ -291,9 +291,18 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint_with_a_warning(
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     extra: dict[str, Any] = {}
     mgr = CheckpointManager.from_env(uri, None, 0, 1, namespace=NS, job=JOB, env=s3_server.env())
+    leased: list[int | None] = []  # what retention would see while each candidate loads
+    load = mgr._load
+
+    def spy(*args: Any) -> str | None:
+        leased.append(dst.restoring_step(NS, JOB))
+        return load(*args)
+
+    mgr._load = spy  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING):
         assert mgr.restore(model, opt, extra) == 9
     assert extra["step"] == 9
+    assert leased == [12, 9] and dst.restoring_step(NS, JOB) is None  # leased while loading, then cleared
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 12" in w and "__1_0.distcp" in w and "falling back" in w for w in warnings), warnings
 

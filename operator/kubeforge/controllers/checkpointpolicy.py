@@ -126,10 +126,13 @@ def job_summaries(store: Store, namespace: str, jobs: list[dict[str, Any]]) -> l
     return out
 
 
-def protected_steps(job: dict[str, Any]) -> set[int]:
-    """The checkpoint a job last reported (it may be restoring from it) is never deleted."""
+def protected_steps(job: dict[str, Any], store: Store) -> set[int]:
+    """Never deleted: the checkpoint a job last reported, and the one its rank 0 is restoring
+    right now (a fallback after a corrupt newest one can be older than what retention keeps)."""
     last = (job.get("status") or {}).get("lastCheckpoint") or {}
-    return {int(last["step"])} if "step" in last else set()
+    out = {int(last["step"])} if "step" in last else set()
+    restoring = store.restoring_step(job["metadata"]["namespace"], job["metadata"]["name"])
+    return out | ({restoring} if restoring is not None else set())
 
 
 def apply_retention(spec: CheckpointPolicySpec, store: Store, namespace: str, jobs: list[dict[str, Any]],
@@ -138,7 +141,7 @@ def apply_retention(spec: CheckpointPolicySpec, store: Store, namespace: str, jo
     for job in jobs:
         name = job["metadata"]["name"]
         plan = plan_retention(store.list_checkpoints(namespace, name), keep_last=r.keep_last,
-                              keep_every=r.keep_every, protected_steps=protected_steps(job),
+                              keep_every=r.keep_every, protected_steps=protected_steps(job, store),
                               incomplete_grace_seconds=r.incomplete_grace_seconds)
         deleted = store.apply_retention(namespace, name, plan)
         if deleted:

@@ -25,6 +25,8 @@ from typing import BinaryIO
 from pydantic import BaseModel, ConfigDict, Field
 
 MARKER_NAME = "commit.json"
+#: ``<job>/restoring.json``: the step a job's rank 0 is loading right now (retention keeps it)
+RESTORE_LEASE_NAME = "restoring.json"
 STEP_DIGITS = 10
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER_VERSION = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -193,6 +194,30 @@ class Store:
         prefix = layout.checkpoint_prefix(namespace, job, step)
         self.backend.delete([f"{prefix}/{layout.MARKER_NAME}"])
         self.backend.delete([o.key for o in self.backend.list(prefix)])
+
+    # ------------------------------------------------------------------ restore lease
+
+    def write_restore_lease(self, namespace: str, job: str, step: int) -> None:
+        """Say that ``step`` is being restored: retention keeps it while the lease is fresh."""
+        body = json.dumps({"step": step, "time": layout.utc_now()}).encode()
+        self.backend.put_bytes(f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}", body)
+
+    def clear_restore_lease(self, namespace: str, job: str) -> None:
+        self.backend.delete([f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}"])
+
+    def restoring_step(self, namespace: str, job: str, max_age_s: float = 3600.0) -> int | None:
+        """The step under a fresh restore lease (one older than ``max_age_s`` was left by a
+        process that died while loading and protects nothing)."""
+        try:
+            raw = json.loads(self.backend.get_bytes(f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}"))
+            age = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(raw["time"])
+            step = int(raw["step"])
+        except NotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("store: unreadable restore lease of %s/%s: %s", namespace, job, e)
+            return None
+        return step if age.total_seconds() <= max_age_s else None
 
     def summary(self, namespace: str, job: str) -> CheckpointSummary:
         listed = self.list_checkpoints(namespace, job)

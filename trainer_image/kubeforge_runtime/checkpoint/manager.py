@@ -532,7 +532,13 @@ class CheckpointManager:
             raise StoreError(candidates[0])
         tried: list[str] = []
         for ckpt_step, prefix, marker in candidates[0]:
-            error = self._load(prefix, marker, model, optimizer, extra)
+            if self.rank == 0:  # retention (operator or worker) keeps the step while it loads
+                self.store.write_restore_lease(self.namespace, self.job, ckpt_step)
+            try:
+                error = self._load(prefix, marker, model, optimizer, extra)
+            finally:
+                if self.rank == 0:
+                    self.store.clear_restore_lease(self.namespace, self.job)
             if error is None:
                 if tried:
                     log.warning("checkpoint: restored step %d after skipping %s", ckpt_step, ", ".join(tried))
