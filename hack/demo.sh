@@ -24,13 +24,21 @@ op_pid=$!
 trap 'kill $op_pid 2>/dev/null; wait $op_pid 2>/dev/null || true' EXIT
 echo "operator running (pid $op_pid, log .dev/demo-operator.log)"
 
-$KUBECTL apply -n "$NS" -f examples/
+# the examples name the default local MinIO; point them at this cluster's (KUBEFORGE_CLUSTER_PORT_BASE)
+endpoint=$(sed -n 's/^AWS_ENDPOINT_URL=//p' .dev/cluster/s3.env)
+for f in examples/*.yaml; do
+  sed "s#http://127.0.0.1:26900#$endpoint#" "$f" | $KUBECTL apply -n "$NS" -f -
+done
 echo "waiting for the operator to report on every resource..."
 for kind in trainingjobs checkpointpolicies inferenceservices; do
   for name in $($KUBECTL get "$kind.kubeforge.dev" -n "$NS" -o name); do
     $KUBECTL wait -n "$NS" "$name" --for=jsonpath='{.status.observedGeneration}'="$($KUBECTL get -n "$NS" "$name" -o jsonpath='{.metadata.generation}')" --timeout=60s >/dev/null
   done
 done
+echo "waiting for the storage check, the training workers and the S3-backed server..."
+$KUBECTL wait -n "$NS" checkpointpolicy.kubeforge.dev/every-50-steps --for=condition=Ready --timeout=60s >/dev/null
+$KUBECTL wait -n "$NS" trainingjob.kubeforge.dev/tiny-llama --for=jsonpath='{.status.phase}'=Running --timeout=120s >/dev/null
+$KUBECTL wait -n "$NS" inferenceservice.kubeforge.dev/llama-s3 --for=condition=Ready --timeout=120s >/dev/null
 echo
 $KUBECTL get kubeforge -n "$NS"
 echo
