@@ -105,6 +105,10 @@ def checkpoint_prefix(namespace: str, job: str, step: int) -> str:
     return f"{checkpoints_prefix(namespace, job)}/{step_dir_name(step)}"
 
 
+def restore_lease_key(namespace: str, job: str) -> str:
+    return f"{job_prefix(namespace, job)}/{RESTORE_LEASE_NAME}"
+
+
 def export_prefix(namespace: str, job: str) -> str:
     return f"{job_prefix(namespace, job)}/export"
 

@@ -200,16 +200,16 @@ class Store:
     def write_restore_lease(self, namespace: str, job: str, step: int) -> None:
         """Say that ``step`` is being restored: retention keeps it while the lease is fresh."""
         body = json.dumps({"step": step, "time": layout.utc_now()}).encode()
-        self.backend.put_bytes(f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}", body)
+        self.backend.put_bytes(layout.restore_lease_key(namespace, job), body)
 
     def clear_restore_lease(self, namespace: str, job: str) -> None:
-        self.backend.delete([f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}"])
+        self.backend.delete([layout.restore_lease_key(namespace, job)])
 
     def restoring_step(self, namespace: str, job: str, max_age_s: float = 3600.0) -> int | None:
         """The step under a fresh restore lease (one older than ``max_age_s`` was left by a
         process that died while loading and protects nothing)."""
         try:
-            raw = json.loads(self.backend.get_bytes(f"{layout.job_prefix(namespace, job)}/{layout.RESTORE_LEASE_NAME}"))
+            raw = json.loads(self.backend.get_bytes(layout.restore_lease_key(namespace, job)))
             age = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(raw["time"])
             step = int(raw["step"])
         except NotFound:
