@@ -4,6 +4,8 @@ kubeconfig (``KUBECONFIG``) elsewhere. kopf keeps its own connection for watchin
 from __future__ import annotations
 
 import functools
+import json
+from typing import Any
 
 import kubernetes
 
@@ -23,3 +25,13 @@ def core() -> kubernetes.client.CoreV1Api:
 
 def custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
+
+
+def get_json(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """The object as the API server sent it (camelCase dicts), None on 404."""
+    try:
+        return json.loads(call(*args, _preload_content=False, **kwargs).data)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise

@@ -29,6 +29,8 @@ def reconciling(kind: str) -> Iterator[None]:
     finally:
         RECONCILE_DURATION.labels(kind).observe(time.perf_counter() - t0)
 CHECKPOINTS_DELETED = Counter("kubeforge_checkpoints_deleted_total", "Checkpoints deleted by retention.")
+STORE_INSPECTIONS = Counter("kubeforge_store_inspections_total",
+                            "Passes of the store inspector pod of volume CheckpointPolicies, by result.", ["result"])
 LAST_CHECKPOINT_TIME = Gauge("kubeforge_trainingjob_last_checkpoint_timestamp_seconds",
                              "Commit time of a TrainingJob's newest checkpoint (Unix seconds).",
                              ["namespace", "trainingjob"])

@@ -1,9 +1,12 @@
 """CheckpointPolicy controller against the real API server and the cluster's MinIO: storage
-checks as conditions (never a crash loop), per-job summaries from the store, retention."""
+checks as conditions (never a crash loop), per-job summaries from the store, retention; for a
+volume, the same through the inspector pod that mounts the claim."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 from devcluster import Cluster
 from kubeforge.store import CommitMarker, open_store, utc_now
 
+from tests.cluster.test_trainingjob_controller import exit_pod
 from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -101,9 +105,105 @@ def test_retention_keeps_last_k_and_milestones_and_reports_jobs(fast_operator: O
         j for j in (kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace).get("status") or {}).get("jobs", [])
         if j.get("committed") == 4], 30)
     assert status[0] == {"name": "job-a", "committed": 4, "bytes": 400, "newestStep": 35,
-                         "newestTime": status[0]["newestTime"]}
+                         "newestTime": status[0]["newestTime"], "newestUri": store.checkpoint_uri(namespace, "job-a", 35)}
     # retention runs without a kopf timer, so the policy carries no finalizer and stays
     # deletable while the operator is down
     assert not kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace)["metadata"].get("finalizers")
     wait_for("RetentionApplied event", lambda: kubectl_json(
         c, "get", "events", "-n", namespace, "--field-selector", "reason=RetentionApplied")["items"], 30)
+
+
+def _volume_policy(claim: str) -> dict[str, Any]:
+    return {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": "pv"},
+            "spec": {"schedule": {"everySteps": 1}, "retention": {"keepLast": 2, "keepEvery": 10},
+                     "storage": {"volume": {"claimName": claim, "path": "/team"}}}}
+
+
+def _run_inspector_locally(pod: dict[str, Any], claim_dir: Path, tmp: Path) -> tuple[int, str]:
+    """The pod's exact command as a local process, the claim's mount point → ``claim_dir`` (and
+    back in the message, so its URIs are what the pod itself would report)."""
+    command = pod["spec"]["containers"][0]["command"]
+    mount = pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]
+    assert command[0] == "python"
+    args = [sys.executable, *(a.replace(f"file://{mount}", f"file://{claim_dir}") for a in command[1:])]
+    message = tmp / f"termination-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.run([*args, "--message-file", str(message)], capture_output=True, text=True, timeout=120)
+    return proc.returncode, message.read_text().replace(f"file://{claim_dir}", f"file://{mount}")
+
+
+def test_volume_policy_inspector_pod_applies_retention_and_reports(fast_operator: OperatorProcess, namespace: str,
+                                                                  tmp_path: Path) -> None:
+    c = fast_operator.cluster
+    job = {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "job-v"},
+           "spec": {"checkpointPolicyRef": {"name": "pv"}, "suspend": True}}
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_volume_policy("ckpt")))
+    wait_for("ClaimNotFound", lambda: reason_is(c, namespace, "pv", "ClaimNotFound"), 30)
+    assert not kubectl_json(c, "get", "pods", "-n", namespace)["items"]  # nothing to mount yet
+
+    # a claim bound to a PersistentVolume (the controller-manager binds them)
+    pv_name = f"pv-{namespace}"
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                   "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(tmp_path / "pv")},
+                   "claimRef": {"namespace": namespace, "name": "ckpt"}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt"},
+           "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv_name,
+                    "resources": {"requests": {"storage": "1Gi"}}}}
+    c.kubectl("apply", "-f", "-", input=json.dumps(pv))
+    try:
+        c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pvc))
+        wait_for("ClaimFound", lambda: reason_is(c, namespace, "pv", "ClaimFound"), 30)
+
+        # what the workers wrote to the claim: 35 saves of job-v
+        claim_dir = tmp_path / "claim"
+        store = open_store(f"file://{claim_dir / 'team'}")
+        for step in range(1, 36):
+            _commit(store, namespace, "job-v", step, tmp_path)
+
+        pod = wait_for("inspector pod scheduled", lambda: [
+            p for p in kubectl_json(c, "get", "pods", "-n", namespace)["items"]
+            if p["metadata"]["name"] == "pv-inspector" and p["spec"].get("nodeName")], 60)[0]
+        assert pod["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "ckpt"}
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "CheckpointPolicy"
+        code, message = _run_inspector_locally(pod, claim_dir, tmp_path)
+        assert code == 0, message
+        first_uid = pod["metadata"]["uid"]
+        exit_pod(c, namespace, "pv-inspector", code, message, container="inspector")
+
+        def reported() -> list[dict[str, Any]]:
+            body = kubectl_json(c, "get", "checkpointpolicy", "pv", "-n", namespace)
+            return [j for j in (body.get("status") or {}).get("jobs", []) if j.get("committed") == 5]
+
+        entry = wait_for("job summary from the inspector", reported, 30)[0]
+        assert [ck.step for ck in store.committed_checkpoints(namespace, "job-v")] == [10, 20, 30, 34, 35]
+        uri = f"file:///mnt/checkpoints/team/{namespace}/job-v/checkpoints/step-0000000035"
+        assert entry == {"name": "job-v", "committed": 5, "bytes": 500, "newestStep": 35,
+                         "newestTime": entry["newestTime"], "newestUri": uri}
+        inspected = condition(c, namespace, "pv", "Inspected")
+        assert inspected and inspected["status"] == "True" and inspected["reason"] == "InspectorSucceeded"
+        wait_for("RetentionApplied event", lambda: kubectl_json(
+            c, "get", "events", "-n", namespace, "--field-selector", "reason=RetentionApplied")["items"], 30)
+        # the TrainingJob's lastCheckpoint comes from the policy's report
+        last = wait_for("TrainingJob lastCheckpoint", lambda: (kubectl_json(
+            c, "get", "trainingjob", "job-v", "-n", namespace).get("status") or {}).get("lastCheckpoint"), 30)
+        assert last == {"step": 35, "uri": uri, "time": entry["newestTime"]}
+
+        # the finished pod is deleted and the next pass starts a new one; a failing pass is a
+        # condition and a Warning, and the last report stays
+        nxt = wait_for("next inspector pod", lambda: [
+            p for p in kubectl_json(c, "get", "pods", "-n", namespace)["items"]
+            if p["metadata"]["name"] == "pv-inspector" and p["metadata"]["uid"] != first_uid
+            and p["spec"].get("nodeName")], 60)[0]
+        assert nxt["metadata"]["name"] == "pv-inspector"
+        exit_pod(c, namespace, "pv-inspector", 1, '{"error": "StoreError: file:///mnt/checkpoints/team: not writable"}',
+                 container="inspector")
+        wait_for("InspectorFailed", lambda: (condition(c, namespace, "pv", "Inspected") or {}).get("reason")
+                 == "InspectorFailed", 30)
+        failed = condition(c, namespace, "pv", "Inspected")
+        assert failed and failed["status"] == "False" and "not writable" in failed["message"]
+        assert reported(), "the last good report must stay in status.jobs"
+        ready = condition(c, namespace, "pv", "Ready")
+        assert ready and ready["status"] == "True"
+    finally:
+        c.kubectl("delete", "pv", pv_name, "--wait=false", check=False)

@@ -280,7 +280,8 @@ def test_operator_with_its_serviceaccount_reconciles_examples_without_denials(
          "--set", f"rbac.clusterWide={str(cluster_wide).lower()}", "--set", "replicaCount=0")
     op = OperatorProcess(crds, tmp_path / "operator.log", namespaces=(namespace,),
                          extra_env={"KUBECONFIG": str(_token_kubeconfig(crds, namespace, fullname,
-                                                                         tmp_path / "sa.kubeconfig"))})
+                                                                         tmp_path / "sa.kubeconfig")),
+                                    "KUBEFORGE_RETENTION_INTERVAL_SECONDS": "5"})
     try:
         whoami = subprocess.run([str(tools.binary("kubectl")), "--kubeconfig", str(tmp_path / "sa.kubeconfig"),
                                  "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
@@ -315,6 +316,17 @@ def test_operator_with_its_serviceaccount_reconciles_examples_without_denials(
             "get", "pods", "-n", namespace, "-l", "kubeforge.dev/job-name=tiny-llama,kubeforge.dev/role=worker",
             "-o", "name").stdout, 60)
         wait_for("HPA deleted", lambda: not crds.kubectl("get", "hpa", "-n", namespace, "-o", "name").stdout, 60)
+        # a volume policy: its store inspector pod is created and read back (claim unbound here: Pending)
+        crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt"},
+             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
+        crds.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+            {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": "on-volume"},
+             "spec": {"schedule": {"everySteps": 10}, "storage": {"volume": {"claimName": "ckpt"}}}}))
+        wait_for("inspector pending", lambda: no_denials() and any(
+            c.get("type") == "Inspected" and c.get("reason") == "InspectorPending"
+            for c in (kubectl_json(crds, "get", "checkpointpolicy", "on-volume", "-n", namespace).get("status") or {})
+            .get("conditions", [])), 90)
         events = kubectl_json(crds, "get", "events", "-n", namespace)["items"]
         assert any(e["reason"] == "AutoscalerRemoved" for e in events), "events were not posted"
         no_denials()

@@ -98,14 +98,14 @@ def running_workers(c: Cluster, ns: str, name: str = "llm") -> list[dict[str, An
             and not p["metadata"].get("deletionTimestamp")]
 
 
-def exit_pod(c: Cluster, ns: str, name: str, code: int, message: str = "") -> None:
-    """What the kubelet writes when the trainer container exits with ``code``."""
+def exit_pod(c: Cluster, ns: str, name: str, code: int, message: str = "", container: str = "trainer") -> None:
+    """What the kubelet writes when the container exits with ``code`` (and a termination message)."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
                   "startedAt": now, "finishedAt": now}
     patch = {"status": {"phase": "Succeeded" if code == 0 else "Failed", "conditions": [
         {"type": "Ready", "status": "False", "lastTransitionTime": now}],
-        "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "trainer",
+        "containerStatuses": [{"name": container, "ready": False, "restartCount": 0, "image": "trainer",
                                "imageID": "", "state": {"terminated": terminated}}]}}
     c.kubectl("patch", "pod", name, "-n", ns, "--subresource=status", "--type=strategic", "-p", json.dumps(patch))
 

@@ -119,7 +119,7 @@ def test_workload_image_runs_as_the_uid_the_controllers_set(path: Path) -> None:
 
     uid, gid = _user(path)
     assert uid != 0 and gid == uid
-    assert trainingjob_pods._pod_security()["runAsUser"] == uid
+    assert trainingjob_pods.pod_security()["runAsUser"] == uid
     assert inferenceservice_children.RUN_AS_USER == uid
     env = " ".join(values(final(path), "ENV"))
     assert "PATH=/opt/venv/bin:" in env, "`python` in the pod's command must be the venv's python"

@@ -131,16 +131,16 @@ def test_incomplete_checkpoints_go_after_the_grace(store: Store, tmp_path: Path)
 
 
 def test_a_fresh_restore_lease_protects_its_step_from_the_operators_retention(store: Store, tmp_path: Path) -> None:
-    from kubeforge.controllers.checkpointpolicy import protected_steps
+    from kubeforge.store.report import JobRef, protected_steps
 
     for step in (10, 20, 30):
         write_checkpoint(store, tmp_path, step)
-    job = {"metadata": {"namespace": NS, "name": JOB}, "status": {"lastCheckpoint": {"step": 30}}}
-    assert store.restoring_step(NS, JOB) is None and protected_steps(job, store) == {30}
+    job = JobRef.from_job({"metadata": {"namespace": NS, "name": JOB}, "status": {"lastCheckpoint": {"step": 30}}})
+    assert store.restoring_step(NS, JOB) is None and protected_steps(store, NS, job) == {30}
     store.write_restore_lease(NS, JOB, 10)  # newest was corrupt: rank 0 falls back to step 10
     assert store.restoring_step(NS, JOB) == 10
     assert store.restoring_step(NS, JOB, max_age_s=-1) is None  # a stale lease protects nothing
-    plan = plan_retention(store.list_checkpoints(NS, JOB), keep_last=1, protected_steps=protected_steps(job, store))
+    plan = plan_retention(store.list_checkpoints(NS, JOB), keep_last=1, protected_steps=protected_steps(store, NS, job))
     assert plan.keep == (10, 30) and plan.delete == (20,)
     assert [c.step for c in store.list_checkpoints(NS, JOB)] == [10, 20, 30]  # the lease is no checkpoint
     store.clear_restore_lease(NS, JOB)

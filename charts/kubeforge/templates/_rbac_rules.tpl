@@ -8,6 +8,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   <kind>/finalizers  children carry ownerReferences with blockOwnerDeletion: clusters running
                      the OwnerReferencesPermissionEnforcement admission plugin ask for update.
   pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
+                     CheckpointPolicy on a volume: create, get and delete its store inspector pod.
   services, configmaps   server-side apply of job and InferenceService children: patch, and
                      create for an apply that creates the object.
   secrets, persistentvolumeclaims   get: S3 credentials and checkpoint claims are checked.
@@ -35,7 +36,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["create", "patch"]

@@ -85,12 +85,18 @@ class JobCheckpoints(ApiModel):
     bytes: int = Field(default=0, description="Total bytes of committed checkpoints.")
     newest_step: int | None = Field(default=None, description="Step of the newest committed checkpoint.")
     newest_time: str | None = Field(default=None, description="When the newest committed checkpoint was written.")
+    newest_uri: str | None = Field(default=None, description=(
+        "Where the newest committed checkpoint is, as the workers see the store (s3://... or file:///mnt/...)."))
+    export_uri: str | None = Field(default=None, description="The job's committed export, once there is one.")
+    export_time: str | None = Field(default=None, description="When the export was committed (its revision).")
 
 
 class CheckpointPolicyStatus(StatusBase):
     """Observed state: storage reachability and, per job, what is stored."""
 
-    jobs: list[JobCheckpoints] = Field(default_factory=list, description="Per TrainingJob using this policy.")
+    jobs: list[JobCheckpoints] = Field(default_factory=list, description=(
+        "Per TrainingJob using this policy. Read by the operator for S3; for a volume, reported by the "
+        "inspector pod that mounts the claim on every retention pass (condition Inspected)."))
 
 
 class CheckpointPolicy(Kind):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import logging
+import threading
 from typing import Any, cast
 
 import kopf
@@ -19,10 +21,12 @@ import kubernetes
 from kubeforge import kube
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
+from kubeforge.controllers import checkpointpolicy_inspector as inspector
 from kubeforge.controllers.status import conditions_patch, parse_spec, record_event
-from kubeforge.metrics import CHECKPOINTS_DELETED, reconciling
-from kubeforge.settings import OperatorSettings
-from kubeforge.store import Store, StoreError, open_store, plan_retention
+from kubeforge.metrics import CHECKPOINTS_DELETED, STORE_INSPECTIONS, reconciling
+from kubeforge.settings import OperatorSettings, workload_image
+from kubeforge.store import Store, StoreError, open_store
+from kubeforge.store.report import RetentionRule, inspect_store, job_refs
 
 #: Keys the credentials Secret must hold (they reach the workers through envFrom).
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -96,8 +100,8 @@ def check_storage(spec: CheckpointPolicySpec, namespace: str) -> tuple[StorageCh
             if e.status == 404:
                 return StorageCheck(False, "ClaimNotFound", f"PersistentVolumeClaim {claim} does not exist"), None
             raise
-        return StorageCheck(True, "ClaimFound", f"PersistentVolumeClaim {claim} exists; "
-                                                "retention runs in the workers for volume storage"), None
+        return StorageCheck(True, "ClaimFound", f"PersistentVolumeClaim {claim} exists; an inspector pod "
+                                                "mounts it to apply retention and report checkpoints"), None
     s3 = spec.storage.s3
     assert s3 is not None
     secret = read_secret(namespace, s3.credentials_secret_ref.name)
@@ -112,46 +116,83 @@ def check_storage(spec: CheckpointPolicySpec, namespace: str) -> tuple[StorageCh
     return StorageCheck(True, "BucketReachable", f"bucket {s3.bucket} answers at {s3.endpoint or 'AWS'}"), store
 
 
-def job_summaries(store: Store, namespace: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for job in jobs:
-        name = job["metadata"]["name"]
-        s = store.summary(namespace, name)
-        entry: dict[str, Any] = {"name": name, "committed": s.committed, "bytes": s.bytes}
-        if s.newest_step is not None:
-            entry["newestStep"] = s.newest_step
-        if s.newest_time:
-            entry["newestTime"] = s.newest_time
-        out.append(entry)
-    return out
+def _record_deletions(body: Any, deleted: dict[str, list[int]], logger: Any) -> None:
+    for job, steps in deleted.items():
+        CHECKPOINTS_DELETED.inc(len(steps))
+        logger.info("retention deleted steps %s of %s", steps, job)
+        record_event(body, "RetentionApplied", f"deleted checkpoints {steps} of TrainingJob {job}")
 
 
-def protected_steps(job: dict[str, Any], store: Store) -> set[int]:
-    """Never deleted: the checkpoint a job last reported, and the one its rank 0 is restoring
-    right now (a fallback after a corrupt newest one can be older than what retention keeps)."""
-    last = (job.get("status") or {}).get("lastCheckpoint") or {}
-    out = {int(last["step"])} if "step" in last else set()
-    restoring = store.restoring_step(job["metadata"]["namespace"], job["metadata"]["name"])
-    return out | ({restoring} if restoring is not None else set())
+def s3_status(parsed: CheckpointPolicySpec, store: Store, namespace: str, jobs: list[dict[str, Any]],
+              retention: bool, body: Any, logger: Any) -> dict[str, Any]:
+    """Retention (when asked) and the per-job summaries, read by the operator itself."""
+    rule = RetentionRule(parsed.retention.keep_last, parsed.retention.keep_every,
+                         parsed.retention.incomplete_grace_seconds) if retention else None
+    report = inspect_store(store, namespace, job_refs(jobs), rule)
+    _record_deletions(body, report.deleted, logger)
+    return {"jobs": report.jobs}
 
 
-def apply_retention(spec: CheckpointPolicySpec, store: Store, namespace: str, jobs: list[dict[str, Any]],
-                    logger: Any, body: Any) -> None:
-    r = spec.retention
-    for job in jobs:
-        name = job["metadata"]["name"]
-        plan = plan_retention(store.list_checkpoints(namespace, name), keep_last=r.keep_last,
-                              keep_every=r.keep_every, protected_steps=protected_steps(job, store),
-                              incomplete_grace_seconds=r.incomplete_grace_seconds)
-        deleted = store.apply_retention(namespace, name, plan)
-        if deleted:
-            CHECKPOINTS_DELETED.inc(len(deleted))
-            logger.info("retention deleted steps %s of %s", deleted, name)
-            record_event(body, "RetentionApplied", f"deleted checkpoints {deleted} of TrainingJob {name}")
+# One lock per policy: the retention loop and the inspector pod's watch may collect the same
+# finished pod at once; the second must see it gone rather than report it twice.
+_INSPECT_LOCKS: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
 
 
-def policy_status(body: Any, retention: bool, logger: Any) -> dict[str, Any]:
-    """Check storage (and apply retention when asked); returns the status patch."""
+def volume_status(parsed: CheckpointPolicySpec, namespace: str, jobs: list[dict[str, Any]], start: bool,
+                  body: Any, logger: Any) -> tuple[dict[str, Any], tuple[str, bool | str, str, str] | None]:
+    """Collect a finished inspector pod's report (then delete the pod) and, when ``start``,
+    start the next pass. Returns the status fields and the ``Inspected`` condition (None:
+    nothing new to say)."""
+    meta = body["metadata"]
+    name = inspector.inspector_name(meta["name"])
+    out: dict[str, Any] = {}
+    cond: tuple[str, bool | str, str, str] | None = None
+    with _INSPECT_LOCKS[(namespace, meta["name"])]:
+        pod: dict[str, Any] | None = kube.get_json(kube.core().read_namespaced_pod, name, namespace)
+        if pod is not None and pod["metadata"].get("labels", {}).get(inspector.INSPECTOR_LABEL) != meta.get("uid"):
+            pod = None  # left by a deleted policy of the same name; its owner reference removes it
+        if pod is not None:
+            result = inspector.inspector_result(pod)
+            if result.finished:
+                _delete_pod(name, namespace)
+                STORE_INSPECTIONS.labels("success" if result.report is not None else "failure").inc()
+                if result.report is not None:
+                    out["jobs"] = result.report["jobs"]
+                    _record_deletions(body, result.report.get("deleted") or {}, logger)
+                    note = f"; {result.report['truncated']} job(s) left out (message size)" \
+                        if result.report.get("truncated") else ""
+                    cond = ("Inspected", True, "InspectorSucceeded",
+                            f"pod {name} read {len(result.report['jobs'])} job(s) on the volume{note}")
+                else:
+                    logger.warning("store inspector %s failed: %s", name, result.error)
+                    record_event(body, "InspectorFailed", f"pod {name}: {result.error}", warning=True)
+                    cond = ("Inspected", False, "InspectorFailed", f"pod {name}: {result.error}")
+                pod = None
+            elif result.waiting and result.waiting.startswith("Pending ("):
+                cond = ("Inspected", "Unknown", "InspectorPending", f"pod {name} is {result.waiting}")
+        if pod is None and start:
+            manifest = inspector.inspector_pod(meta["name"], namespace, meta["uid"], parsed, job_refs(jobs),
+                                               workload_image(None))
+            try:
+                kube.core().create_namespaced_pod(namespace, manifest)  # type: ignore[arg-type]  # dicts go as they are
+                logger.info("started store inspector %s", name)
+            except kubernetes.client.ApiException as e:
+                if e.status != 409:  # 409: the previous one is still being deleted; next pass
+                    raise
+    return out, cond
+
+
+def _delete_pod(name: str, namespace: str) -> None:
+    try:
+        kube.core().delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    except kubernetes.client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
+def policy_status(body: Any, retention: bool, logger: Any, start_inspector: bool = True) -> dict[str, Any]:
+    """Check storage, apply retention when asked (S3; a volume's inspector pod always does) and
+    report per-job checkpoints; returns the status patch."""
     meta, namespace = body["metadata"], body["metadata"]["namespace"]
     status = body.get("status") or {}
     with reconciling(CheckpointPolicy.kind):
@@ -161,17 +202,18 @@ def policy_status(body: Any, retention: bool, logger: Any) -> dict[str, Any]:
             logger.warning("invalid spec: %s", error)
             return conditions_patch(status, generation, [("Ready", False, "InvalidSpec", error)])
         check, store = check_storage(parsed, namespace)
-        out = conditions_patch(status, generation, [("StorageReachable", check.ok, check.reason, check.message),
-                                                    ("Ready", check.ok, check.reason, check.message)])
-        if store is None:
-            if not check.ok:
-                logger.warning("storage not usable: %s", check.message)
-            return out
+        conds: list[tuple[str, bool | str, str, str]] = [("StorageReachable", check.ok, check.reason, check.message),
+                                                         ("Ready", check.ok, check.reason, check.message)]
+        if not check.ok:
+            logger.warning("storage not usable: %s", check.message)
+            return conditions_patch(status, generation, conds)
         jobs = _jobs_using(namespace, meta["name"])
-        if retention:
-            apply_retention(parsed, store, namespace, jobs, logger, body)
-        out["jobs"] = job_summaries(store, namespace, jobs)
-        return out
+        if store is not None:
+            fields = s3_status(parsed, store, namespace, jobs, retention, body, logger)
+        else:
+            fields, inspected = volume_status(parsed, namespace, jobs, start_inspector, body, logger)
+            conds += [inspected] if inspected else []
+        return {**conditions_patch(status, generation, conds), **fields}
 
 
 @kopf.on.resume(GROUP, VERSION, CheckpointPolicy.plural)
@@ -197,8 +239,9 @@ def track(type: str | None, meta: Any, **_: Any) -> None:
         POLICIES.add(key)
 
 
-def enforce(namespace: str, name: str) -> None:
-    """One retention pass over one policy; the status goes out as a merge patch."""
+def enforce(namespace: str, name: str, start_inspector: bool = True) -> None:
+    """One retention pass over one policy (for a volume: collect the last inspector pod's
+    report and start the next one); the status goes out as a merge patch."""
     try:
         body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, CheckpointPolicy.plural, name)
     except kubernetes.client.ApiException as e:
@@ -206,9 +249,22 @@ def enforce(namespace: str, name: str) -> None:
             POLICIES.discard((namespace, name))
             return
         raise
-    status = policy_status(body, retention=True, logger=log)
+    status = policy_status(body, retention=True, logger=log, start_inspector=start_inspector)
     kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, CheckpointPolicy.plural, name,
                                                         {"status": status})
+
+
+@kopf.on.event("", "v1", "pods", labels={inspector.INSPECTOR_LABEL: kopf.PRESENT})
+async def inspector_finished(type: str | None, body: Any, **_: Any) -> None:
+    """Read an inspector pod's report as soon as it ends, not one retention interval later."""
+    if type == "DELETED" or not inspector.inspector_result(body).finished:
+        return
+    policy = (body["metadata"].get("annotations") or {}).get(inspector.POLICY_ANNOTATION)
+    if policy:
+        try:
+            await asyncio.to_thread(enforce, body["metadata"]["namespace"], policy, False)
+        except Exception:  # the retention loop collects it on its next pass
+            log.exception("could not collect store inspector %s", body["metadata"]["name"])
 
 
 async def _retention_loop(interval: float) -> None:

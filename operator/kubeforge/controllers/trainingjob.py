@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import time
@@ -166,6 +165,16 @@ async def pod_event(type: str | None, body: Any, meta: Any, **_: Any) -> None:
     enqueue(job)
 
 
+@kopf.on.event(GROUP, VERSION, "checkpointpolicies")
+async def policy_event(type: str | None, body: Any, meta: Any, status: Any, **_: Any) -> None:
+    """For a volume store the policy's status (its inspector's report) is where a job's
+    lastCheckpoint comes from: look at the jobs it lists now, not at the next resync."""
+    if type == "DELETED" or not ((body.get("spec") or {}).get("storage") or {}).get("volume"):
+        return
+    for entry in (status or {}).get("jobs") or []:
+        enqueue((meta["namespace"], entry["name"]))
+
+
 def node_health(body: Any, before: NodeHealth | None = None) -> NodeHealth:
     """The node's Ready status, and since when it is not Ready: the condition's transition
     time, but never earlier than this process first saw it not Ready (kwok, and some
@@ -215,16 +224,6 @@ async def _work(queue: WorkQueue) -> None:
             queue.add(key, again)
 
 
-def _get_json(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """The object as the API server sent it (camelCase dicts), None on 404."""
-    try:
-        return json.loads(call(*args, _preload_content=False, **kwargs).data)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
 def _nodes_for(pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
     """Node health from the watch; a node the watch has not shown yet is read directly, so a
     fresh operator never takes an unseen node for a lost one."""
@@ -235,27 +234,43 @@ def _nodes_for(pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
             continue
         health = CACHES.nodes.get(name)
         if health is None:
-            node = _get_json(kube.core().read_node, name)
+            node = kube.get_json(kube.core().read_node, name)
             health = node_health(node) if node else NodeHealth("Missing", dt.datetime.now(dt.UTC))
             CACHES.nodes[name] = health
         out[name] = health
     return out
 
 
-def _read_policy(namespace: str, name: str) -> tuple[CheckpointPolicySpec | None, str | None]:
-    body = _get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace, "checkpointpolicies",
-                     name)
+def _read_policy(namespace: str, name: str,
+                 job: str) -> tuple[CheckpointPolicySpec | None, str | None, dict[str, Any] | None]:
+    """The policy's spec (or why not) and its ``status.jobs`` entry for ``job``."""
+    body = kube.get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace,
+                         "checkpointpolicies", name)
     if body is None:
-        return None, f"CheckpointPolicy {name} does not exist"
+        return None, f"CheckpointPolicy {name} does not exist", None
+    entry = next((j for j in (body.get("status") or {}).get("jobs") or [] if j.get("name") == job), None)
     try:
-        return CheckpointPolicySpec.model_validate(body.get("spec") or {}), None
+        return CheckpointPolicySpec.model_validate(body.get("spec") or {}), None, entry
     except ValueError as e:
-        return None, f"CheckpointPolicy {name} is invalid: {e}"
+        return None, f"CheckpointPolicy {name} is invalid: {e}", None
+
+
+def volume_view(entry: dict[str, Any] | None) -> StoreView | None:
+    """lastCheckpoint of a job on a volume store, from the policy's status (its inspector pod
+    mounts the claim; the operator cannot). No verdict on the export when it is not listed:
+    worker 0 exits 0 only after committing it."""
+    if not entry or entry.get("newestStep") is None:
+        return None
+    last = {"step": entry["newestStep"], "uri": entry.get("newestUri")}
+    if entry.get("newestTime"):
+        last["time"] = entry["newestTime"]
+    return StoreView(last_checkpoint={k: v for k, v in last.items() if v is not None},
+                     export_committed=True if entry.get("exportUri") else None, export_uri=entry.get("exportUri"))
 
 
 def _store_view(key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreView | None:
-    """lastCheckpoint and the export marker from the store (S3 only: a volume is mounted
-    only in the workers). Cached for ``store_refresh_s`` unless ``fresh``."""
+    """lastCheckpoint and the export marker read from the store (S3; a volume's come from the
+    policy status, see ``volume_view``). Cached for ``store_refresh_s`` unless ``fresh``."""
     s3 = policy.storage.s3
     if s3 is None:
         return None
@@ -284,17 +299,23 @@ def _store_view(key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreVie
 
 
 def observe(namespace: str, name: str) -> Observed | None:
-    job = _get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace, TrainingJob.plural, name)
+    job = kube.get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace, TrainingJob.plural, name)
     if job is None or job["metadata"].get("deletionTimestamp"):
         return None
-    pods = _get_json(kube.core().list_namespaced_pod, namespace,
-                     label_selector=f"{pods_.JOB_LABEL}={name}")["items"]
+    pods = kube.get_json(kube.core().list_namespaced_pod, namespace,
+                         label_selector=f"{pods_.JOB_LABEL}={name}")["items"]
     spec = job.get("spec") or {}
     policy, policy_error, store = None, None, None
     ref = (spec.get("checkpointPolicyRef") or {}).get("name")
+    entry: dict[str, Any] | None = None
     if ref:
-        policy, policy_error = _read_policy(namespace, ref)
-    if policy is not None:
+        policy, policy_error, entry = _read_policy(namespace, ref, name)
+    if policy is not None and policy.storage.volume is not None:
+        store = volume_view(entry)
+        if store and store.last_checkpoint and store.last_checkpoint.get("time"):
+            LAST_CHECKPOINT_TIME.labels(namespace, name).set(
+                dt.datetime.fromisoformat(store.last_checkpoint["time"]).timestamp())
+    elif policy is not None:
         worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
                            (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
         store = _store_view((namespace, name), policy, fresh=worker0_done)

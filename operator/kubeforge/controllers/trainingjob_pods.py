@@ -124,13 +124,13 @@ def headless_service(owner: Owner) -> dict[str, Any]:
                                {"name": "metrics", "port": TRAINER_METRICS_PORT}]}}
 
 
-def _container_security() -> dict[str, Any]:
+def container_security() -> dict[str, Any]:
     """What PodSecurity ``restricted`` asks of every container."""
     return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _pod_security() -> dict[str, Any]:
+def pod_security() -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -246,7 +246,7 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
         "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
         # the trainer's configuration error reaches the job's status through this
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -261,7 +261,7 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.workers.termination_grace_seconds,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(),
+        "securityContext": pod_security(),
         "containers": [container],
         "volumes": volumes,
         "tolerations": tolerations,
@@ -287,7 +287,7 @@ def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
         "readinessProbe": {"tcpSocket": {"port": RENDEZVOUS_PORT}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
     }
     pod_spec: dict[str, Any] = {
         "hostname": rendezvous_name(owner.name),
@@ -295,7 +295,7 @@ def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 5,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(),
+        "securityContext": pod_security(),
         "containers": [container],
         "tolerations": node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds),
         "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [off_gpu]}},

@@ -1,0 +1,93 @@
+"""What a CheckpointPolicy reports and deletes, as one pass over a store.
+
+The operator runs it itself against S3; for a volume store (a PersistentVolumeClaim the
+operator cannot mount) the same pass runs in a short-lived inspector pod that mounts the
+claim (``python -m kubeforge.store.inspector``) and hands its result back as the pod's
+termination message. One function, so both paths keep and report exactly the same things.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from kubeforge.store.retention import plan_retention
+from kubeforge.store.store import Store
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRef:
+    """A TrainingJob using the policy: its name and the step its status last reported."""
+
+    name: str
+    last_step: int | None = None
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> JobRef:
+        last = (job.get("status") or {}).get("lastCheckpoint") or {}
+        return cls(job["metadata"]["name"], int(last["step"]) if "step" in last else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionRule:
+    keep_last: int
+    keep_every: int | None
+    incomplete_grace_seconds: float
+
+
+@dataclasses.dataclass
+class StoreReport:
+    """Per-job summaries (the policy's ``status.jobs`` entries) and what retention deleted."""
+
+    jobs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    deleted: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def dump(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "deleted": self.deleted}
+
+
+def job_summary(store: Store, namespace: str, job: str) -> dict[str, Any]:
+    """One ``status.jobs`` entry: committed count and bytes, newest step, time and URI, and the
+    export when it is committed."""
+    s = store.summary(namespace, job)
+    entry: dict[str, Any] = {"name": job, "committed": s.committed, "bytes": s.bytes}
+    if s.newest_step is not None:
+        entry["newestStep"] = s.newest_step
+        entry["newestUri"] = store.checkpoint_uri(namespace, job, s.newest_step)
+    if s.newest_time:
+        entry["newestTime"] = s.newest_time
+    export = store.export_marker(namespace, job)
+    if export is not None:
+        entry["exportUri"] = store.export_uri(namespace, job)
+        entry["exportTime"] = export.time
+    return entry
+
+
+def protected_steps(store: Store, namespace: str, job: JobRef) -> set[int]:
+    """Never deleted: the checkpoint a job last reported, and the one its rank 0 is restoring
+    right now (a fallback after a corrupt newest one can be older than what retention keeps)."""
+    out = {job.last_step} if job.last_step is not None else set()
+    restoring = store.restoring_step(namespace, job.name)
+    return out | ({restoring} if restoring is not None else set())
+
+
+def inspect_store(store: Store, namespace: str, jobs: Sequence[JobRef],
+                  retention: RetentionRule | None) -> StoreReport:
+    """Apply ``retention`` (when given) to every job's checkpoints, then summarise them."""
+    report = StoreReport()
+    for job in jobs:
+        if retention is not None:
+            plan = plan_retention(store.list_checkpoints(namespace, job.name), keep_last=retention.keep_last,
+                                  keep_every=retention.keep_every,
+                                  protected_steps=protected_steps(store, namespace, job),
+                                  incomplete_grace_seconds=retention.incomplete_grace_seconds)
+            deleted = store.apply_retention(namespace, job.name, plan)
+            if deleted:
+                report.deleted[job.name] = deleted
+        report.jobs.append(job_summary(store, namespace, job.name))
+    return report
+
+
+def job_refs(jobs: Iterable[dict[str, Any]]) -> list[JobRef]:
+    return [JobRef.from_job(j) for j in jobs]
