@@ -14,6 +14,12 @@ def workload_image(requested: str | None) -> str:
     return requested or os.environ.get(ENV_WORKLOAD_IMAGE) or DEFAULT_WORKLOAD_IMAGE
 
 
+def inspector_image() -> str:
+    """The image of a volume CheckpointPolicy's store inspector pod: the operator's own (it
+    carries ``kubeforge.store``; the chart sets ``KUBEFORGE_INSPECTOR_IMAGE``), else the workload image."""
+    return os.environ.get("KUBEFORGE_INSPECTOR_IMAGE") or workload_image(None)
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorSettings:
     """How the operator process runs."""

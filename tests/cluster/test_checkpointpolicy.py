@@ -180,8 +180,9 @@ def test_volume_policy_inspector_pod_applies_retention_and_reports(fast_operator
         uri = f"file:///mnt/checkpoints/team/{namespace}/job-v/checkpoints/step-0000000035"
         assert entry == {"name": "job-v", "committed": 5, "bytes": 500, "newestStep": 35,
                          "newestTime": entry["newestTime"], "newestUri": uri}
-        inspected = condition(c, namespace, "pv", "Inspected")
-        assert inspected and inspected["status"] == "True" and inspected["reason"] == "InspectorSucceeded"
+        inspected = wait_for("Inspected", lambda: condition(c, namespace, "pv", "Inspected"), 30)
+        assert inspected["status"] == "True" and inspected["reason"] == "InspectorSucceeded"
+        assert first_uid in inspected["message"]
         wait_for("RetentionApplied event", lambda: kubectl_json(
             c, "get", "events", "-n", namespace, "--field-selector", "reason=RetentionApplied")["items"], 30)
         # the TrainingJob's lastCheckpoint comes from the policy's report
@@ -196,14 +197,24 @@ def test_volume_policy_inspector_pod_applies_retention_and_reports(fast_operator
             if p["metadata"]["name"] == "pv-inspector" and p["metadata"]["uid"] != first_uid
             and p["spec"].get("nodeName")], 60)[0]
         assert nxt["metadata"]["name"] == "pv-inspector"
+        # from now on the namespace's quota refuses pods without a CPU limit (the inspector's)
+        quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "cpu-limits"},
+                 "spec": {"hard": {"limits.cpu": "4"}}}
+        c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(quota))
+        wait_for("quota in force", lambda: (kubectl_json(c, "get", "resourcequota", "cpu-limits", "-n", namespace)
+                                            .get("status") or {}).get("hard"), 30)
         exit_pod(c, namespace, "pv-inspector", 1, '{"error": "StoreError: file:///mnt/checkpoints/team: not writable"}',
                  container="inspector")
-        wait_for("InspectorFailed", lambda: (condition(c, namespace, "pv", "Inspected") or {}).get("reason")
-                 == "InspectorFailed", 30)
-        failed = condition(c, namespace, "pv", "Inspected")
-        assert failed and failed["status"] == "False" and "not writable" in failed["message"]
+        failed = wait_for("InspectorFailed event", lambda: kubectl_json(
+            c, "get", "events", "-n", namespace, "--field-selector", "reason=InspectorFailed")["items"], 30)[0]
+        assert failed["type"] == "Warning" and "not writable" in failed["message"]
         assert reported(), "the last good report must stay in status.jobs"
+        # the next pass is refused by the quota: a condition, not a crash loop, and the rest stays
+        refused = wait_for("InspectorNotCreated", lambda: (condition(c, namespace, "pv", "Inspected") or {}).get(
+            "reason") == "InspectorNotCreated" and condition(c, namespace, "pv", "Inspected"), 30)
+        assert refused["status"] == "False" and "limits.cpu" in refused["message"]
         ready = condition(c, namespace, "pv", "Ready")
-        assert ready and ready["status"] == "True"
+        assert ready and ready["status"] == "True" and reported()
+        assert fast_operator.proc is not None and fast_operator.proc.poll() is None
     finally:
         c.kubectl("delete", "pv", pv_name, "--wait=false", check=False)

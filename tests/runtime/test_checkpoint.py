@@ -302,7 +302,11 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert mgr.restore(model, opt, extra) == 9
     assert extra["step"] == 9
-    assert leased == [12, 9] and dst.restoring_step(NS, JOB) is None  # leased while loading, then cleared
+    # leased while each candidate loads; after a fallback the lease stays until this run commits
+    # (the corrupt step 12 still counts for keep_last: only the lease keeps 9 from retention)
+    assert leased == [12, 9] and dst.restoring_step(NS, JOB) == 9
+    mgr.save(13, model, opt, {**extra, "step": 13}, blocking=True)
+    assert mgr.last_committed_step == 13 and dst.restoring_step(NS, JOB) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 12" in w and "__1_0.distcp" in w and "falling back" in w for w in warnings), warnings
 

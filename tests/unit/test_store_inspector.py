@@ -4,6 +4,7 @@ it, and how the operator reads its termination message back."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -52,10 +53,11 @@ def test_retention_k2_m10_after_35_saves_and_the_report(tmp_path: Path) -> None:
     assert code == 0, msg
     # the last 2, every 10th, and step 7 (the job's status says it restored from there)
     assert steps_on_disk(root, "llama") == [7, 10, 20, 30, 34, 35]
-    assert sorted(msg["deleted"]["llama"]) == sorted(set(range(1, 36)) - {7, 10, 20, 30, 34, 35})
+    gone = sorted(set(range(1, 36)) - {7, 10, 20, 30, 34, 35})
+    # the message lists the first 20 deleted steps and counts them all; URIs are left to the operator
+    assert msg["deleted"]["llama"] == gone[:20] and msg["deletedCount"] == {"llama": len(gone)}
     assert msg["jobs"] == [
-        {"name": "llama", "committed": 6, "bytes": 60, "newestStep": 35, "newestTime": "2026-11-27T00:00:35Z",
-         "newestUri": f"file://{root}/{NS}/llama/checkpoints/step-0000000035"},
+        {"name": "llama", "committed": 6, "bytes": 60, "newestStep": 35, "newestTime": "2026-11-27T00:00:35Z"},
         {"name": "idle", "committed": 0, "bytes": 0}]
 
 
@@ -91,15 +93,22 @@ def test_bad_jobs_argument_is_an_error_naming_the_field(tmp_path: Path, jobs: st
 
 
 def test_the_message_fits_the_kubelets_limit() -> None:
-    jobs = [{"name": f"job-{i:03d}", "committed": 3, "bytes": 10**12, "newestStep": 10**6,
+    jobs = [{"name": f"job-{i:03d}", "committed": 3, "bytes": 10**12, "newestStep": 10**6, "newestTime": "T" * 24,
              "newestUri": "file:///mnt/checkpoints/" + "x" * 60} for i in range(100)]
     text = fit_message({"jobs": jobs, "deleted": {"job-000": [1, 2], "job-099": [3]}})
     body = json.loads(text)
     assert len(text.encode()) <= MESSAGE_LIMIT
-    assert body["truncated"] == 100 - len(body["jobs"]) > 0
-    assert body["jobs"] == jobs[:len(body["jobs"])] and body["deleted"] == {"job-000": [1, 2]}
-    small = {"jobs": jobs[:2], "deleted": {}}
-    assert json.loads(fit_message(small)) == small
+    assert body["truncated"] == 100 - len(body["jobs"]) > 0 and len(body["jobs"]) >= 25
+    assert body["jobs"] == [{k: v for k, v in j.items() if k != "newestUri"} for j in jobs[:len(body["jobs"])]]
+    # deletions are counted for every job, listed or not
+    assert body["deleted"] == {"job-000": [1, 2], "job-099": []}
+    assert body["deletedCount"] == {"job-000": 2, "job-099": 1}
+    # a first pass deleting thousands of checkpoints still reports the job
+    huge = json.loads(fit_message({"jobs": jobs[:1], "deleted": {"job-000": list(range(5000, 0, -1))}}))
+    assert huge["jobs"] == [{k: v for k, v in jobs[0].items() if k != "newestUri"}] and "truncated" not in huge
+    assert huge["deleted"] == {"job-000": list(range(1, 21))} and huge["deletedCount"] == {"job-000": 5000}
+    long_error = fit_message({"error": "x" * 5000})
+    assert len(long_error.encode()) <= MESSAGE_LIMIT and json.loads(long_error)["error"].startswith("xxx")
 
 
 def spec(**retention: Any) -> CheckpointPolicySpec:
@@ -183,3 +192,90 @@ def test_a_volume_jobs_last_checkpoint_comes_from_the_policy_status() -> None:
     assert view.export_committed is None  # not listed: no verdict (worker 0's exit code stands)
     exported = volume_view({"name": "a", "newestStep": 40, "exportUri": "file:///mnt/x/export", "exportTime": "T"})
     assert exported is not None and exported.export_committed and exported.export_uri == "file:///mnt/x/export"
+
+
+def test_names_labels_and_volume_ownership() -> None:
+    assert insp.inspector_name("nightly") == "nightly-inspector"
+    long_a, long_b = "a" * 240 + ".x" * 6, "a" * 240 + ".y" * 6
+    na, nb = insp.inspector_name(long_a), insp.inspector_name(long_b)
+    assert len(na) <= 253 and len(nb) <= 253 and na != nb and na.endswith("-inspector")
+    assert not na.rsplit("-", 2)[0].endswith((".", "-"))  # a DNS subdomain: no "x.-y"
+    # a job name that cannot be a label value has no pods to be near; it must not break the pod
+    pod = insp.inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70), JobRef("ok")], "img")
+    term = pod["spec"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["labelSelector"]["matchExpressions"][0]["values"] == ["ok"]
+    assert "affinity" not in insp.inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70)], "img")["spec"]
+    # no recursive chown of the whole checkpoint volume on every pass
+    assert pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+def _policy(conditions: list[dict[str, Any]] | None = None, jobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": "pv", "namespace": NS, "uid": "pol-uid"},
+            "status": {"conditions": conditions or [], "jobs": jobs or []}}
+
+
+def _inspector(phase: str, terminated: dict[str, Any] | None = None, uid: str = "pod-1", owner: str = "pol-uid",
+               age_s: float = 5, **status: Any) -> dict[str, Any]:
+    created = (NOW - dt.timedelta(seconds=age_s)).isoformat().replace("+00:00", "Z")
+    return {"metadata": {"name": "pv-inspector", "uid": uid, "creationTimestamp": created,
+                         "labels": {insp.INSPECTOR_LABEL: owner}}, **_pod(phase, terminated, **status)}
+
+
+def _report(**body: Any) -> dict[str, Any]:
+    return {"exitCode": 0, "message": json.dumps(body)}
+
+
+def test_a_volume_pass_collects_a_report_once_and_derives_the_uris() -> None:
+    report = _report(jobs=[{"name": "a", "committed": 2, "bytes": 9, "newestStep": 40, "newestTime": "T",
+                            "exportTime": "E"}], deleted={"a": [10, 20]}, deletedCount={"a": 2})
+    vp = insp.plan_volume_pass(_policy(), spec(), _inspector("Succeeded", report), ["a"], True, NOW)
+    assert vp.collect == "pv-inspector" and vp.succeeded and vp.start and vp.failure is None
+    assert vp.fields["jobs"] == [{"name": "a", "committed": 2, "bytes": 9, "newestStep": 40, "newestTime": "T",
+                                  "exportTime": "E",
+                                  "newestUri": f"file://{CHECKPOINT_MOUNT_DIR}/team-a/{NS}/a/checkpoints/step-0000000040",
+                                  "exportUri": f"file://{CHECKPOINT_MOUNT_DIR}/team-a/{NS}/a/export"}]
+    assert vp.deleted == {"a": 2} and vp.deleted_steps == {"a": [10, 20]}
+    assert vp.condition and vp.condition[:3] == ("Inspected", True, "InspectorSucceeded") and "pod-1" in vp.condition[3]
+    # the operator wrote that status and stopped before deleting the pod: only the deletion is left
+    cond = {"type": "Inspected", "status": "True", "reason": "InspectorSucceeded", "message": vp.condition[3]}
+    again = insp.plan_volume_pass(_policy([cond]), spec(), _inspector("Succeeded", report), ["a"], True, NOW)
+    assert again.collect == "pv-inspector" and again.condition is None and not again.fields and not again.deleted
+    assert again.succeeded is None
+
+
+def test_a_truncated_report_keeps_the_previous_entries_of_the_jobs_left_out() -> None:
+    old = [{"name": "b", "committed": 7, "bytes": 70}, {"name": "gone", "committed": 1, "bytes": 1}]
+    report = _report(jobs=[{"name": "a", "committed": 1, "bytes": 1}], deleted={}, deletedCount={}, truncated=1)
+    vp = insp.plan_volume_pass(_policy(jobs=old), spec(), _inspector("Succeeded", report), ["a", "b", "c"], False, NOW)
+    assert vp.fields["jobs"] == [{"name": "a", "committed": 1, "bytes": 1}, old[0]]  # c: no entry yet; gone: gone
+    assert vp.condition and "1 job(s) did not fit" in vp.condition[3] and not vp.start
+
+
+def test_a_volume_pass_reports_failures_waits_and_replaces_a_stuck_pod() -> None:
+    failed = insp.plan_volume_pass(_policy(), spec(), _inspector("Failed", {"exitCode": 1, "message": '{"error": "E"}'}),
+                                   [], True, NOW)
+    assert failed.collect and failed.succeeded is False and failed.failure and "E" in failed.failure
+    assert failed.condition and failed.condition[:3] == ("Inspected", False, "InspectorFailed") and failed.start
+    creating = _inspector("Pending", containerStatuses=[{"name": "inspector", "state": {"waiting": {
+        "reason": "ContainerCreating", "message": "Multi-Attach error for volume"}}}])
+    waiting = insp.plan_volume_pass(_policy(), spec(), creating, [], True, NOW)
+    assert waiting.collect is None and not waiting.start and waiting.succeeded is None
+    assert waiting.condition == ("Inspected", "Unknown", "InspectorPending",
+                                 "pod pv-inspector is Pending (ContainerCreating: Multi-Attach error for volume)")
+    stuck = insp.plan_volume_pass(_policy(), spec(), _inspector("Pending", age_s=insp.STUCK_S + 1), [], True, NOW)
+    assert stuck.collect == "pv-inspector" and stuck.start and stuck.succeeded is False
+    assert stuck.condition and stuck.condition[2] == "InspectorStuck"
+    # a pod of a deleted policy of the same name: left to the garbage collector, nothing started
+    foreign = insp.plan_volume_pass(_policy(), spec(), _inspector("Running", owner="old-uid"), [], True, NOW)
+    assert foreign == insp.VolumePass()
+    assert insp.plan_volume_pass(_policy(), spec(), None, [], True, NOW) == insp.VolumePass(start=True)
+
+
+def test_malformed_reports_are_failures() -> None:
+    for body in ({"jobs": [{"committed": 1}]}, {"jobs": [], "deleted": {"a": "10"}},
+                 {"jobs": [], "deletedCount": {"a": "many"}}, {"jobs": {}}):
+        result = insp.inspector_result(_pod("Succeeded", {"exitCode": 0, "message": json.dumps(body)}))
+        assert result.finished and result.report is None and result.error, body

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import datetime as dt
 import logging
 import threading
 from typing import Any, cast
@@ -24,7 +25,7 @@ from kubeforge.api.common import GROUP, VERSION
 from kubeforge.controllers import checkpointpolicy_inspector as inspector
 from kubeforge.controllers.status import conditions_patch, parse_spec, record_event
 from kubeforge.metrics import CHECKPOINTS_DELETED, STORE_INSPECTIONS, reconciling
-from kubeforge.settings import OperatorSettings, workload_image
+from kubeforge.settings import OperatorSettings, inspector_image
 from kubeforge.store import Store, StoreError, open_store
 from kubeforge.store.report import RetentionRule, inspect_store, job_refs
 
@@ -116,11 +117,14 @@ def check_storage(spec: CheckpointPolicySpec, namespace: str) -> tuple[StorageCh
     return StorageCheck(True, "BucketReachable", f"bucket {s3.bucket} answers at {s3.endpoint or 'AWS'}"), store
 
 
-def _record_deletions(body: Any, deleted: dict[str, list[int]], logger: Any) -> None:
-    for job, steps in deleted.items():
-        CHECKPOINTS_DELETED.inc(len(steps))
-        logger.info("retention deleted steps %s of %s", steps, job)
-        record_event(body, "RetentionApplied", f"deleted checkpoints {steps} of TrainingJob {job}")
+def record_deletions(body: Any, counts: dict[str, int], steps: dict[str, list[int]], logger: Any) -> None:
+    """Metric, log line and Event for what retention deleted (``steps`` may list fewer than
+    ``counts`` says: a volume's inspector reports at most 20 per job)."""
+    for job, count in counts.items():
+        CHECKPOINTS_DELETED.inc(count)
+        listed = ", ".join(map(str, steps.get(job, []))) + (", …" if count > len(steps.get(job, [])) else "")
+        logger.info("retention deleted %d checkpoint(s) of %s: steps %s", count, job, listed)
+        record_event(body, "RetentionApplied", f"deleted {count} checkpoint(s) of TrainingJob {job}: steps {listed}")
 
 
 def s3_status(parsed: CheckpointPolicySpec, store: Store, namespace: str, jobs: list[dict[str, Any]],
@@ -129,57 +133,49 @@ def s3_status(parsed: CheckpointPolicySpec, store: Store, namespace: str, jobs: 
     rule = RetentionRule(parsed.retention.keep_last, parsed.retention.keep_every,
                          parsed.retention.incomplete_grace_seconds) if retention else None
     report = inspect_store(store, namespace, job_refs(jobs), rule)
-    _record_deletions(body, report.deleted, logger)
+    record_deletions(body, {k: len(v) for k, v in report.deleted.items()},
+                     {k: sorted(v)[:20] for k, v in report.deleted.items()}, logger)
     return {"jobs": report.jobs}
 
 
-# One lock per policy: the retention loop and the inspector pod's watch may collect the same
-# finished pod at once; the second must see it gone rather than report it twice.
-_INSPECT_LOCKS: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+def policy_status(body: Any, retention: bool, logger: Any,
+                  start_inspector: bool = True) -> tuple[dict[str, Any], inspector.VolumePass | None]:
+    """Check storage; for S3 apply retention when asked and read the summaries, for a volume
+    plan what to do with the inspector pod (``enforce`` does it). Returns the status patch."""
+    meta, namespace = body["metadata"], body["metadata"]["namespace"]
+    status = dict(body.get("status") or {})
+    with reconciling(CheckpointPolicy.kind):
+        parsed, error = parse_spec(CheckpointPolicySpec, body.get("spec"))
+        generation = meta.get("generation")
+        if error:
+            logger.warning("invalid spec: %s", error)
+            return conditions_patch(_without_inspected(status), generation,
+                                    [("Ready", False, "InvalidSpec", error)]), None
+        check, store = check_storage(parsed, namespace)
+        conds: list[inspector.Condition] = [("StorageReachable", check.ok, check.reason, check.message),
+                                            ("Ready", check.ok, check.reason, check.message)]
+        if parsed.storage.volume is None:
+            status = _without_inspected(status)
+        if not check.ok:
+            logger.warning("storage not usable: %s", check.message)
+            return conditions_patch(status, generation, conds), None
+        jobs = _jobs_using(namespace, meta["name"])
+        if store is not None:
+            return {**conditions_patch(status, generation, conds),
+                    **s3_status(parsed, store, namespace, jobs, retention, body, logger)}, None
+        pod = kube.get_json(kube.core().read_namespaced_pod, inspector.inspector_name(meta["name"]), namespace)
+        vp = inspector.plan_volume_pass(body, parsed, pod, [j["metadata"]["name"] for j in jobs],
+                                        start_inspector, dt.datetime.now(dt.UTC))
+        if vp.start:
+            vp.next_pod = inspector.inspector_pod(meta["name"], namespace, meta["uid"], parsed, job_refs(jobs),
+                                                  inspector_image())
+        return {**conditions_patch(status, generation, conds + ([vp.condition] if vp.condition else [])),
+                **vp.fields}, vp
 
 
-def volume_status(parsed: CheckpointPolicySpec, namespace: str, jobs: list[dict[str, Any]], start: bool,
-                  body: Any, logger: Any) -> tuple[dict[str, Any], tuple[str, bool | str, str, str] | None]:
-    """Collect a finished inspector pod's report (then delete the pod) and, when ``start``,
-    start the next pass. Returns the status fields and the ``Inspected`` condition (None:
-    nothing new to say)."""
-    meta = body["metadata"]
-    name = inspector.inspector_name(meta["name"])
-    out: dict[str, Any] = {}
-    cond: tuple[str, bool | str, str, str] | None = None
-    with _INSPECT_LOCKS[(namespace, meta["name"])]:
-        pod: dict[str, Any] | None = kube.get_json(kube.core().read_namespaced_pod, name, namespace)
-        if pod is not None and pod["metadata"].get("labels", {}).get(inspector.INSPECTOR_LABEL) != meta.get("uid"):
-            pod = None  # left by a deleted policy of the same name; its owner reference removes it
-        if pod is not None:
-            result = inspector.inspector_result(pod)
-            if result.finished:
-                _delete_pod(name, namespace)
-                STORE_INSPECTIONS.labels("success" if result.report is not None else "failure").inc()
-                if result.report is not None:
-                    out["jobs"] = result.report["jobs"]
-                    _record_deletions(body, result.report.get("deleted") or {}, logger)
-                    note = f"; {result.report['truncated']} job(s) left out (message size)" \
-                        if result.report.get("truncated") else ""
-                    cond = ("Inspected", True, "InspectorSucceeded",
-                            f"pod {name} read {len(result.report['jobs'])} job(s) on the volume{note}")
-                else:
-                    logger.warning("store inspector %s failed: %s", name, result.error)
-                    record_event(body, "InspectorFailed", f"pod {name}: {result.error}", warning=True)
-                    cond = ("Inspected", False, "InspectorFailed", f"pod {name}: {result.error}")
-                pod = None
-            elif result.waiting and result.waiting.startswith("Pending ("):
-                cond = ("Inspected", "Unknown", "InspectorPending", f"pod {name} is {result.waiting}")
-        if pod is None and start:
-            manifest = inspector.inspector_pod(meta["name"], namespace, meta["uid"], parsed, job_refs(jobs),
-                                               workload_image(None))
-            try:
-                kube.core().create_namespaced_pod(namespace, manifest)  # type: ignore[arg-type]  # dicts go as they are
-                logger.info("started store inspector %s", name)
-            except kubernetes.client.ApiException as e:
-                if e.status != 409:  # 409: the previous one is still being deleted; next pass
-                    raise
-    return out, cond
+def _without_inspected(status: dict[str, Any]) -> dict[str, Any]:
+    """A policy that is no longer on a volume has no inspector to speak of."""
+    return {**status, "conditions": [c for c in status.get("conditions") or [] if c.get("type") != "Inspected"]}
 
 
 def _delete_pod(name: str, namespace: str) -> None:
@@ -190,37 +186,34 @@ def _delete_pod(name: str, namespace: str) -> None:
             raise
 
 
-def policy_status(body: Any, retention: bool, logger: Any, start_inspector: bool = True) -> dict[str, Any]:
-    """Check storage, apply retention when asked (S3; a volume's inspector pod always does) and
-    report per-job checkpoints; returns the status patch."""
-    meta, namespace = body["metadata"], body["metadata"]["namespace"]
-    status = body.get("status") or {}
-    with reconciling(CheckpointPolicy.kind):
-        parsed, error = parse_spec(CheckpointPolicySpec, body.get("spec"))
-        generation = meta.get("generation")
-        if error:
-            logger.warning("invalid spec: %s", error)
-            return conditions_patch(status, generation, [("Ready", False, "InvalidSpec", error)])
-        check, store = check_storage(parsed, namespace)
-        conds: list[tuple[str, bool | str, str, str]] = [("StorageReachable", check.ok, check.reason, check.message),
-                                                         ("Ready", check.ok, check.reason, check.message)]
-        if not check.ok:
-            logger.warning("storage not usable: %s", check.message)
-            return conditions_patch(status, generation, conds)
-        jobs = _jobs_using(namespace, meta["name"])
-        if store is not None:
-            fields = s3_status(parsed, store, namespace, jobs, retention, body, logger)
-        else:
-            fields, inspected = volume_status(parsed, namespace, jobs, start_inspector, body, logger)
-            conds += [inspected] if inspected else []
-        return {**conditions_patch(status, generation, conds), **fields}
-
-
-@kopf.on.resume(GROUP, VERSION, CheckpointPolicy.plural)
-@kopf.on.create(GROUP, VERSION, CheckpointPolicy.plural)
-@kopf.on.update(GROUP, VERSION, CheckpointPolicy.plural, field="spec")
-def reconcile(body: Any, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-    patch.status.update(policy_status(body, retention=False, logger=logger))
+def _after_status(body: Any, vp: inspector.VolumePass, logger: Any) -> None:
+    """What a volume pass does once its status is written: Events and metrics of the collected
+    pass, the finished pod deleted, the next one started (a refusal is a condition, not a crash)."""
+    meta = body["metadata"]
+    if vp.succeeded is not None:
+        STORE_INSPECTIONS.labels("success" if vp.succeeded else "failure").inc()
+    record_deletions(body, vp.deleted, vp.deleted_steps, logger)
+    if vp.failure:
+        logger.warning("store inspector: %s", vp.failure)
+        record_event(body, "InspectorFailed", vp.failure, warning=True)
+    if vp.collect:
+        _delete_pod(vp.collect, meta["namespace"])
+    next_pod = vp.next_pod
+    if next_pod is None:
+        return
+    try:
+        kube.core().create_namespaced_pod(meta["namespace"], next_pod)  # type: ignore[arg-type]  # dicts go as they are
+        logger.info("started store inspector %s", next_pod["metadata"]["name"])
+    except kubernetes.client.ApiException as e:
+        if e.status == 409:  # the previous one is still going away: the next pass starts it
+            return
+        reason = f"pod {next_pod['metadata']['name']} was refused: {e.status} {e.reason}: {str(e.body)[:300]}"
+        logger.warning("store inspector: %s", reason)
+        record_event(body, "InspectorNotCreated", reason, warning=True)
+        patch = conditions_patch(body.get("status"), meta.get("generation"),
+                                 [("Inspected", False, "InspectorNotCreated", reason)])
+        kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"],
+                                                            CheckpointPolicy.plural, meta["name"], {"status": patch})
 
 
 # Retention runs in one operator-wide loop over the policies seen by the watch, not in a
@@ -239,19 +232,36 @@ def track(type: str | None, meta: Any, **_: Any) -> None:
         POLICIES.add(key)
 
 
-def enforce(namespace: str, name: str, start_inspector: bool = True) -> None:
-    """One retention pass over one policy (for a volume: collect the last inspector pod's
-    report and start the next one); the status goes out as a merge patch."""
-    try:
-        body = kube.custom().get_namespaced_custom_object(GROUP, VERSION, namespace, CheckpointPolicy.plural, name)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
+# One lock per policy around read, decide, write: the retention loop, the inspector pod's watch
+# and kopf's handler all write this status, and each must start from what the last one wrote
+# (conditions are replaced as a whole list by a merge patch).
+_LOCKS: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def enforce(namespace: str, name: str, start_inspector: bool = True, retention: bool = True) -> None:
+    """One pass over one policy: storage, retention (S3 here; a volume's in its inspector pod,
+    whose last report is collected and whose next pass starts); the status goes out as a merge
+    patch before anything else is done."""
+    with _LOCKS[(namespace, name)]:
+        body = kube.get_json(kube.custom().get_namespaced_custom_object, GROUP, VERSION, namespace,
+                             CheckpointPolicy.plural, name)
+        if body is None:
             POLICIES.discard((namespace, name))
             return
-        raise
-    status = policy_status(body, retention=True, logger=log, start_inspector=start_inspector)
-    kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, CheckpointPolicy.plural, name,
-                                                        {"status": status})
+        status, vp = policy_status(body, retention=retention, logger=log, start_inspector=start_inspector)
+        kube.custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, CheckpointPolicy.plural,
+                                                            name, {"status": status})
+        if vp is not None:
+            _after_status({**body, "status": {**(body.get("status") or {}), **status}}, vp, log)
+        elif any(c.get("type") == "Inspected" for c in (body.get("status") or {}).get("conditions") or []):
+            _delete_inspectors(namespace, body["metadata"].get("uid", ""))
+
+
+def _delete_inspectors(namespace: str, uid: str) -> None:
+    """The policy left volume storage (or its spec became invalid): no inspector of it runs on."""
+    listed = kube.get_json(kube.core().list_namespaced_pod, namespace, label_selector=f"{inspector.INSPECTOR_LABEL}={uid}")
+    for pod in (listed or {}).get("items", []):
+        _delete_pod(pod["metadata"]["name"], namespace)
 
 
 @kopf.on.event("", "v1", "pods", labels={inspector.INSPECTOR_LABEL: kopf.PRESENT})
@@ -262,7 +272,7 @@ async def inspector_finished(type: str | None, body: Any, **_: Any) -> None:
     policy = (body["metadata"].get("annotations") or {}).get(inspector.POLICY_ANNOTATION)
     if policy:
         try:
-            await asyncio.to_thread(enforce, body["metadata"]["namespace"], policy, False)
+            await asyncio.to_thread(enforce, body["metadata"]["namespace"], policy, False, False)
         except Exception:  # the retention loop collects it on its next pass
             log.exception("could not collect store inspector %s", body["metadata"]["name"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import logging
 import os
 import random
@@ -141,8 +142,17 @@ class FileBackend:
             p.unlink(missing_ok=True)
             parents.add(p.parent)
         for d in sorted(parents, key=lambda x: len(x.parts), reverse=True):
-            while d != self.root and d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            # another deleter (rank 0's retention and a volume inspector pass) may empty or
+            # remove the same directories at the same time
+            while d != self.root:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass  # the other one removed it
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        break  # still holds something: so do its parents
+                    raise StoreError(f"{self.uri}: cannot remove {d}: {e}") from e
                 d = d.parent
 
     def check(self) -> None:

@@ -3,13 +3,14 @@ the short-lived pod the operator starts for a CheckpointPolicy whose storage is 
 
 The operator cannot mount a PersistentVolumeClaim, so it mounts the claim in this pod (the
 workload image, which carries ``kubeforge.store``) and reads the result back from the pod's
-termination message: one JSON object, ``{"jobs": [...], "deleted": {job: [steps]}}`` on
-success, ``{"error": "..."}`` with exit code 1 when the store cannot be read. The message is
-also printed on stdout for ``kubectl logs``.
+termination message: one JSON object, ``{"jobs": [...], "deleted": {job: [steps]},
+"deletedCount": {job: n}}`` on success, ``{"error": "..."}`` with exit code 1 when the store
+cannot be read. The message is also printed on stdout.
 
-A termination message holds at most 4096 bytes; when the summaries do not fit, the newest
-entries are kept whole and ``"truncated": <number left out>`` says how many were dropped
-(the operator shows that on the policy).
+A termination message holds at most 4096 bytes, so the message leaves out what the operator
+can derive (checkpoint and export URIs), lists at most 20 deleted steps per job, and when the
+summaries still do not fit keeps the first job entries whole and says ``"truncated": <number
+left out>`` (the operator keeps its previous entries for those jobs and says so).
 """
 
 from __future__ import annotations
@@ -48,17 +49,30 @@ def parse_jobs(raw: str) -> list[JobRef]:
     return out
 
 
+#: Steps listed per job in ``deleted``; ``deletedCount`` always has the full number.
+MAX_DELETED_LISTED = 20
+#: Left out of the message: the operator derives them from the policy's storage and the layout.
+DERIVED_KEYS = ("newestUri", "exportUri")
+
+
 def fit_message(result: dict[str, Any], limit: int = MESSAGE_LIMIT) -> str:
-    """Compact JSON of ``result`` within ``limit`` bytes, dropping job entries (and deleted
-    lists of dropped jobs) from the end when needed."""
-    jobs = list(result.get("jobs", []))
+    """Compact JSON of ``result`` within ``limit`` bytes: URIs left out, at most
+    ``MAX_DELETED_LISTED`` deleted steps listed per job (``deletedCount`` has them all), then
+    job entries dropped from the end when still needed (``truncated`` counts them)."""
+    if "error" in result:
+        return json.dumps({"error": str(result["error"])[:limit - 64]}, separators=(",", ":"))
+    deleted: dict[str, list[int]] = result.get("deleted", {})
+    base = {**result, "deleted": {k: sorted(v)[:MAX_DELETED_LISTED] for k, v in deleted.items()},
+            "deletedCount": {k: len(v) for k, v in deleted.items()}}
+    jobs = [{k: v for k, v in j.items() if k not in DERIVED_KEYS} for j in result.get("jobs", [])]
     dropped = 0
     while True:
-        body = {**result, "jobs": jobs}
+        body = {**base, "jobs": jobs}
         if dropped:
             kept = {j["name"] for j in jobs}
-            body["deleted"] = {k: v for k, v in result.get("deleted", {}).items() if k in kept}
             body["truncated"] = dropped
+            # what retention deleted is reported for every job, listed or not
+            body["deleted"] = {k: v if k in kept else [] for k, v in base["deleted"].items()}
         text = json.dumps(body, separators=(",", ":"), sort_keys=True)
         if len(text.encode()) <= limit or not jobs:
             return text

@@ -53,6 +53,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)
+#: How often rank 0 renews a restore lease it holds (the store ignores leases older than an hour).
+LEASE_REFRESH_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +274,9 @@ class CheckpointManager:
         self.last_save_stats: dict[str, float] = {}
         self._last_saved_step: int | None = None
         self._restored_step: int | None = None
+        #: rank 0 holds the restore lease of a fallback restore until its first commit, so no
+        #: retention (operator or volume inspector) deletes the only loadable checkpoint meanwhile
+        self._lease_written: float | None = None
         self._staging = _HostStaging()
         self._staging_cleaned = False
         self._last_save_time = time.monotonic()
@@ -339,10 +344,30 @@ class CheckpointManager:
         if not due and s.every_seconds:
             elapsed = time.monotonic() - self._last_save_time >= s.every_seconds
             due = self._agree(elapsed)
+        if self._lease_written is not None and time.monotonic() - self._lease_written > LEASE_REFRESH_S:
+            self._refresh_lease()
         if not due or step == self._last_saved_step:
             return False
         self.save(step, model, optimizer, extra, blocking=not s.async_save)
         return True
+
+    def _refresh_lease(self) -> None:
+        """Rank 0: the lease's time is renewed well within the hour after which retention takes
+        it for one left by a dead process."""
+        assert self.store is not None and self._restored_step is not None
+        try:
+            self.store.write_restore_lease(self.namespace, self.job, self._restored_step)
+            self._lease_written = time.monotonic()
+        except StoreError as exc:
+            log.warning("checkpoint: could not renew the restore lease of step %d: %s", self._restored_step, exc)
+
+    def _release_lease(self) -> None:
+        assert self.store is not None
+        try:
+            self.store.clear_restore_lease(self.namespace, self.job)
+            self._lease_written = None
+        except StoreError as exc:
+            log.warning("checkpoint: could not clear the restore lease (next commit retries): %s", exc)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is on any: clocks differ, the decision must not."""
@@ -475,6 +500,8 @@ class CheckpointManager:
                 except StoreError as exc:
                     log.error("checkpoint: step %d not committed, marker write failed: %s", step, exc)
                 if decision[0]:
+                    if self._lease_written is not None:
+                        self._release_lease()  # a newer checkpoint exists: nothing left to protect
                     self._apply_retention(step)
         if self._io_group is not None:
             dist.broadcast_object_list(decision, src=0, group=self._io_group)
@@ -496,7 +523,7 @@ class CheckpointManager:
                                   keep_every=s.keep_every, protected_steps=protected,
                                   incomplete_grace_seconds=s.incomplete_grace_seconds)
             deleted = self.store.apply_retention(self.namespace, self.job, plan)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             log.warning("checkpoint: retention failed (next commit retries): %s", exc)
             return
         if deleted:
@@ -534,12 +561,17 @@ class CheckpointManager:
         for ckpt_step, prefix, marker in candidates[0]:
             if self.rank == 0:  # retention (operator or worker) keeps the step while it loads
                 self.store.write_restore_lease(self.namespace, self.job, ckpt_step)
+            error: str | None = "the load raised"
             try:
                 error = self._load(prefix, marker, model, optimizer, extra)
             finally:
-                if self.rank == 0:
+                # kept after a fallback: newer (corrupt) committed steps count for keep_last, so
+                # the step loaded is protected only by this lease until this run commits
+                if self.rank == 0 and (error is not None or not tried):
                     self.store.clear_restore_lease(self.namespace, self.job)
             if error is None:
+                if self.rank == 0 and tried:
+                    self._lease_written = time.monotonic()
                 if tried:
                     log.warning("checkpoint: restored step %d after skipping %s", ckpt_step, ", ".join(tried))
                 else:
