@@ -5,7 +5,8 @@ All three serve the same random-init Llama (written once with ``save_hf`` and lo
 from that directory), the same prompts of mixed lengths, greedy, the same number of new
 tokens per request (end-of-sequence ignored), 64 requests with at most 16 in flight:
 
-- kubeforge: ``AsyncEngine`` in-process (the server's engine path without HTTP), 16 client
+- kubeforge: ``AsyncEngine`` in-process (the server's engine path without HTTP; attention by
+  the fused CPU paged-attention kernel, as the server picks it, ``--attention-backend``), 16 client
   coroutines each sending its next request when the previous one finishes; TTFT and
   inter-token latency are measured by those clients as tokens arrive;
 - naive: ``LlamaForCausalLM.generate`` on one request at a time (concurrency 1 by nature);
@@ -74,7 +75,8 @@ def workload(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 def make_engine(model_dir: Path, args: argparse.Namespace, prefix_caching: bool = True) -> LLMEngine:
     model = load_hf(model_dir)
     cfg = EngineConfig(block_size=16, max_num_seqs=args.concurrency, max_num_batched_tokens=args.max_batched_tokens,
-                       num_blocks=args.concurrency * (2048 // 16) + 256, enable_prefix_caching=prefix_caching)
+                       num_blocks=args.concurrency * (2048 // 16) + 256, enable_prefix_caching=prefix_caching,
+                       attention_backend=getattr(args, "attention_backend", "auto"))
     return LLMEngine(model, ByteTokenizer(), cfg)
 
 
@@ -114,7 +116,9 @@ def run_kubeforge(model_dir: Path, prompts: list[list[int]], args: argparse.Name
     engine = make_engine(model_dir, args)
     asyncio.run(_drive(engine, workload(4, 8, 64, seed=99), 4, 4))  # warm-up
     engine.pool.reset_prefix_cache()
-    return asyncio.run(_drive(engine, prompts, args.new_tokens, args.concurrency))
+    out = asyncio.run(_drive(engine, prompts, args.new_tokens, args.concurrency))
+    out["attention"] = "kernel" if engine.runner.kernel is not None else "torch"
+    return out
 
 
 def run_prefix(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attention-backend", choices=["auto", "kernel", "torch"], default="auto",
+                    help="kubeforge's attention (the server's flag of the same name)")
     ap.add_argument("--hf-page-size", type=int, default=16, help="transformers' KV page size (its default: 256)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the three systems (best kept)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {r}: naive {naive_runs[-1]['tok_s']:.1f} tok/s", file=sys.stderr)
         prefix = None if "prefix" in args.skip else run_prefix(model_dir, args)
     kf = max(kf_runs, key=lambda x: x["tok_s"])
+    attention = kf["attention"]
     hf_cb = max(cb_runs, key=lambda x: x["tok_s"]) if cb_runs else None
     naive = max(naive_runs, key=lambda x: x["tok_s"]) if naive_runs else None
 
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_tokens": [args.prompt_min + 1, args.prompt_max + 1], "greedy": True, "eos_ignored": True,
             "model": {**MODEL, "vocab_size": cfg.vocab_size, "params": cfg.num_params(), "dtype": "float32",
                       "init": "random"},
-            "kubeforge": {"block_size": 16, "max_num_batched_tokens": args.max_batched_tokens, "http": False},
+            "kubeforge": {"block_size": 16, "max_num_batched_tokens": args.max_batched_tokens, "http": False,
+                          "attention_backend": args.attention_backend, "attention": attention},
             "hf_cb": {"api": "ContinuousBatchingManager", "attn_implementation": "sdpa", "page_size": args.hf_page_size,
                       "max_batch_tokens": 512},
             "transformers": transformers.__version__, "torch": torch.__version__, "torch_threads": args.threads,

@@ -100,6 +100,46 @@ def test_greedy_under_heavy_batching_equals_single_requests_and_transformers(mod
         assert out == ours
 
 
+def test_the_paged_attention_kernel_serves_the_same_tokens_as_the_torch_path(model: Llama, tmp_path: Path) -> None:
+    """fp32 on the CPU goes through the fused kernel (decodes and short chunks with a past);
+    chunked prefill, preemption and a shared prefix included, it yields the torch path's
+    tokens and transformers' greedy ``generate``'s."""
+    m32 = Llama(model.cfg)
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    m32.eval()
+    ps = prompts(12, seed=11)
+    ps.append(ps[0][:40] + [9, 8, 7])
+    outs = {}
+    for backend in ("kernel", "torch"):
+        e = LLMEngine(m32, TOK, EngineConfig(block_size=4, num_blocks=70, max_num_seqs=8, max_num_batched_tokens=24,
+                                             attention_backend=backend))
+        assert (e.runner.kernel is not None) == (backend == "kernel")
+        outs[backend] = run(e, [(p, GREEDY) for p in ps])
+        assert e.metrics.num_preemptions._value.get() > 0
+        assert_pool_empty(e)
+    assert outs["kernel"] == outs["torch"]
+
+    from transformers import LlamaForCausalLM
+
+    save_hf(m32, tmp_path, bos_token_id=TOK.bos_id, eos_token_id=TOK.eos_id)
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    for p, ours in zip(ps, outs["kernel"], strict=True):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                          eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id)[0, len(p):].tolist()
+        if TOK.eos_id in out:
+            out = out[:out.index(TOK.eos_id) + 1]
+        assert out == ours
+
+
+def test_attention_backend_is_checked(model: Llama) -> None:
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        LLMEngine(model, TOK, EngineConfig(num_blocks=16, attention_backend="flash"))
+    # the model here is float64: the kernel cannot take it, and "kernel" says so
+    with pytest.raises(ValueError, match="takes float32"):
+        LLMEngine(model, TOK, EngineConfig(num_blocks=16, attention_backend="kernel"))
+    assert LLMEngine(model, TOK, EngineConfig(num_blocks=16)).runner.kernel is None  # auto: the torch path
+
+
 def test_chunked_prefill_keeps_decodes_running(model: Llama) -> None:
     """While a long prompt is prefilled in chunks, an already running request still gets a
     token every step."""
@@ -228,3 +268,30 @@ def test_the_models_own_eos_ids_end_generation(model: Llama, tmp_path: Path) -> 
         outs += e.step()
     tokens = [t for o in outs for t in o.new_token_ids]
     assert tokens == free[:free.index(stop_at) + 1] and outs[-1].finish_reason == "stop"
+
+
+def test_fused_projections_follow_the_models_weights() -> None:
+    """The runner multiplies by fused q/k/v and gate/up weights whose slices are the model's
+    own parameters: names and the state dict are unchanged, and weights loaded (or replaced)
+    after the engine was built are what it serves."""
+    def make(seed: int) -> Llama:
+        m = Llama(preset("tiny", initializer_range=0.2))
+        m.init_weights(seed)
+        return m.double().eval()
+
+    served, other = make(7), make(8)
+    before = {k: v.clone() for k, v in served.state_dict().items()}
+    e = LLMEngine(served, TOK, EngineConfig(block_size=8, num_blocks=64))
+    after = served.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+    reqs = [(p, GREEDY) for p in prompts(4, seed=31)]
+    expected = run(LLMEngine(other, TOK, EngineConfig(block_size=8, num_blocks=64)), reqs)
+    assert run(e, reqs) != expected, "the two models must differ for the test to mean anything"
+    # (cached prefixes hold keys and values of the old weights: forgotten after each load)
+    served.load_state_dict(other.state_dict())  # copies into the fused storage
+    e.pool.reset_prefix_cache()
+    assert run(e, reqs) == expected
+    served.load_state_dict(make(7).state_dict(), assign=True)  # new tensors: re-fused at the next step
+    e.pool.reset_prefix_cache()
+    assert run(e, reqs) == run(LLMEngine(make(7), TOK, EngineConfig(block_size=8, num_blocks=64)), reqs)

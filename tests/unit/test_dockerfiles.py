@@ -177,7 +177,8 @@ def _stage_context(path: Path, dest: Path) -> None:
 @pytest.mark.parametrize("path,must_hold", [
     (OPERATOR, ["kubeforge/main.py", "kubeforge/controllers/trainingjob.py"]),
     (WORKLOAD[1], ["kubeforge_runtime/serve/__main__.py", "kubeforge_runtime/train/launch.py",
-                   "kubeforge_runtime/rendezvous.py", "kubeforge/store/__init__.py"]),
+                   "kubeforge_runtime/rendezvous.py", "kubeforge/store/__init__.py",
+                   "kubeforge_runtime/serve/csrc/paged_attention.c"]),
 ], ids=["operator", "trainer-cpu"])
 def test_build_context_builds_a_wheel_with_the_entrypoints(path: Path, must_hold: list[str],
                                                            tmp_path: Path) -> None:

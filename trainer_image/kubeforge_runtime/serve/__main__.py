@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights and KV dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when available)")
+    p.add_argument("--attention-backend", choices=["auto", "kernel", "torch"], default="auto",
+                   help="auto: the fused paged-attention kernel on the CPU in fp32, else gather + matmuls; "
+                        "kernel: require it; torch: never")
     p.add_argument("--download-dir", default=os.environ.get("KUBEFORGE_DOWNLOAD_DIR",
                                                             str(Path(tempfile.gettempdir()) / "kubeforge-models")))
     p.add_argument("--expect-revision", default=os.environ.get(ENV_MODEL_REVISION) or None,
@@ -95,7 +98,7 @@ def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, B
     cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                        kv_cache_memory_fraction=args.kv_cache_memory_fraction, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend)
     engine = LLMEngine(model, tokenizer, cfg, ServingMetrics(model_name), eos_token_ids(directory))
     warm_up(engine)
     log.info("model %s loaded in %.1fs: %s on %s %s, %d KV blocks of %d tokens, max_model_len %d", args.model,

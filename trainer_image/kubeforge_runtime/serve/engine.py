@@ -45,6 +45,9 @@ class EngineConfig:
     #: context limit; None means the model's ``max_position_embeddings``
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    #: "auto" (the fused CPU paged-attention kernel where it applies: CPU, fp32), "kernel"
+    #: (required: fail when it cannot be built), "torch" (gather + matmuls, any device)
+    attention_backend: str = "auto"
 
 
 def _memory_budget(device: torch.device) -> int:
@@ -119,7 +122,8 @@ class LLMEngine:
         self.block_size = config.block_size
         self.num_blocks = resolve_num_blocks(config, model, self.max_model_len)
         self.pool = KVBlockPool(self.num_blocks, config.enable_prefix_caching)
-        self.runner = PagedRunner(model, self.num_blocks, config.block_size, self.max_model_len)
+        self.runner = PagedRunner(model, self.num_blocks, config.block_size, self.max_model_len,
+                                  config.attention_backend)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         self.metrics = metrics or ServingMetrics(model_name="model")
         self._seqs: dict[str, Sequence] = {}
@@ -170,14 +174,18 @@ class LLMEngine:
 
     def _build_batch(self, entries: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
         bs = self.block_size
+        # decode tokens first, longest context first, so that each decode group is a
+        # contiguous run of the flat token list
+        decodes = sorted((e for e in entries if e[1] == 1), key=lambda e: -e[0].num_computed_tokens)
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decodes: list[tuple[int, list[int], int]] = []  # flat index, block table, context length
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         logits_idx: list[int] = []
         sampled: list[Sequence] = []
-        for seq, n in entries:
+        for seq, n in decodes + [e for e in entries if e[1] != 1]:
             start = seq.num_computed_tokens
             t0 = len(input_ids)
             input_ids += seq.token_ids[start:start + n]
@@ -187,14 +195,16 @@ class LLMEngine:
             ctx = start + n
             nb = -(-ctx // bs)
             if n == 1:
-                decodes.append((t0, bt[:nb], ctx))
+                decode_tables.append(bt[:nb])
+                decode_lens.append(ctx)
             else:
                 prefills.append(PrefillChunk(t0, n, ctx, torch.tensor(bt[:nb])))
             if ctx == seq.num_tokens:
                 logits_idx.append(t0 + n - 1)
                 sampled.append(seq)
         batch = StepBatch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
-                          _decode_groups(decodes), prefills, torch.tensor(logits_idx, dtype=torch.long))
+                          _decode_groups(decode_tables, decode_lens), prefills,
+                          torch.tensor(logits_idx, dtype=torch.long))
         return batch, sampled
 
     def step(self) -> list[RequestOutput]:
@@ -243,7 +253,14 @@ class LLMEngine:
         reason: str | None = None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        text = self.tokenizer.decode(seq.output_ids)
+        if isinstance(self.tokenizer, ByteTokenizer):
+            # byte-level: the text is the output bytes decoded, so keep the bytes rather than
+            # re-deriving them from every output id at every token (ByteTokenizer.decode)
+            if 0 <= token < 256:
+                seq.output_bytes.append(token)
+            text = seq.output_bytes.decode("utf-8", errors="replace")
+        else:
+            text = self.tokenizer.decode(seq.output_ids)
         for s in p.stop:
             idx = text.find(s)
             if idx >= 0:
@@ -267,25 +284,26 @@ class LLMEngine:
                              seq.num_output_tokens, seq.num_cached_tokens)
 
 
-def _decode_groups(decodes: list[tuple[int, list[int], int]], max_waste: float = 1.25) -> list[DecodeGroup]:
-    """Split decoding sequences, longest first, into groups whose padded size stays within
-    ``max_waste`` of their real size (each extra group costs a few kernel launches per layer,
-    padding costs gathered and attended keys)."""
-    groups: list[list[tuple[int, list[int], int]]] = []
+def _decode_groups(block_tables: list[list[int]], context_lens: list[int], max_waste: float = 1.25,
+                   ) -> list[DecodeGroup]:
+    """Split decoding sequences, given longest first and in flat token order, into runs whose
+    padded size stays within ``max_waste`` of their real size (each extra group costs a few
+    kernel launches per layer, padding costs gathered and attended keys)."""
+    bounds: list[int] = []  # start of each group
     real = 0
-    for d in sorted(decodes, key=lambda d: -len(d[1])):
-        if groups and (len(groups[-1]) + 1) * len(groups[-1][0][1]) <= max_waste * (real + len(d[1])):
-            groups[-1].append(d)
-            real += len(d[1])
+    for i, bt in enumerate(block_tables):
+        if bounds and (i - bounds[-1] + 1) * len(block_tables[bounds[-1]]) <= max_waste * (real + len(bt)):
+            real += len(bt)
         else:
-            groups.append([d])
-            real = len(d[1])
+            bounds.append(i)
+            real = len(bt)
+    ends = bounds[1:] + [len(block_tables)] if bounds else []
     out = []
-    for g in groups:
-        nb = len(g[0][1])
-        out.append(DecodeGroup(torch.tensor([d[0] for d in g], dtype=torch.long),
-                               torch.tensor([d[1] + [0] * (nb - len(d[1])) for d in g], dtype=torch.long),
-                               torch.tensor([d[2] for d in g], dtype=torch.long)))
+    for start, end in zip(bounds, ends, strict=True):
+        nb = len(block_tables[start])
+        out.append(DecodeGroup(start, torch.tensor([bt + [0] * (nb - len(bt)) for bt in block_tables[start:end]],
+                                                   dtype=torch.long),
+                               torch.tensor(context_lens[start:end], dtype=torch.long)))
     return out
 
 

@@ -1,31 +1,62 @@
 """The model forward pass over the paged KV cache.
 
-One step runs every scheduled sequence at once as a flat list of tokens (prefill chunks and
-single decode tokens side by side): embeddings, projections and MLPs see one (T, D) matrix,
-whatever mix of requests it came from. Only attention is per sequence, because each reads its
-own history through its block table:
+One step runs every scheduled sequence at once as a flat list of tokens, decode tokens first
+(one per decoding sequence), then prefill chunks: embeddings, projections and MLPs see one
+(T, D) matrix, whatever mix of requests it came from. Only attention is per sequence, because
+each reads its own history through its block table:
 
-- decode tokens (one new token each) are batched: the runner gathers the blocks of every
-  decoding sequence into a padded (B, C) batch and masks the padding (sequences are grouped
-  by length so the padding stays small);
+- decode tokens are batched: the runner gathers the blocks of every decoding sequence into a
+  padded (K, Bd, C, E) batch and masks the padding (sequences are grouped by length so the
+  padding stays small). The pool is block-major, (blocks, 2, K, block_size, E) per layer, so
+  the gather reads each block as one long run; it writes the head-major batch that
+  ``baddbmm``/``bmm`` multiply with directly, in (K, Bd) batch order: keys and values are
+  copied once, and only the (small) queries and outputs are permuted;
 - prefill chunks run one sequence at a time with a causal mask offset by the tokens the
   sequence already has in the cache (a prefix-cache hit or an earlier chunk).
 
 New keys and values are written to their slots before attention reads, so a chunk attends to
-itself and to its past through the same gather. Gather-then-SDPA is the portable way to do
+itself and to its past through the same gather. Gather-then-attend is the portable way to do
 paged attention in plain torch; it is correct on the GPU as well, only slower than a fused
-paged kernel.
+paged kernel. On the CPU in fp32 (``attention_backend`` "auto" or "kernel") decode tokens and
+short chunks with a past go to the fused kernel of ``paged_attention.py`` instead, which reads
+the pool in place; whole prompts and long chunks keep SDPA. On the CPU a decode step is bound by memory traffic (weights and every running
+sequence's keys and values, more than the last-level cache holds), which is what the layout
+choices here are about.
+
+The runner multiplies by fused, transposed weights: q/k/v as one (D, (H + 2K) * E) matrix,
+gate/up as one (D, 2F), o and down transposed alone. Fewer, larger matmuls cost less fixed
+overhead on small batches, and an (in, out) weight is a plain row-major GEMM operand, which
+streams from memory faster than the transposed operand ``F.linear`` hands to BLAS. The fused
+matrices are not copies: the model's parameters are re-pointed to be (transposed) slices of
+them, so parameter names, shapes, the state dict and ``load_state_dict`` (which copies in
+place) see and update the same memory. Anything that replaces a parameter tensor
+(``load_state_dict(assign=True)``, ``.to()``) is noticed at the next step and the fusion is
+redone.
 """
+
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from kubeforge_runtime.model.llama import DecoderLayer, Llama, rope_cos_sin
+from kubeforge_runtime.model.llama import DecoderLayer, Llama, RMSNorm, rope_cos_sin
 from kubeforge_runtime.serve.kv_cache import KVCacheTensors
+from kubeforge_runtime.serve.paged_attention import MAX_GROUP, PagedAttentionKernel, load_kernel
+
+log = logging.getLogger(__name__)
+
+#: Attention backends: "kernel" (the fused CPU paged-attention kernel, fp32), "torch" (gather
+#: then batched matmuls / SDPA, any device and dtype), "auto" (the kernel where it applies).
+ATTENTION_BACKENDS = ("auto", "kernel", "torch")
+#: Prefill chunks with a past up to this many tokens go to the kernel; longer ones (a long
+#: chunk over a long context: square attention) are faster as gather + SDPA.
+KERNEL_MAX_CHUNK = 32
 
 
 @dataclasses.dataclass
@@ -40,19 +71,19 @@ class PrefillChunk:
 
 @dataclasses.dataclass
 class DecodeGroup:
-    """Decoding sequences of similar length, attended to as one padded batch.
+    """Decoding sequences of similar length, attended to as one padded batch; their tokens
+    are consecutive in the flat token list.
 
     Grouping by length bounds the padding: one batch padded to the longest of 16 sequences
     would gather and attend over up to twice the keys that exist.
     """
 
-    token_idx: torch.Tensor  # (Bd,) flat index of each decode token
+    token_start: int  # flat index of the group's first token
     block_table: torch.Tensor  # (Bd, NB) blocks of each sequence, padded with block 0
     context_lens: torch.Tensor  # (Bd,)
 
     def to(self, device: torch.device) -> DecodeGroup:
-        return DecodeGroup(self.token_idx.to(device, non_blocking=True),
-                           self.block_table.to(device, non_blocking=True),
+        return DecodeGroup(self.token_start, self.block_table.to(device, non_blocking=True),
                            self.context_lens.to(device, non_blocking=True))
 
 
@@ -63,16 +94,83 @@ class StepBatch:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     slot_mapping: torch.Tensor  # (T,) where each new token's k/v is written
-    decodes: list[DecodeGroup]
+    decodes: list[DecodeGroup]  # their tokens first in the flat list
     prefills: list[PrefillChunk]
     logits_idx: torch.Tensor  # (S,) flat indices whose next-token logits are wanted
 
 
-class PagedRunner:
-    """Owns the KV tensors and runs ``Llama``'s modules over them (weights are shared with
-    the trainer's model class, not copied)."""
+@dataclasses.dataclass
+class _FusedLayer:
+    """One decoder layer's weights as the runner multiplies with them: transposed, (in, out)."""
 
-    def __init__(self, model: Llama, num_blocks: int, block_size: int, max_model_len: int) -> None:
+    input_norm: RMSNorm
+    qkv_t: torch.Tensor  # (D, H*E + 2*K*E): q_proj, k_proj, v_proj columns
+    o_t: torch.Tensor  # (H*E, D)
+    post_norm: RMSNorm
+    gate_up_t: torch.Tensor  # (D, 2F): gate_proj, up_proj columns
+    down_t: torch.Tensor  # (F, D)
+    #: the layer's linear modules and their weights' data pointers when fused, to notice a
+    #: replaced tensor
+    linears: tuple[nn.Linear, ...]
+    ptrs: tuple[int, ...]
+
+
+def _fuse_transposed(linears: list[nn.Linear]) -> torch.Tensor:
+    """One contiguous (in features, sum of out features) matrix whose column blocks,
+    transposed, are the linears' weights.
+
+    If the weights already are such views of one storage (a runner built earlier on the same
+    model fused them), that storage is reused, so every runner sees later updates.
+    """
+    ws = [lin.weight for lin in linears]
+    cols = sum(w.shape[0] for w in ws)
+    first = ws[0]
+    starts = [0]
+    for w in ws[:-1]:
+        starts.append(starts[-1] + w.shape[0])
+    elem = first.element_size()
+    fused_already = all(
+        w.stride() == (1, cols) and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and w.data_ptr() == first.data_ptr() + start * elem for w, start in zip(ws, starts, strict=True))
+    if fused_already:
+        return torch.as_strided(first.detach(), (first.shape[1], cols), (cols, 1), first.storage_offset())
+    fused_t = torch.cat([w.detach().t() for w in ws], dim=1).contiguous()
+    for lin, w, start in zip(linears, ws, starts, strict=True):
+        lin.weight = nn.Parameter(fused_t[:, start:start + w.shape[0]].t(), requires_grad=w.requires_grad)
+    return fused_t
+
+
+def _fuse_layer(layer: DecoderLayer) -> _FusedLayer:
+    a, m = layer.self_attn, layer.mlp
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    qkv_t = _fuse_transposed([a.q_proj, a.k_proj, a.v_proj])
+    o_t = _fuse_transposed([a.o_proj])
+    gate_up_t = _fuse_transposed([m.gate_proj, m.up_proj])
+    down_t = _fuse_transposed([m.down_proj])
+    return _FusedLayer(layer.input_layernorm, qkv_t, o_t, layer.post_attention_layernorm, gate_up_t, down_t,
+                       linears, tuple(lin.weight.data_ptr() for lin in linears))
+
+
+def _kernel_takes(p: PrefillChunk) -> bool:
+    """A chunk the kernel attends for: it has a past (else SDPA needs no gather) and is short."""
+    return p.context_len != p.num_tokens and p.num_tokens <= KERNEL_MAX_CHUNK
+
+
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``RMSNorm.forward`` without the module call; on fp32 activations the fused
+    ``F.rms_norm``, which computes the same products in the same order in one kernel."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    out: torch.Tensor = norm(x)
+    return out
+
+
+class PagedRunner:
+    """Owns the KV tensors and runs ``Llama``'s weights over them (shared with the trainer's
+    model class, not copied)."""
+
+    def __init__(self, model: Llama, num_blocks: int, block_size: int, max_model_len: int,
+                 attention_backend: str = "auto") -> None:
         self.model = model
         cfg = model.cfg
         p = next(model.parameters())
@@ -82,7 +180,89 @@ class PagedRunner:
         self.kv = KVCacheTensors(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                  cfg.head_dim, self.dtype, self.device)
         cos, sin = rope_cos_sin(torch.arange(max_model_len, device=self.device), cfg.head_dim, cfg.rope_theta)
-        self.cos_table, self.sin_table = cos, sin
+        # rotate-half RoPE as x * cos + swap_halves(x) * sin_signed: the same products and sum
+        # as Hugging Face's x * cos + cat(-x2, x1) * sin, without the negation
+        half = cfg.head_dim // 2
+        self.cos_table, self.sin_signed_table = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.layers = self._fuse()
+        self._gather_buf = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.kernel = self._choose_kernel(attention_backend)
+
+    def _choose_kernel(self, backend: str) -> PagedAttentionKernel | None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, not {backend!r}")
+        if backend == "torch":
+            return None
+        why = None
+        if self.device.type != "cpu":
+            why = f"the engine runs on {self.device.type}"
+        elif self.dtype != torch.float32:
+            why = f"the model is {self.dtype}, the kernel takes float32"
+        elif self.num_heads // self.num_kv_heads > MAX_GROUP:
+            why = f"{self.num_heads // self.num_kv_heads} query heads per kv head, the kernel takes {MAX_GROUP}"
+        kernel = load_kernel() if why is None else None
+        if kernel is None and backend == "kernel":
+            raise ValueError(f"attention_backend=kernel: the paged-attention kernel cannot be used ({why or 'see the log'})")
+        if why is not None and backend == "auto":
+            log.info("attention: gather + matmul (%s)", why)
+        return kernel
+
+    def _fuse(self) -> list[_FusedLayer]:
+        with torch.no_grad():
+            return [_fuse_layer(layer) for layer in self.model.layers]  # type: ignore[arg-type]
+
+    def _fused_layers(self) -> list[_FusedLayer]:
+        if any(tuple(lin.weight.data_ptr() for lin in f.linears) != f.ptrs for f in self.layers):
+            self.layers = self._fuse()
+        return self.layers
+
+    def _gather(self, kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """The keys and values of ``block_ids``, head-major: (2, K, n * block_size, E).
+
+        The pool is block-major, so each block is one long run in memory (memory bandwidth
+        rewards long runs: a head-major pool, whose runs are one head's few KB, gathers at
+        two thirds of the speed); the gather writes the head-major layout attention
+        multiplies with. Into a reused buffer: a fresh allocation of this size would come from
+        the OS each time (a page fault on every first touch), and each gather is consumed
+        before the next one.
+        """
+        n = block_ids.shape[0]
+        _, two, nkv, bs, e = kv_blocks.shape
+        size = n * two * nkv * bs * e
+        if self._gather_buf.numel() < size:
+            self._gather_buf = kv_blocks.new_empty(size)
+        out = self._gather_buf[:size].view(two, nkv, n, bs, e)
+        torch.index_select(kv_blocks.permute(1, 2, 0, 3, 4), 2, block_ids, out=out)
+        return out.view(two, nkv, n * bs, e)
+
+    def _kernel_batch(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The kernel's (block_tables, q_start, q_len, ctx_len) for this step: every decode
+        token and the short prefill chunks with a past; None when there are none."""
+        tables: list[torch.Tensor] = []
+        starts: list[torch.Tensor] = []
+        lens: list[torch.Tensor] = []
+        ctxs: list[torch.Tensor] = []
+        for g in b.decodes:
+            bd = g.block_table.shape[0]
+            tables.append(g.block_table)
+            starts.append(torch.arange(g.token_start, g.token_start + bd))
+            lens.append(torch.ones(bd, dtype=torch.int64))
+            ctxs.append(g.context_lens)
+        for p in b.prefills:
+            if _kernel_takes(p):
+                tables.append(p.block_table[None])
+                starts.append(torch.tensor([p.token_start]))
+                lens.append(torch.tensor([p.num_tokens]))
+                ctxs.append(torch.tensor([p.context_len]))
+        if not tables:
+            return None
+        width = max(t.shape[1] for t in tables)
+        block_tables = torch.zeros((sum(t.shape[0] for t in tables), width), dtype=torch.int64)
+        row = 0
+        for t in tables:
+            block_tables[row:row + t.shape[0], :t.shape[1]] = t
+            row += t.shape[0]
+        return block_tables, torch.cat(starts), torch.cat(lens), torch.cat(ctxs).to(torch.int64)
 
     def to_device(self, b: StepBatch) -> StepBatch:
         if self.device.type == "cpu":
@@ -99,59 +279,85 @@ class PagedRunner:
         """Logits (S, V) at ``batch.logits_idx``; writes the step's keys and values."""
         b = self.to_device(batch)
         m = self.model
-        bs, nkv, e = self.block_size, self.num_kv_heads, self.head_dim
+        bs, nh, nkv, e = self.block_size, self.num_heads, self.num_kv_heads, self.head_dim
+        g_per_kv = nh // nkv
+        half = e // 2
+        scale = 1.0 / math.sqrt(e)
         t = b.input_ids.shape[0]
-        cos, sin = self.cos_table[b.positions], self.sin_table[b.positions]
+        # (T, 1, E): broadcast over the q and k heads rotated together
+        cos = self.cos_table[b.positions][:, None]
+        sin = self.sin_signed_table[b.positions][:, None]
         x_TD = m.embed_tokens(b.input_ids)
-        # additive masks, built once per step rather than once per layer: (Bd, 1, 1, C)
+        # the rows of the (blocks * 2 * K * bs, E) view where each new token's key and value
+        # for each kv head go, in (T, 2, K) order
+        kv_rows = (((b.slot_mapping // bs)[:, None, None] * 2 + torch.arange(2, device=self.device)[:, None]) * nkv
+                   + torch.arange(nkv, device=self.device)) * bs + (b.slot_mapping % bs)[:, None, None]
+        kv_rows = kv_rows.flatten()
+        # the fused kernel takes every decode token and the short chunks with a past, read in
+        # place from the pool; the rest (whole prompts, long chunks) below
+        kernel_seqs = self._kernel_batch(b) if self.kernel is not None else None
+        decodes = [] if kernel_seqs is not None else b.decodes
+        prefills = [p for p in b.prefills if kernel_seqs is None or not _kernel_takes(p)]
+        # additive masks, built once per step rather than once per layer: (K*Bd, 1, C), the
+        # batch order of the decode attention below
         dec_masks = []
-        for g in b.decodes:
+        for g in decodes:
             c = g.block_table.shape[1] * bs
             keep = torch.arange(c, device=self.device)[None, :] < g.context_lens[:, None]
-            dec_masks.append(torch.zeros(keep.shape, dtype=self.dtype, device=self.device)
-                             .masked_fill_(~keep, float("-inf"))[:, None, None, :])
+            mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill_(~keep, float("-inf"))
+            dec_masks.append(mask[:, None, :].repeat(nkv, 1, 1))
         pre_masks: list[torch.Tensor | None] = []
-        for p in b.prefills:
+        for p in prefills:
             if p.context_len == p.num_tokens:
                 pre_masks.append(None)  # a whole prompt: plain causal
             else:
                 qpos = torch.arange(p.num_tokens, device=self.device)[:, None] + (p.context_len - p.num_tokens)
                 pre_masks.append(torch.arange(p.context_len, device=self.device)[None, :] <= qpos)
-        layers: list[DecoderLayer] = list(m.layers)  # type: ignore[arg-type]
-        for layer_idx, layer in enumerate(layers):
-            # flat (slots, K, E) for writing tokens; (blocks, bs, K, E) for gathering whole blocks,
-            # which index_select copies as contiguous runs (per-slot indexing is several times slower)
-            k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
-            k_blocks, v_blocks = k_cache.view(-1, bs, nkv, e), v_cache.view(-1, bs, nkv, e)
-            h = layer.input_layernorm(x_TD)
-            q, k, v = layer.self_attn.qkv(h[None], cos, sin)  # (1,H,T,E), (1,K,T,E), (1,K,T,E)
-            q_THE = q[0].transpose(0, 1)
-            k_cache[b.slot_mapping] = k[0].transpose(0, 1)
-            v_cache[b.slot_mapping] = v[0].transpose(0, 1)
-            y_THE = torch.empty_like(q_THE)
-            for g, mask in zip(b.decodes, dec_masks, strict=True):
+        for layer_idx, layer in enumerate(self._fused_layers()):
+            kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
+            h = _rms_norm(layer.input_norm, x_TD)
+            qkv = h @ layer.qkv_t  # (T, (H + 2K) * E)
+            qk = qkv[:, :(nh + nkv) * e].view(t, nh + nkv, e)
+            # (T, H + K, E), computed in fp32 (the tables' dtype) like ``apply_rope``
+            qk = (qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin).to(x_TD.dtype)
+            q_THE, k_TKE = qk[:, :nh], qk[:, nh:]
+            v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
+            kv_blocks.view(-1, e).index_copy_(0, kv_rows, torch.stack((k_TKE, v_TKE), dim=1).view(-1, e))
+            y_THE = torch.empty((t, nh, e), dtype=x_TD.dtype, device=x_TD.device)
+            if kernel_seqs is not None and self.kernel is not None:
+                # (blocks, 2, K, bs, E) seen as keys and values (blocks, bs, K, E)
+                tables, q_start, q_len, ctx_len = kernel_seqs
+                self.kernel(q_THE.contiguous(), kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2),
+                            tables, q_start, q_len, ctx_len, y_THE)
+            for g, mask in zip(decodes, dec_masks, strict=True):
                 bd, nb = g.block_table.shape
-                flat_bt = g.block_table.flatten()
-                # the query heads sharing a kv head become that head's query rows: (Bd,K,G,E)
-                # against (Bd,K,C,E), no expansion of keys and values for GQA
-                qd = q_THE[g.token_idx].view(bd, nkv, -1, e)
-                kd = k_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)
-                vd = v_blocks.index_select(0, flat_bt).view(bd, nb * bs, nkv, e).transpose(1, 2)
-                yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
-                y_THE[g.token_idx] = yd.reshape(bd, -1, e)
-            for p, pmask in zip(b.prefills, pre_masks, strict=True):
+                c = nb * bs
+                s0 = g.token_start
+                kv_d = self._gather(kv_blocks, g.block_table.flatten()).view(2, nkv * bd, c, e)
+                # the query heads sharing a kv head become that head's query rows, in
+                # (K, Bd) batch order like the gathered keys: no expansion of keys for GQA
+                qd = q_THE[s0:s0 + bd].reshape(bd, nkv, g_per_kv, e).transpose(0, 1).reshape(nkv * bd, g_per_kv, e)
+                scores = torch.baddbmm(mask, qd, kv_d[0].transpose(1, 2), alpha=scale)  # (K*Bd, G, C)
+                # softmax in fp32 whatever the activations (SDPA does the same)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kv_d.dtype)
+                yd = torch.bmm(probs, kv_d[1])
+                y_THE[s0:s0 + bd] = yd.view(nkv, bd, g_per_kv, e).transpose(0, 1).reshape(bd, nh, e)
+            for p, pmask in zip(prefills, pre_masks, strict=True):
                 s0, n = p.token_start, p.num_tokens
-                qp = q[:, :, s0:s0 + n]  # (1,H,n,E)
+                qp = q_THE[s0:s0 + n].transpose(0, 1)[None]  # (1, H, n, E)
                 if pmask is None:
                     # the whole context is this chunk: its keys and values need no gather
-                    yp = F.scaled_dot_product_attention(qp, k[:, :, s0:s0 + n], v[:, :, s0:s0 + n], is_causal=True,
+                    yp = F.scaled_dot_product_attention(qp, k_TKE[s0:s0 + n].transpose(0, 1)[None],
+                                                        v_TKE[s0:s0 + n].transpose(0, 1)[None], is_causal=True,
                                                         enable_gqa=True)
                 else:
-                    kp = k_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
-                    vp = v_blocks.index_select(0, p.block_table).flatten(0, 1)[:p.context_len].transpose(0, 1)[None]
-                    yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=pmask, enable_gqa=True)
+                    kv_p = self._gather(kv_blocks, p.block_table)[:, :, :p.context_len]
+                    yp = F.scaled_dot_product_attention(qp, kv_p[0][None], kv_p[1][None], attn_mask=pmask,
+                                                        enable_gqa=True)
                 y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
-            x_TD = x_TD + layer.self_attn.o_proj(y_THE.reshape(t, -1))
-            x_TD = x_TD + layer.mlp(layer.post_attention_layernorm(x_TD))
+            x_TD = x_TD + y_THE.view(t, -1) @ layer.o_t
+            gate_up = _rms_norm(layer.post_norm, x_TD) @ layer.gate_up_t
+            f = gate_up.shape[1] // 2
+            x_TD = x_TD + (F.silu(gate_up[:, :f]) * gate_up[:, f:]) @ layer.down_t
         logits: torch.Tensor = m.lm_head(m.norm(x_TD[b.logits_idx]))
         return logits

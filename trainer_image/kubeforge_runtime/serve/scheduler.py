@@ -52,6 +52,8 @@ class Sequence:
         self.finish_reason: str | None = None
         #: detokenized output (stop strings already cut) and how much of it was streamed
         self.text = ""
+        #: the output's bytes, kept by the engine when the tokenizer is byte-level
+        self.output_bytes = bytearray()
         self.num_sent_chars = 0
         self.admitted_once = False
 

@@ -1,0 +1,134 @@
+"""The CPU paged-attention kernel (built with the host's compiler) against plain torch
+attention over the same paged cache: decode tokens and prefill chunks mixed, grouped-query
+heads, head sizes with and without a specialised path, both cache layouts, several threads;
+and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from kubeforge_runtime.serve.paged_attention import (
+    PagedAttentionKernel,
+    build,
+    load_kernel,
+    prebuild,
+    reference_paged_attention,
+)
+
+pytestmark = [pytest.mark.runtime, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> PagedAttentionKernel:
+    k = load_kernel()
+    assert k is not None, "the kernel must build on this machine (a C compiler is part of the dev setup)"
+    return k
+
+
+def _case(heads: int, kv_heads: int, e: int, new_tokens: list[int], seed: int = 0, bs: int = 16,
+          head_major: bool = False) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = 1024
+    ctx = torch.tensor([n + int(torch.randint(0, 200, (1,), generator=g)) for n in new_tokens])
+    max_blocks = int((ctx.max() + bs - 1) // bs)
+    tables = torch.randperm(n_blocks, generator=g)[:len(new_tokens) * max_blocks].view(len(new_tokens), max_blocks)
+    # rows of sequences in another order than the sequences, with a gap (rows the kernel leaves)
+    q_len = torch.tensor(new_tokens)
+    order = torch.randperm(len(new_tokens), generator=g)
+    q_start = torch.empty_like(q_len)
+    row = 3
+    for s_ in order.tolist():
+        q_start[s_] = row
+        row += int(q_len[s_])
+    q = torch.randn(row, heads, e, generator=g)
+    if head_major:  # (K, blocks, bs, E) storage seen as (blocks, bs, K, E)
+        k = torch.randn(kv_heads, n_blocks, bs, e, generator=g).permute(1, 2, 0, 3)
+        v = torch.randn(kv_heads, n_blocks, bs, e, generator=g).permute(1, 2, 0, 3)
+    else:
+        k = torch.randn(n_blocks, bs, kv_heads, e, generator=g)
+        v = torch.randn(n_blocks, bs, kv_heads, e, generator=g)
+    return q, k, v, tables.contiguous(), q_start, q_len, ctx
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "e"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 48), (32, 2, 16)])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_kernel_equals_torch_attention(kernel: PagedAttentionKernel, heads: int, kv_heads: int, e: int,
+                                       head_major: bool) -> None:
+    new_tokens = [1] * 9 + [5, 64, 1, 130]  # decodes and prefill chunks with and without a past
+    q, k, v, tables, q_start, q_len, ctx = _case(heads, kv_heads, e, new_tokens, head_major=head_major)
+    want = reference_paged_attention(q, k, v, tables, q_start, q_len, ctx)
+    got = kernel(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_threads_split_the_sequences_and_agree(kernel: PagedAttentionKernel) -> None:
+    q, k, v, tables, q_start, q_len, ctx = _case(8, 4, 32, [1] * 20 + [200, 3])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
+        torch.set_num_threads(3)
+        three = kernel(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, three)
+
+
+def test_bad_inputs_are_refused_by_name(kernel: PagedAttentionKernel) -> None:
+    q, k, v, tables, q_start, q_len, ctx = _case(8, 4, 32, [1, 1])
+    with pytest.raises(ValueError, match="q must be a contiguous float32"):
+        kernel(q.double(), k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="same strides"):
+        other_layout = v.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # same shape, head-major
+        kernel(q, k, other_layout, tables, q_start, q_len, ctx, torch.zeros_like(q))
+    q17, k17, v17, t17, qs17, ql17, c17 = _case(34, 2, 32, [1])
+    with pytest.raises(ValueError, match="at most 16 per kv head"):
+        kernel(q17, k17, v17, t17, qs17, ql17, c17, torch.empty_like(q17))
+
+
+def _load_in_subprocess(env: dict[str, str]) -> dict[str, object]:
+    code = ("import json, logging; logging.basicConfig(level=logging.INFO)\n"
+            "from kubeforge_runtime.serve import paged_attention as pa\n"
+            "k = pa.load_kernel()\n"
+            "import torch; tiny = torch.tensor(1e-40, dtype=torch.float32)\n"
+            "print(json.dumps({'loaded': k is not None, 'reason': pa._REASON, 'subnormals': float(tiny * 1.0) != 0.0}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["log"] = proc.stderr
+    return out
+
+
+def test_loading_the_kernel_leaves_the_processs_float_mode_alone(tmp_path: Path) -> None:
+    # linked with -ffast-math, a library switches the process to flush-to-zero when loaded
+    got = _load_in_subprocess({"KUBEFORGE_KERNEL_CACHE": str(tmp_path / "fresh")})
+    assert got["loaded"] is True and got["subnormals"] is True, got
+
+
+def test_without_a_compiler_or_when_disabled_the_torch_path_is_used_and_said(tmp_path: Path) -> None:
+    off = _load_in_subprocess({"KUBEFORGE_PAGED_KERNEL": "0"})
+    assert off["loaded"] is False and "KUBEFORGE_PAGED_KERNEL=0" in str(off["log"])
+    no_cc = _load_in_subprocess({"CC": str(tmp_path / "no-such-cc"), "KUBEFORGE_KERNEL_CACHE": str(tmp_path / "c")})
+    assert no_cc["loaded"] is False and "kernel not used" in str(no_cc["log"]), no_cc
+    # and it builds into the cache named, once
+    lib = build(tmp_path / "cache")
+    assert lib.is_file() and build(tmp_path / "cache") == lib
+
+
+def test_an_image_without_a_compiler_loads_its_prebuilt_kernel(tmp_path: Path) -> None:
+    built = prebuild(tmp_path / "kernels")
+    assert built and all(p.is_file() for p in built)
+    got = _load_in_subprocess({"CC": str(tmp_path / "no-such-cc"), "KUBEFORGE_KERNEL_CACHE": str(tmp_path / "c"),
+                               "KUBEFORGE_KERNEL_PREBUILT": str(tmp_path / "kernels")})
+    assert got["loaded"] is True and "using the prebuilt" in str(got["log"]), got
+    q, k, v, tables, q_start, q_len, ctx = _case(8, 4, 32, [1, 7, 1])
+    portable = PagedAttentionKernel(built[-1])  # the most portable build gives the same answers
+    torch.testing.assert_close(portable(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q)),
+                               reference_paged_attention(q, k, v, tables, q_start, q_len, ctx), rtol=1e-5, atol=1e-5)

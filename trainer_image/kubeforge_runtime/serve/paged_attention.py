@@ -1,0 +1,263 @@
+"""A fused paged-attention kernel for the CPU, built at first use.
+
+Gather-then-SDPA (the portable path in ``runner.py``) copies every decoding sequence's keys
+and values out of the block pool on every layer of every step, then reads the copy again:
+on the CPU that copy, not the arithmetic, is what decode attention costs. This kernel
+(``csrc/paged_attention.c``) reads keys and values in place through the block tables, one
+pass per sequence and kv head with all the query heads of the group, causal within a chunk
+of new tokens, so it serves decode tokens and prefill chunks alike.
+
+It is compiled with the host's C compiler (``$CC``, else ``cc``) with ``-O3 -march=native
+-ffast-math`` into ``$KUBEFORGE_KERNEL_CACHE`` (default ``~/.cache/kubeforge/kernels``),
+keyed by the source, the flags and the CPU's feature flags, in well under a second. Images
+carry no compiler: their build stage runs ``python -m kubeforge_runtime.serve.paged_attention
+--prebuild DIR`` (x86-64-v3 and -v2 builds) and sets ``KUBEFORGE_KERNEL_PREBUILT=DIR``; the
+best build this CPU can run is used. The library is loaded with ctypes (which releases the GIL for the call: with more than one torch thread the
+sequences are split across that many threads). fp32 on the CPU only; a CUDA engine, other
+dtypes, ``KUBEFORGE_PAGED_KERNEL=0`` or a host without a compiler use the torch path, and
+the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
+#: The widest query-head group per kv head the kernel takes (``MAX_GROUP`` in the C source).
+MAX_GROUP = 16
+ENV_DISABLE = "KUBEFORGE_PAGED_KERNEL"
+ENV_CACHE = "KUBEFORGE_KERNEL_CACHE"
+
+
+ENV_PREBUILT = "KUBEFORGE_KERNEL_PREBUILT"
+#: Prebuilt targets per machine, best first, with the CPU flags each needs.
+TARGETS: dict[str, list[tuple[str, frozenset[str]]]] = {
+    "x86_64": [("x86-64-v3", frozenset({"avx2", "fma", "bmi2", "movbe"})),
+               ("x86-64-v2", frozenset({"sse4_2", "popcnt", "ssse3"}))],
+}
+
+
+class KernelUnavailable(RuntimeError):
+    pass
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelUnavailable("no C compiler (cc/gcc, or $CC) on this host")
+    return cc
+
+
+def _compile(cc: str, flags: tuple[str, ...], lib: Path) -> None:
+    """Compile, then link without ``-ffast-math``: linked with it, the library would pull in
+    crtfastmath.o, which switches the whole process to flush-subnormals-to-zero on load."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        obj, out = Path(tmp) / "paged_attention.o", Path(tmp) / lib.name
+        steps = [[cc, *(f for f in flags if f != "-shared"), "-c", "-o", str(obj), str(SOURCE)],
+                 [cc, "-shared", "-o", str(out), str(obj), "-lm"]]
+        for cmd in steps:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except OSError as e:
+                raise KernelUnavailable(f"{cc}: {e}") from e
+            if proc.returncode != 0:
+                raise KernelUnavailable(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(out, lib)  # atomic: a concurrent build of the same key is harmless
+
+
+def prebuild(dest: Path) -> list[Path]:
+    """Portable builds for an image (no -march=native: the image runs on other CPUs)."""
+    cc = _compiler()
+    generic = tuple(f for f in FLAGS if f != "-march=native")
+    out = []
+    for target, _ in TARGETS.get(platform.machine(), [("generic", frozenset())]):
+        lib = dest / f"paged_attention-{target}.so"
+        _compile(cc, generic + ((f"-march={target}",) if target != "generic" else ()), lib)
+        out.append(lib)
+    return out
+
+
+def _prebuilt() -> Path | None:
+    root = os.environ.get(ENV_PREBUILT)
+    if not root:
+        return None
+    flags = set(_cpu_flags().split())
+    for target, needs in TARGETS.get(platform.machine(), [("generic", frozenset())]):
+        lib = Path(root) / f"paged_attention-{target}.so"
+        if needs <= flags and lib.is_file():
+            return lib
+    return None
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the kernel (once per source, flags and CPU); its shared library's path."""
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + b"link-separately" + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cache = cache_dir or Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "kubeforge" / "kernels")
+    lib = cache / f"paged_attention-{key}.so"
+    if lib.is_file():
+        return lib
+    _compile(cc, FLAGS, lib)
+    log.info("built the paged-attention kernel %s", lib)
+    return lib
+
+
+class PagedAttentionKernel:
+    """``kernel(q, k_cache, v_cache, block_tables, q_start, ctx_len, out)``; see ``__call__``."""
+
+    def __init__(self, lib_path: Path) -> None:
+        self._lib = ctypes.CDLL(str(lib_path))
+        fn = self._lib.kf_paged_attention
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, i, p, p, p, i, i, p, i, i, i, i, i, i, i, ctypes.c_float, p]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+        self._scratch = threading.local()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _scratch_for(self, n: int) -> torch.Tensor:
+        buf: torch.Tensor | None = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 4096), dtype=torch.float32)
+            self._scratch.buf = buf
+        return buf
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 q_start: torch.Tensor, q_len: torch.Tensor, ctx_len: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` (T, H, E) over the paged cache into ``out`` (T, H, E) (rows of
+        no sequence are left as they are).
+
+        ``k_cache``/``v_cache``: (blocks, block_size, K, E) views in any strides with a
+        contiguous last dim; ``block_tables`` (S, max_blocks), ``q_start``, ``q_len`` and
+        ``ctx_len`` (S,) int64 on the CPU: sequence s owns query rows q_start[s] onwards,
+        q_len[s] of them, and has ctx_len[s] tokens in the cache, its new ones included (they
+        attend causally)."""
+        t, h, e = q.shape
+        _, bs, kh, _ = k_cache.shape
+        if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+            raise ValueError("k_cache and v_cache need the same strides and a contiguous head dim")
+        for name, x in (("q", q), ("out", out)):
+            if not x.is_contiguous() or x.dtype != torch.float32:
+                raise ValueError(f"{name} must be a contiguous float32 tensor")
+        block_tables, q_start, q_len, ctx_len = (x.contiguous() for x in (block_tables, q_start, q_len, ctx_len))
+        s = ctx_len.shape[0]
+        sb, sj, sh, _ = k_cache.stride()
+        scale = e ** -0.5
+        longest = int(ctx_len.max()) if s else 0
+        args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(), ctx_len.data_ptr())
+        tail = (out.data_ptr(), h, kh, e, bs, sb, sj, sh, scale)
+
+        def run(begin: int, end: int) -> None:
+            scratch = self._scratch_for(h * longest)
+            if self._fn(*args, begin, end, *tail, scratch.data_ptr()) != 0:
+                raise ValueError(f"unsupported head grouping: {h} query heads over {kh} kv heads "
+                                 f"(at most {MAX_GROUP} per kv head, {MAX_GROUP * MAX_GROUP} in all)")
+
+        threads = torch.get_num_threads()
+        if threads <= 1 or s < 2:
+            run(0, s)
+            return out
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="paged-attention")
+        # split by work (query tokens x context), so one long prefill chunk does not sit alone
+        work = (q_len * ctx_len).tolist()
+        parts: list[tuple[int, int]] = []
+        total, begin, acc = sum(work), 0, 0
+        for idx, w in enumerate(work):
+            acc += w
+            if acc >= total * (len(parts) + 1) / threads and idx + 1 < s:
+                parts.append((begin, idx + 1))
+                begin = idx + 1
+        parts.append((begin, s))
+        for f in [self._pool.submit(run, b, e_) for b, e_ in parts if e_ > b]:
+            f.result()
+        return out
+
+
+_LOADED: PagedAttentionKernel | None = None
+_REASON: str | None = None
+_LOCK = threading.Lock()
+
+
+def load_kernel() -> PagedAttentionKernel | None:
+    """The kernel, or None (with the reason logged once) when it cannot be used here."""
+    global _LOADED, _REASON
+    with _LOCK:
+        if _LOADED is not None or _REASON is not None:
+            return _LOADED
+        if os.environ.get(ENV_DISABLE, "1") in ("0", "false", "no"):
+            _REASON = f"{ENV_DISABLE}=0"
+        else:
+            try:
+                try:
+                    lib = build()
+                except KernelUnavailable as e:
+                    prebuilt = _prebuilt()
+                    if prebuilt is None:
+                        raise
+                    log.info("paged-attention kernel: %s; using the prebuilt %s", e, prebuilt)
+                    lib = prebuilt
+                _LOADED = PagedAttentionKernel(lib)
+            except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+                _REASON = str(e)
+        if _LOADED is None:
+            log.warning("paged-attention kernel not used (%s): attention gathers blocks and runs SDPA", _REASON)
+        return _LOADED
+
+
+def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
+                              ctx_len: torch.Tensor) -> torch.Tensor:
+    """The same attention in plain torch, one sequence at a time (for tests)."""
+    t, h, e = q.shape
+    bs, kh = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for s in range(ctx_len.shape[0]):
+        a, c = int(q_start[s]), int(ctx_len[s])
+        b = a + int(q_len[s])
+        blocks = block_tables[s, :(c + bs - 1) // bs]
+        k = k_cache[blocks].reshape(-1, kh, e)[:c].transpose(0, 1)  # (K, C, E)
+        v = v_cache[blocks].reshape(-1, kh, e)[:c].transpose(0, 1)
+        qs = q[a:b].transpose(0, 1)  # (H, n, E)
+        pos = torch.arange(c - (b - a), c)[:, None]
+        mask = torch.arange(c)[None, :] <= pos
+        y = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+        out[a:b] = y.transpose(0, 1)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build the paged-attention kernel")
+    ap.add_argument("--prebuild", type=Path, required=True, help="directory for portable builds (image build stage)")
+    for built in prebuild(ap.parse_args().prebuild):
+        print(built)
