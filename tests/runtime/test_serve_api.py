@@ -326,7 +326,15 @@ def test_full_queue_answers_429_with_retry_after(model_dir: Path, tmp_path: Path
 
         async def go() -> None:
             async with aiohttp.ClientSession() as session:
-                await asyncio.gather(*(one(session) for _ in range(6)))
+                # the queue holds requests not yet running: let the first one start, then
+                # five arrive at once: one of them waits, the others find the queue full
+                first = asyncio.create_task(one(session))
+                deadline = time.monotonic() + 30
+                while (await asyncio.to_thread(s.metrics))["vllm:num_requests_running"] < 1:
+                    assert time.monotonic() < deadline, "the first request never started"
+                    await asyncio.sleep(0.02)
+                await asyncio.gather(*(one(session) for _ in range(5)))
+                await first
         asyncio.run(go())
         statuses = sorted(st_ for st_, _ in results)
         assert statuses.count(200) >= 2 and 429 in statuses, statuses
