@@ -50,6 +50,15 @@ def fast_operator(crds: Cluster, namespace: str, tmp_path: Path) -> Any:
     op.stop()
 
 
+def test_a_new_policy_gets_its_status_at_once_not_at_the_next_retention_pass(operator: OperatorProcess,
+                                                                            namespace: str) -> None:
+    # the operator fixture keeps the default 60 s retention interval: only the create
+    # handler can answer within 20 s
+    c = operator.cluster
+    c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(policy("p", "http://127.0.0.1:9", "t")))
+    wait_for("SecretNotFound from the create handler", lambda: reason_is(c, namespace, "p", "SecretNotFound"), 20)
+
+
 def test_storage_problems_are_conditions_then_ready(fast_operator: OperatorProcess, namespace: str) -> None:
     c = fast_operator.cluster
     s3 = c.s3_settings()

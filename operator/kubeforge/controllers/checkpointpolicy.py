@@ -216,6 +216,16 @@ def _after_status(body: Any, vp: inspector.VolumePass, logger: Any) -> None:
                                                             CheckpointPolicy.plural, meta["name"], {"status": patch})
 
 
+@kopf.on.resume(GROUP, VERSION, CheckpointPolicy.plural)
+@kopf.on.create(GROUP, VERSION, CheckpointPolicy.plural)
+@kopf.on.update(GROUP, VERSION, CheckpointPolicy.plural, field="spec")
+def reconcile(namespace: str | None, name: str, **_: Any) -> None:
+    """Storage checked and status written at once (retention waits for the loop; a volume's
+    first inspector pass starts now)."""
+    assert namespace is not None  # a namespaced kind
+    enforce(namespace, name, retention=False)
+
+
 # Retention runs in one operator-wide loop over the policies seen by the watch, not in a
 # kopf timer: kopf puts a finalizer on every object with a timer, and a CheckpointPolicy has
 # nothing to clean up on deletion, so it must stay deletable while the operator is down.
