@@ -131,6 +131,15 @@ def test_the_paged_attention_kernel_serves_the_same_tokens_as_the_torch_path(mod
         assert out == ours
 
 
+def test_a_vanishing_temperature_samples_greedily(model: Llama) -> None:
+    # 5e-42 is a valid (subnormal) JSON number; logits / it overflow to inf (found by the fuzzer)
+    assert SamplingParams(temperature=5.2e-42).greedy and not SamplingParams(temperature=1e-3).greedy
+    tiny = SamplingParams(max_tokens=8, temperature=5.2e-42, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    e = LLMEngine(model, TOK, EngineConfig(num_blocks=64))
+    assert run(e, [([1, 2, 3], tiny)]) == run(e, [([1, 2, 3], greedy)])
+
+
 def test_attention_backend_is_checked(model: Llama) -> None:
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         LLMEngine(model, TOK, EngineConfig(num_blocks=16, attention_backend="flash"))

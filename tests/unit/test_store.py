@@ -256,3 +256,18 @@ def test_marker_round_trips_as_json() -> None:
     m = CommitMarker(step=3, time="t", world_size=4, bytes=9, files={"a": FileDigest(size=9, sha256="ab")},
                      info={"tokens_seen": 123})
     assert CommitMarker.model_validate_json(m.to_json()) == m
+
+
+def test_deleting_in_a_missing_directory_leaves_its_empty_parents(tmp_path: Path) -> None:
+    # rank 0 uncommits a step before any rank wrote it, while rank 1 creates the same tree
+    from kubeforge.store.backends import FileBackend
+
+    root = tmp_path / "root"
+    (root / NS / JOB / "checkpoints").mkdir(parents=True)
+    FileBackend(root).delete([f"{NS}/{JOB}/checkpoints/step-0000000005/commit.json"])
+    assert (root / NS / JOB / "checkpoints").is_dir()
+    # an emptied directory is removed, and its parents while they are empty
+    (root / NS / JOB / "checkpoints" / "step-0000000006").mkdir()
+    (root / NS / JOB / "checkpoints" / "step-0000000006" / "a").write_bytes(b"x")
+    FileBackend(root).delete([f"{NS}/{JOB}/checkpoints/step-0000000006/a"])
+    assert not (root / NS).exists() and root.is_dir()

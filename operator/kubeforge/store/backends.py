@@ -148,7 +148,7 @@ class FileBackend:
                 try:
                     d.rmdir()
                 except FileNotFoundError:
-                    pass  # the other one removed it
+                    break  # gone already (another deleter): its parents are not ours to judge
                 except OSError as e:
                     if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                         break  # still holds something: so do its parents

@@ -11,6 +11,9 @@ import dataclasses
 
 import torch
 
+#: Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``).
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -36,7 +39,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below GREEDY_TEMPERATURE, logits / temperature overflows to inf (and a subnormal
+        # one is a valid JSON number): the limit of sampling there is argmax, as in vLLM
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
