@@ -27,6 +27,7 @@ from kubeforge.controllers.status import conditions_patch, parse_spec, record_ev
 from kubeforge.metrics import CHECKPOINTS_DELETED, STORE_INSPECTIONS, reconciling
 from kubeforge.settings import OperatorSettings, inspector_image
 from kubeforge.store import Store, StoreError, open_store
+from kubeforge.store.inspector import MAX_DELETED_LISTED
 from kubeforge.store.report import RetentionRule, inspect_store, job_refs
 
 #: Keys the credentials Secret must hold (they reach the workers through envFrom).
@@ -134,7 +135,7 @@ def s3_status(parsed: CheckpointPolicySpec, store: Store, namespace: str, jobs: 
                          parsed.retention.incomplete_grace_seconds) if retention else None
     report = inspect_store(store, namespace, job_refs(jobs), rule)
     record_deletions(body, {k: len(v) for k, v in report.deleted.items()},
-                     {k: sorted(v)[:20] for k, v in report.deleted.items()}, logger)
+                     {k: sorted(v)[:MAX_DELETED_LISTED] for k, v in report.deleted.items()}, logger)
     return {"jobs": report.jobs}
 
 
