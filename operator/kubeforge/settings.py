@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ENV_WORKLOAD_IMAGE
+from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ENV_INSPECTOR_IMAGE, ENV_WORKLOAD_IMAGE
 
 
 def workload_image(requested: str | None) -> str:
@@ -17,7 +17,7 @@ def workload_image(requested: str | None) -> str:
 def inspector_image() -> str:
     """The image of a volume CheckpointPolicy's store inspector pod: the operator's own (it
     carries ``kubeforge.store``; the chart sets ``KUBEFORGE_INSPECTOR_IMAGE``), else the workload image."""
-    return os.environ.get("KUBEFORGE_INSPECTOR_IMAGE") or workload_image(None)
+    return os.environ.get(ENV_INSPECTOR_IMAGE) or workload_image(None)
 
 
 @dataclasses.dataclass(frozen=True)

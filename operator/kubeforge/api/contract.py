@@ -49,6 +49,8 @@ ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 #: ``KUBEFORGE_WORKLOAD_IMAGE`` (Helm value ``workloadImage``) overrides it.
 DEFAULT_WORKLOAD_IMAGE = "ghcr.io/kubeforge/trainer:0.1.0"
 ENV_WORKLOAD_IMAGE = "KUBEFORGE_WORKLOAD_IMAGE"
+#: The image of a volume CheckpointPolicy's store inspector pod (the chart: the operator's own).
+ENV_INSPECTOR_IMAGE = "KUBEFORGE_INSPECTOR_IMAGE"
 
 #: Where the operator mounts the trainer config inside worker pods.
 CONFIG_MOUNT_DIR = "/etc/kubeforge"

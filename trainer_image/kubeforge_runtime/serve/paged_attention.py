@@ -233,27 +233,6 @@ def load_kernel() -> PagedAttentionKernel | None:
         return _LOADED
 
 
-def reference_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
-                              ctx_len: torch.Tensor) -> torch.Tensor:
-    """The same attention in plain torch, one sequence at a time (for tests)."""
-    t, h, e = q.shape
-    bs, kh = k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros_like(q)
-    for s in range(ctx_len.shape[0]):
-        a, c = int(q_start[s]), int(ctx_len[s])
-        b = a + int(q_len[s])
-        blocks = block_tables[s, :(c + bs - 1) // bs]
-        k = k_cache[blocks].reshape(-1, kh, e)[:c].transpose(0, 1)  # (K, C, E)
-        v = v_cache[blocks].reshape(-1, kh, e)[:c].transpose(0, 1)
-        qs = q[a:b].transpose(0, 1)  # (H, n, E)
-        pos = torch.arange(c - (b - a), c)[:, None]
-        mask = torch.arange(c)[None, :] <= pos
-        y = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
-        out[a:b] = y.transpose(0, 1)
-    return out
-
-
 if __name__ == "__main__":
     import argparse
 

@@ -19,9 +19,9 @@ itself and to its past through the same gather. Gather-then-attend is the portab
 paged attention in plain torch; it is correct on the GPU as well, only slower than a fused
 paged kernel. On the CPU in fp32 (``attention_backend`` "auto" or "kernel") decode tokens and
 short chunks with a past go to the fused kernel of ``paged_attention.py`` instead, which reads
-the pool in place; whole prompts and long chunks keep SDPA. On the CPU a decode step is bound by memory traffic (weights and every running
-sequence's keys and values, more than the last-level cache holds), which is what the layout
-choices here are about.
+the pool in place; whole prompts and long chunks keep SDPA. On the CPU a decode step is
+bound by memory traffic (weights and every running sequence's keys and values, more than the
+last-level cache holds), which is what the layout choices here are about.
 
 The runner multiplies by fused, transposed weights: q/k/v as one (D, (H + 2K) * E) matrix,
 gate/up as one (D, 2F), o and down transposed alone. Fewer, larger matmuls cost less fixed
