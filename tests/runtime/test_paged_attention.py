@@ -1,7 +1,8 @@
 """The CPU paged-attention kernel (built with the host's compiler) against plain torch
 attention over the same paged cache: decode tokens and prefill chunks mixed, grouped-query
 heads, head sizes with and without a specialised path, both cache layouts, several threads;
-and the fallback when it cannot be built."""
+the layer's native elementwise ops (RMSNorm, RoPE with the KV write) against the torch ops
+they replace; and the fallback when it cannot be built."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kubeforge_runtime.serve.paged_attention import (
     PagedAttentionKernel,
     build,
@@ -110,6 +112,53 @@ def test_bad_inputs_are_refused_by_name(kernel: PagedAttentionKernel) -> None:
     q17, k17, v17, t17, qs17, ql17, c17 = _case(34, 2, 32, [1])
     with pytest.raises(ValueError, match="at most 16 per kv head"):
         kernel(q17, k17, v17, t17, qs17, ql17, c17, torch.empty_like(q17))
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 256), (16, 256), (37, 100), (512, 4096)])
+def test_rms_norm_with_the_residual_add_matches_torch(kernel: PagedAttentionKernel, rows: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, delta = (torch.randn(rows, dim, generator=g) * 3 for _ in range(2))
+    w = torch.randn(dim, generator=g)
+    want_x = x + delta
+    want = F.rms_norm(want_x, (dim,), w, 1e-5)
+    out = torch.full_like(x, float("nan"))
+    kernel.rms_norm(x, w, 1e-5, out, residual=delta)
+    assert torch.equal(x, want_x), "the residual add is the same single rounding as torch's"
+    # the sum of squares is added in another order than torch's reduction: a few ulps
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
+    again = torch.empty_like(out)
+    kernel.rms_norm(x.clone(), w, 1e-5, again)
+    assert torch.equal(again, out), "without a residual, x is normalised as it is"
+
+
+@pytest.mark.parametrize("with_k_out", [True, False])
+def test_rope_and_the_kv_write_equal_the_torch_ops_bit_for_bit(kernel: PagedAttentionKernel, with_k_out: bool) -> None:
+    from kubeforge_runtime.model.llama import rope_cos_sin
+
+    h, kh, e, bs, t = 8, 2, 64, 16, 21
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(t, (h + 2 * kh) * e, generator=g)
+    positions = torch.randint(0, 300, (t,), generator=g)
+    slots = torch.randperm(40 * bs, generator=g)[:t]
+    cos, sin = rope_cos_sin(torch.arange(512), e, 10000.0)
+    sin_signed = torch.cat((-sin[:, :e // 2], sin[:, e // 2:]), dim=-1)
+    pool = torch.zeros(40, 2, kh, bs, e)
+    q_out = torch.empty(t, h, e)
+    k_out = torch.empty(t, kh, e) if with_k_out else None
+    kernel.rope_kv_write(qkv, (h, kh, e), positions, cos, sin_signed, slots, pool, q_out, k_out)
+    # the torch path's ops (runner.forward without the kernel)
+    qk = qkv[:, :(h + kh) * e].view(t, h + kh, e)
+    c, s_ = cos[positions][:, None], sin_signed[positions][:, None]
+    qk = qk * c + torch.cat((qk[..., e // 2:], qk[..., :e // 2]), dim=-1) * s_
+    assert torch.equal(q_out, qk[:, :h])
+    keys = pool[:, 0].permute(0, 2, 1, 3).reshape(-1, kh, e)[slots]  # (T, K, E) by slot
+    values = pool[:, 1].permute(0, 2, 1, 3).reshape(-1, kh, e)[slots]
+    assert torch.equal(keys, qk[:, h:]) and torch.equal(values, qkv[:, (h + kh) * e:].view(t, kh, e))
+    if k_out is not None:
+        assert torch.equal(k_out, qk[:, h:])
+    untouched = torch.ones(40 * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not pool[:, :].permute(0, 3, 1, 2, 4).reshape(40 * bs, -1)[untouched].any()
 
 
 def _load_in_subprocess(env: dict[str, str]) -> dict[str, object]:

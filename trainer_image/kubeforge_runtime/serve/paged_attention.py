@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
+#: The layer's elementwise ops (``csrc/layer_ops.c``), in the same library: no fast-math and
+#: no fused multiply-adds, so they round as torch's ops do.
+LAYER_OPS_SOURCE = SOURCE.with_name("layer_ops.c")
+LAYER_OPS_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC")
 #: The widest query-head group per kv head the kernel takes (``MAX_GROUP`` in the C source).
 MAX_GROUP = 16
 ENV_DISABLE = "KUBEFORGE_PAGED_KERNEL"
@@ -73,14 +77,20 @@ def _compiler() -> str:
     return cc
 
 
-def _compile(cc: str, flags: tuple[str, ...], lib: Path) -> None:
-    """Compile, then link without ``-ffast-math``: linked with it, the library would pull in
-    crtfastmath.o, which switches the whole process to flush-subnormals-to-zero on load."""
+def _compile(cc: str, march: str | None, lib: Path) -> None:
+    """Compile each source with its flags (``-march=native`` replaced by ``march``), then link
+    without ``-ffast-math``: linked with it, the library would pull in crtfastmath.o, which
+    switches the whole process to flush-subnormals-to-zero on load."""
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        obj, out = Path(tmp) / "paged_attention.o", Path(tmp) / lib.name
-        steps = [[cc, *(f for f in flags if f != "-shared"), "-c", "-o", str(obj), str(SOURCE)],
-                 [cc, "-shared", "-o", str(out), str(obj), "-lm"]]
+        out = Path(tmp) / lib.name
+        steps, objs = [], []
+        for source, flags in ((SOURCE, FLAGS), (LAYER_OPS_SOURCE, LAYER_OPS_FLAGS)):
+            obj = Path(tmp) / f"{source.stem}.o"
+            flags = tuple(f for f in flags if f != "-march=native") + ((f"-march={march}",) if march else ())
+            steps.append([cc, *flags, "-c", "-o", str(obj), str(source)])
+            objs.append(str(obj))
+        steps.append([cc, "-shared", "-o", str(out), *objs, "-lm"])
         for cmd in steps:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -94,11 +104,10 @@ def _compile(cc: str, flags: tuple[str, ...], lib: Path) -> None:
 def prebuild(dest: Path) -> list[Path]:
     """Portable builds for an image (no -march=native: the image runs on other CPUs)."""
     cc = _compiler()
-    generic = tuple(f for f in FLAGS if f != "-march=native")
     out = []
     for target, _ in TARGETS.get(platform.machine(), [("generic", frozenset())]):
         lib = dest / f"paged_attention-{target}.so"
-        _compile(cc, generic + ((f"-march={target}",) if target != "generic" else ()), lib)
+        _compile(cc, target if target != "generic" else None, lib)
         out.append(lib)
     return out
 
@@ -118,13 +127,14 @@ def _prebuilt() -> Path | None:
 def build(cache_dir: Path | None = None) -> Path:
     """Compile the kernel (once per source, flags and CPU); its shared library's path."""
     cc = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + b"link-separately" + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    source = SOURCE.read_bytes() + LAYER_OPS_SOURCE.read_bytes()
+    flags = " ".join(FLAGS) + "|" + " ".join(LAYER_OPS_FLAGS)
+    key = hashlib.sha256(source + flags.encode() + b"link-separately" + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
     cache = cache_dir or Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "kubeforge" / "kernels")
     lib = cache / f"paged_attention-{key}.so"
     if lib.is_file():
         return lib
-    _compile(cc, FLAGS, lib)
+    _compile(cc, "native", lib)
     log.info("built the paged-attention kernel %s", lib)
     return lib
 
@@ -139,6 +149,13 @@ class PagedAttentionKernel:
         fn.argtypes = [p, p, p, p, i, p, p, p, i, i, p, i, i, i, i, i, i, i, ctypes.c_float, p]
         fn.restype = ctypes.c_int
         self._fn = fn
+        f, n = ctypes.c_float, None
+        self._rms_norm = self._lib.kf_rms_norm
+        self._rms_norm.argtypes = [p, p, p, f, i, i, p]
+        self._rms_norm.restype = n
+        self._rope_kv_write = self._lib.kf_rope_kv_write
+        self._rope_kv_write.argtypes = [p, i, i, i, i, p, p, p, p, p, i, p, p]
+        self._rope_kv_write.restype = n
         self._scratch = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -200,6 +217,30 @@ class PagedAttentionKernel:
         for f in [self._pool.submit(run, b, e_) for b, e_ in parts if e_ > b]:
             f.result()
         return out
+
+
+    # -- the layer's elementwise ops (csrc/layer_ops.c); arguments are checked by the runner,
+    # which owns every tensor passed: contiguous float32 on the CPU, shapes as documented
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``out = rms_norm(x) * weight`` over rows of (T, D); with ``residual``, ``x += residual``
+        first, in place."""
+        t, d = x.shape
+        self._rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+                       t, d, out.data_ptr())
+        return out
+
+    def rope_kv_write(self, qkv: torch.Tensor, heads: tuple[int, int, int], positions: torch.Tensor,
+                      cos: torch.Tensor, sin_signed: torch.Tensor, slots: torch.Tensor, kv_layer: torch.Tensor,
+                      q_out: torch.Tensor, k_out: torch.Tensor | None = None) -> None:
+        """RoPE on the q and k heads of ``qkv`` (T, (H + 2K) * E) into ``q_out`` (T, H, E)
+        (and ``k_out`` (T, K, E)), and each token's key and value into its slot of
+        ``kv_layer`` (blocks, 2, K, block_size, E)."""
+        h, k, e = heads
+        self._rope_kv_write(qkv.data_ptr(), qkv.shape[0], h, k, e, positions.data_ptr(), cos.data_ptr(),
+                            sin_signed.data_ptr(), slots.data_ptr(), kv_layer.data_ptr(), kv_layer.shape[3],
+                            q_out.data_ptr(), None if k_out is None else k_out.data_ptr())
 
 
 _LOADED: PagedAttentionKernel | None = None

@@ -274,9 +274,41 @@ class PagedRunner:
             [dataclasses.replace(p, block_table=p.block_table.to(d, non_blocking=True)) for p in b.prefills],
             b.logits_idx.to(d, non_blocking=True))
 
+    def _prefill_masks(self, prefills: list[PrefillChunk]) -> list[torch.Tensor | None]:
+        """Per chunk: None for a whole prompt (plain causal), else the boolean (n, context)
+        mask of a chunk over its past and itself."""
+        masks: list[torch.Tensor | None] = []
+        for p in prefills:
+            if p.context_len == p.num_tokens:
+                masks.append(None)
+            else:
+                qpos = torch.arange(p.num_tokens, device=self.device)[:, None] + (p.context_len - p.num_tokens)
+                masks.append(torch.arange(p.context_len, device=self.device)[None, :] <= qpos)
+        return masks
+
+    def _attend_prefills(self, kv_blocks: torch.Tensor, q_THE: torch.Tensor, k_TKE: torch.Tensor,
+                         v_TKE: torch.Tensor, prefills: list[PrefillChunk], masks: list[torch.Tensor | None],
+                         y_THE: torch.Tensor) -> None:
+        """SDPA for each chunk, one sequence at a time, into its rows of ``y_THE``."""
+        for p, pmask in zip(prefills, masks, strict=True):
+            s0, n = p.token_start, p.num_tokens
+            qp = q_THE[s0:s0 + n].transpose(0, 1)[None]  # (1, H, n, E)
+            if pmask is None:
+                # the whole context is this chunk: its keys and values need no gather
+                yp = F.scaled_dot_product_attention(qp, k_TKE[s0:s0 + n].transpose(0, 1)[None],
+                                                    v_TKE[s0:s0 + n].transpose(0, 1)[None], is_causal=True,
+                                                    enable_gqa=True)
+            else:
+                kv_p = self._gather(kv_blocks, p.block_table)[:, :, :p.context_len]
+                yp = F.scaled_dot_product_attention(qp, kv_p[0][None], kv_p[1][None], attn_mask=pmask,
+                                                    enable_gqa=True)
+            y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits (S, V) at ``batch.logits_idx``; writes the step's keys and values."""
+        if self.kernel is not None:
+            return self._forward_cpu(batch, self.kernel)
         b = self.to_device(batch)
         m = self.model
         bs, nh, nkv, e = self.block_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -293,26 +325,15 @@ class PagedRunner:
         kv_rows = (((b.slot_mapping // bs)[:, None, None] * 2 + torch.arange(2, device=self.device)[:, None]) * nkv
                    + torch.arange(nkv, device=self.device)) * bs + (b.slot_mapping % bs)[:, None, None]
         kv_rows = kv_rows.flatten()
-        # the fused kernel takes every decode token and the short chunks with a past, read in
-        # place from the pool; the rest (whole prompts, long chunks) below
-        kernel_seqs = self._kernel_batch(b) if self.kernel is not None else None
-        decodes = [] if kernel_seqs is not None else b.decodes
-        prefills = [p for p in b.prefills if kernel_seqs is None or not _kernel_takes(p)]
         # additive masks, built once per step rather than once per layer: (K*Bd, 1, C), the
         # batch order of the decode attention below
         dec_masks = []
-        for g in decodes:
+        for g in b.decodes:
             c = g.block_table.shape[1] * bs
             keep = torch.arange(c, device=self.device)[None, :] < g.context_lens[:, None]
             mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill_(~keep, float("-inf"))
             dec_masks.append(mask[:, None, :].repeat(nkv, 1, 1))
-        pre_masks: list[torch.Tensor | None] = []
-        for p in prefills:
-            if p.context_len == p.num_tokens:
-                pre_masks.append(None)  # a whole prompt: plain causal
-            else:
-                qpos = torch.arange(p.num_tokens, device=self.device)[:, None] + (p.context_len - p.num_tokens)
-                pre_masks.append(torch.arange(p.context_len, device=self.device)[None, :] <= qpos)
+        pre_masks = self._prefill_masks(b.prefills)
         for layer_idx, layer in enumerate(self._fused_layers()):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
             h = _rms_norm(layer.input_norm, x_TD)
@@ -324,12 +345,7 @@ class PagedRunner:
             v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
             kv_blocks.view(-1, e).index_copy_(0, kv_rows, torch.stack((k_TKE, v_TKE), dim=1).view(-1, e))
             y_THE = torch.empty((t, nh, e), dtype=x_TD.dtype, device=x_TD.device)
-            if kernel_seqs is not None and self.kernel is not None:
-                # (blocks, 2, K, bs, E) seen as keys and values (blocks, bs, K, E)
-                tables, q_start, q_len, ctx_len = kernel_seqs
-                self.kernel(q_THE.contiguous(), kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2),
-                            tables, q_start, q_len, ctx_len, y_THE)
-            for g, mask in zip(decodes, dec_masks, strict=True):
+            for g, mask in zip(b.decodes, dec_masks, strict=True):
                 bd, nb = g.block_table.shape
                 c = nb * bs
                 s0 = g.token_start
@@ -342,22 +358,59 @@ class PagedRunner:
                 probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kv_d.dtype)
                 yd = torch.bmm(probs, kv_d[1])
                 y_THE[s0:s0 + bd] = yd.view(nkv, bd, g_per_kv, e).transpose(0, 1).reshape(bd, nh, e)
-            for p, pmask in zip(prefills, pre_masks, strict=True):
-                s0, n = p.token_start, p.num_tokens
-                qp = q_THE[s0:s0 + n].transpose(0, 1)[None]  # (1, H, n, E)
-                if pmask is None:
-                    # the whole context is this chunk: its keys and values need no gather
-                    yp = F.scaled_dot_product_attention(qp, k_TKE[s0:s0 + n].transpose(0, 1)[None],
-                                                        v_TKE[s0:s0 + n].transpose(0, 1)[None], is_causal=True,
-                                                        enable_gqa=True)
-                else:
-                    kv_p = self._gather(kv_blocks, p.block_table)[:, :, :p.context_len]
-                    yp = F.scaled_dot_product_attention(qp, kv_p[0][None], kv_p[1][None], attn_mask=pmask,
-                                                        enable_gqa=True)
-                y_THE[s0:s0 + n] = yp[0].transpose(0, 1)
+            self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, b.prefills, pre_masks, y_THE)
             x_TD = x_TD + y_THE.view(t, -1) @ layer.o_t
             gate_up = _rms_norm(layer.post_norm, x_TD) @ layer.gate_up_t
             f = gate_up.shape[1] // 2
             x_TD = x_TD + (F.silu(gate_up[:, :f]) * gate_up[:, f:]) @ layer.down_t
         logits: torch.Tensor = m.lm_head(m.norm(x_TD[b.logits_idx]))
+        return logits
+
+    def _forward_cpu(self, b: StepBatch, ops: PagedAttentionKernel) -> torch.Tensor:
+        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (torch),
+        RMSNorm with the residual add before it and RoPE with the KV write (one native call
+        each instead of a dozen small torch ops), and attention by the fused kernel for
+        decode tokens and short chunks with a past (whole prompts and long chunks: SDPA).
+        Computes what the torch path computes, op for op, except the order of RMSNorm's sum."""
+        m = self.model
+        nh, nkv, e = self.num_heads, self.num_kv_heads, self.head_dim
+        t = b.input_ids.shape[0]
+        layers = self._fused_layers()
+        kernel_seqs = self._kernel_batch(b)
+        prefills = [p for p in b.prefills if not _kernel_takes(p)]
+        pre_masks = self._prefill_masks(prefills)
+        x_TD = m.embed_tokens(b.input_ids)
+        h_TD = torch.empty_like(x_TD)
+        delta_TD = torch.empty_like(x_TD)
+        qkv = x_TD.new_empty((t, (nh + 2 * nkv) * e))
+        q_THE = x_TD.new_empty((t, nh, e))
+        y_THE = x_TD.new_empty((t, nh, e))
+        # whole prompts read their rotated keys from here rather than from the pool
+        k_TKE = x_TD.new_empty((t, nkv, e)) if prefills else None
+        v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
+        ops.rms_norm(x_TD, layers[0].input_norm.weight, layers[0].input_norm.eps, h_TD)
+        for layer_idx, layer in enumerate(layers):
+            kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
+            torch.mm(h_TD, layer.qkv_t, out=qkv)
+            ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
+                              b.slot_mapping, kv_blocks, q_THE, k_TKE)
+            if kernel_seqs is not None:
+                # (blocks, 2, K, bs, E) seen as keys and values (blocks, bs, K, E)
+                ops(q_THE, kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2), *kernel_seqs, y_THE)
+            if prefills:
+                assert k_TKE is not None
+                self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
+            torch.mm(y_THE.view(t, -1), layer.o_t, out=delta_TD)
+            ops.rms_norm(x_TD, layer.post_norm.weight, layer.post_norm.eps, h_TD, residual=delta_TD)
+            gate_up = h_TD @ layer.gate_up_t
+            f = gate_up.shape[1] // 2
+            act = F.silu(gate_up[:, :f]).mul_(gate_up[:, f:])
+            torch.mm(act, layer.down_t, out=delta_TD)
+            if layer_idx + 1 < len(layers):
+                nxt = layers[layer_idx + 1].input_norm
+                ops.rms_norm(x_TD, nxt.weight, nxt.eps, h_TD, residual=delta_TD)
+            else:
+                x_TD.add_(delta_TD)
+        rows = x_TD[b.logits_idx]
+        logits: torch.Tensor = m.lm_head(ops.rms_norm(rows, m.norm.weight, m.norm.eps, torch.empty_like(rows)))
         return logits
