@@ -279,18 +279,21 @@ def test_the_models_own_eos_ids_end_generation(model: Llama, tmp_path: Path) -> 
     assert tokens == free[:free.index(stop_at) + 1] and outs[-1].finish_reason == "stop"
 
 
-def test_fused_projections_follow_the_models_weights() -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["torch-path", "cpu-native-prepacked"])
+def test_fused_projections_follow_the_models_weights(dtype: torch.dtype) -> None:
     """The runner multiplies by fused q/k/v and gate/up weights whose slices are the model's
     own parameters: names and the state dict are unchanged, and weights loaded (or replaced)
-    after the engine was built are what it serves."""
+    after the engine was built are what it serves. In fp32 on the CPU it multiplies by
+    oneDNN's prepacked copies, re-packed when the weights change in place."""
     def make(seed: int) -> Llama:
         m = Llama(preset("tiny", initializer_range=0.2))
         m.init_weights(seed)
-        return m.double().eval()
+        return m.to(dtype).eval()
 
     served, other = make(7), make(8)
     before = {k: v.clone() for k, v in served.state_dict().items()}
     e = LLMEngine(served, TOK, EngineConfig(block_size=8, num_blocks=64))
+    assert e.runner.prepack == (dtype == torch.float32)
     after = served.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 

@@ -113,6 +113,10 @@ class _FusedLayer:
     #: replaced tensor
     linears: tuple[nn.Linear, ...]
     ptrs: tuple[int, ...]
+    #: oneDNN's prepacked copies of qkv, o, gate_up, down (CPU, fp32; see ``_prepack``) and the
+    #: weights' version counters when packed, to notice an update in place
+    packed: tuple[torch.Tensor, ...] | None = None
+    versions: tuple[int, ...] = ()
 
 
 def _fuse_transposed(linears: list[nn.Linear]) -> torch.Tensor:
@@ -151,6 +155,34 @@ def _fuse_layer(layer: DecoderLayer) -> _FusedLayer:
                        linears, tuple(lin.weight.data_ptr() for lin in linears))
 
 
+def _prepack(w_t: torch.Tensor, rows: int) -> torch.Tensor:
+    """oneDNN's blocked copy of an (in, out) weight, multiplied by with ``_packed_mm``.
+
+    MKL's GEMM (``torch.mm``) copies the weight into its blocked panel layout on every call;
+    on a decode step's few rows that copy costs about as much as the multiply itself. oneDNN
+    multiplies by a weight packed once (the op torch's own CPU compiler uses for frozen
+    linears). Its products are summed in another order than MKL's: equal to a few ulps."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)  # type: ignore[no-any-return]
+
+
+def _packed_mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # type: ignore[no-any-return]
+
+
+def _can_prepack() -> str | None:
+    """None when oneDNN's prepacked linear works here (and agrees with ``torch.mm``), else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    try:
+        g = torch.Generator().manual_seed(0)
+        w_t, x = torch.randn(48, 40, generator=g), torch.randn(5, 48, generator=g)
+        if not torch.allclose(_packed_mm(x, _prepack(w_t, 16)), x @ w_t, rtol=1e-4, atol=1e-4):
+            return "oneDNN's prepacked linear disagrees with torch.mm"
+    except (RuntimeError, AttributeError) as e:
+        return f"oneDNN's prepacked linear is not available: {e}"
+    return None
+
+
 def _kernel_takes(p: PrefillChunk) -> bool:
     """A chunk the kernel attends for: it has a past (else SDPA needs no gather) and is short."""
     return p.context_len != p.num_tokens and p.num_tokens <= KERNEL_MAX_CHUNK
@@ -184,9 +216,16 @@ class PagedRunner:
         # as Hugging Face's x * cos + cat(-x2, x1) * sin, without the negation
         half = cfg.head_dim // 2
         self.cos_table, self.sin_signed_table = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        self.layers = self._fuse()
         self._gather_buf = torch.empty(0, dtype=self.dtype, device=self.device)
         self.kernel = self._choose_kernel(attention_backend)
+        #: the CPU path multiplies by prepacked weights where oneDNN can (see ``_prepack``)
+        self.prepack = False
+        if self.kernel is not None:
+            why_not = _can_prepack()
+            self.prepack = why_not is None
+            if why_not:
+                log.info("projections: torch.mm (%s)", why_not)
+        self.layers = self._fuse()
 
     def _choose_kernel(self, backend: str) -> PagedAttentionKernel | None:
         if backend not in ATTENTION_BACKENDS:
@@ -208,12 +247,29 @@ class PagedRunner:
         return kernel
 
     def _fuse(self) -> list[_FusedLayer]:
-        with torch.no_grad():
-            return [_fuse_layer(layer) for layer in self.model.layers]  # type: ignore[arg-type]
+        # also when called from forward: the model's new parameters must stay normal tensors
+        # (an inference tensor has no version counter, and no autograd outside the engine)
+        with torch.inference_mode(False), torch.no_grad():
+            layers = [_fuse_layer(layer) for layer in self.model.layers]  # type: ignore[arg-type]
+        return [self._pack(f) for f in layers] if self.prepack else layers
+
+    def _pack(self, f: _FusedLayer) -> _FusedLayer:
+        with torch.inference_mode(False), torch.no_grad():
+            rows = self.max_batch_rows
+            packed = tuple(_prepack(w, rows) for w in (f.qkv_t, f.o_t, f.gate_up_t, f.down_t))
+        return dataclasses.replace(f, packed=packed, versions=tuple(lin.weight._version for lin in f.linears))
+
+    #: the row count oneDNN packs for (a hint: any count multiplies correctly)
+    max_batch_rows = 16
 
     def _fused_layers(self) -> list[_FusedLayer]:
+        """The fused weights, re-fused when a parameter was replaced and re-packed when one
+        was changed in place (``load_state_dict`` copies into them)."""
         if any(tuple(lin.weight.data_ptr() for lin in f.linears) != f.ptrs for f in self.layers):
             self.layers = self._fuse()
+        elif self.prepack and any(tuple(lin.weight._version for lin in f.linears) != f.versions
+                                  for f in self.layers):
+            self.layers = [self._pack(f) for f in self.layers]
         return self.layers
 
     def _gather(self, kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -381,17 +437,18 @@ class PagedRunner:
         pre_masks = self._prefill_masks(prefills)
         x_TD = m.embed_tokens(b.input_ids)
         h_TD = torch.empty_like(x_TD)
-        delta_TD = torch.empty_like(x_TD)
-        qkv = x_TD.new_empty((t, (nh + 2 * nkv) * e))
         q_THE = x_TD.new_empty((t, nh, e))
         y_THE = x_TD.new_empty((t, nh, e))
         # whole prompts read their rotated keys from here rather than from the pool
         k_TKE = x_TD.new_empty((t, nkv, e)) if prefills else None
-        v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
         ops.rms_norm(x_TD, layers[0].input_norm.weight, layers[0].input_norm.eps, h_TD)
         for layer_idx, layer in enumerate(layers):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
-            torch.mm(h_TD, layer.qkv_t, out=qkv)
+            if layer.packed is not None:
+                qkv_p, o_p, gate_up_p, down_p = layer.packed
+                qkv = _packed_mm(h_TD, qkv_p)
+            else:
+                qkv = h_TD @ layer.qkv_t
             ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
                               b.slot_mapping, kv_blocks, q_THE, k_TKE)
             if kernel_seqs is not None:
@@ -399,13 +456,15 @@ class PagedRunner:
                 ops(q_THE, kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2), *kernel_seqs, y_THE)
             if prefills:
                 assert k_TKE is not None
+                v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
                 self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
-            torch.mm(y_THE.view(t, -1), layer.o_t, out=delta_TD)
+            y = y_THE.view(t, -1)
+            delta_TD = _packed_mm(y, o_p) if layer.packed is not None else y @ layer.o_t
             ops.rms_norm(x_TD, layer.post_norm.weight, layer.post_norm.eps, h_TD, residual=delta_TD)
-            gate_up = h_TD @ layer.gate_up_t
+            gate_up = _packed_mm(h_TD, gate_up_p) if layer.packed is not None else h_TD @ layer.gate_up_t
             f = gate_up.shape[1] // 2
             act = F.silu(gate_up[:, :f]).mul_(gate_up[:, f:])
-            torch.mm(act, layer.down_t, out=delta_TD)
+            delta_TD = _packed_mm(act, down_p) if layer.packed is not None else act @ layer.down_t
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1].input_norm
                 ops.rms_norm(x_TD, nxt.weight, nxt.eps, h_TD, residual=delta_TD)
