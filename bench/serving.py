@@ -5,8 +5,9 @@ All three serve the same random-init Llama (written once with ``save_hf`` and lo
 from that directory), the same prompts of mixed lengths, greedy, the same number of new
 tokens per request (end-of-sequence ignored), 64 requests with at most 16 in flight:
 
-- kubeforge: ``AsyncEngine`` in-process (the server's engine path without HTTP; attention by
-  the fused CPU paged-attention kernel, as the server picks it, ``--attention-backend``), 16 client
+- kubeforge: ``AsyncEngine`` in-process (the server's engine path without HTTP, with the
+  process settings the server applies after warm-up, ``settle_process``; attention by the
+  fused CPU paged-attention kernel, as the server picks it, ``--attention-backend``), 16 client
   coroutines each sending its next request when the previous one finishes; TTFT and
   inter-token latency are measured by those clients as tokens arrive;
 - naive: ``LlamaForCausalLM.generate`` on one request at a time (concurrency 1 by nature);
@@ -39,7 +40,7 @@ import torch
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama, LlamaConfig
 from kubeforge_runtime.serve.async_engine import AsyncEngine
-from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine
+from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine, settle_process
 from kubeforge_runtime.serve.sampling import SamplingParams
 from kubeforge_runtime.tokenizer import ByteTokenizer
 
@@ -116,6 +117,7 @@ def run_kubeforge(model_dir: Path, prompts: list[list[int]], args: argparse.Name
     engine = make_engine(model_dir, args)
     asyncio.run(_drive(engine, workload(4, 8, 64, seed=99), 4, 4))  # warm-up
     engine.pool.reset_prefix_cache()
+    settle_process()  # as the server does once its engine is warm
     out = asyncio.run(_drive(engine, prompts, args.new_tokens, args.concurrency))
     out["attention"] = "kernel" if engine.runner.kernel is not None else "torch"
     return out

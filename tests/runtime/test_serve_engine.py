@@ -10,7 +10,10 @@ then flip one argmax. float64 removes that noise without changing a line of the 
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +310,47 @@ def test_fused_projections_follow_the_models_weights(dtype: torch.dtype) -> None
     served.load_state_dict(make(7).state_dict(), assign=True)  # new tensors: re-fused at the next step
     e.pool.reset_prefix_cache()
     assert run(e, reqs) == run(LLMEngine(make(7), TOK, EngineConfig(block_size=8, num_blocks=64)), reqs)
+
+
+def _page_faults_in_steady_state(settle: bool) -> dict[str, object]:
+    """Minor page faults of a second identical load on an engine (prefill steps of 512 tokens,
+    activations of a few hundred KB each), in a fresh process: the settings are process-wide."""
+    code = ("import json, random, resource, torch\n"
+            "from kubeforge_runtime.model.llama import Llama, LlamaConfig\n"
+            "from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine, settle_process\n"
+            "from kubeforge_runtime.serve.sampling import SamplingParams\n"
+            "from kubeforge_runtime.tokenizer import ByteTokenizer\n"
+            "torch.set_num_threads(1)\n"
+            "m = Llama(LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2,"
+            " num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)).eval()\n"
+            "e = LLMEngine(m, ByteTokenizer(), EngineConfig(num_blocks=512, max_num_seqs=8,"
+            " max_num_batched_tokens=512, enable_prefix_caching=False))\n"
+            "rng = random.Random(0)\n"
+            "def load(tag):\n"
+            "    for i in range(8):\n"
+            "        e.add_request(f'{tag}{i}', [rng.randrange(256) for _ in range(rng.randint(100, 300))],"
+            " SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))\n"
+            "    while e.has_unfinished_requests():\n"
+            "        e.step()\n"
+            "load('warm')\n"
+            f"done = settle_process() if {settle} else []\n"
+            "load('again')\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "load('measured')\n"
+            "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+            "import gc; print(json.dumps({'done': done, 'faults': faults, 'frozen': gc.get_freeze_count()}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_a_settled_process_serves_without_page_faults() -> None:
+    """After ``settle_process`` (the server calls it once warm) freed activations are mostly
+    reused as they are; by default glibc hands large ones back to the OS and maps them anew,
+    zeroed, at a later step (a fault per 4 KB page)."""
+    default, settled = _page_faults_in_steady_state(False), _page_faults_in_steady_state(True)
+    # measured: 7356 by default, 1363 settled (the rest: the heap still growing to new sizes)
+    assert isinstance(settled["faults"], int) and isinstance(default["faults"], int)
+    assert settled["faults"] * 3 < default["faults"], (settled, default)
+    assert len(settled["done"]) == 2 and isinstance(settled["frozen"], int) and settled["frozen"] > 1000, settled

@@ -29,7 +29,7 @@ from kubeforge.api.contract import ENV_MODEL_REVISION
 from kubeforge_runtime.model.hf import eos_token_ids, load_hf
 from kubeforge_runtime.serve.api import OpenAIServer, ServerSettings, ServerState
 from kubeforge_runtime.serve.async_engine import AsyncEngine
-from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine
+from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine, settle_process
 from kubeforge_runtime.serve.metrics import ServingMetrics
 from kubeforge_runtime.serve.model_source import fetch_model
 from kubeforge_runtime.serve.sampling import SamplingParams
@@ -101,6 +101,7 @@ def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, B
                        enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend)
     engine = LLMEngine(model, tokenizer, cfg, ServingMetrics(model_name), eos_token_ids(directory))
     warm_up(engine)
+    log.info("process settings: %s", "; ".join(settle_process()))
     log.info("model %s loaded in %.1fs: %s on %s %s, %d KV blocks of %d tokens, max_model_len %d", args.model,
              time.monotonic() - t0, type(tokenizer).__name__, device, dtype, engine.num_blocks, cfg.block_size,
              engine.max_model_len)
