@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import gc
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ import torch
 from kubeforge_runtime.model.llama import Llama
 from kubeforge_runtime.serve.kv_cache import KVBlockPool, KVCacheTensors
 from kubeforge_runtime.serve.metrics import ServingMetrics
-from kubeforge_runtime.serve.runner import DecodeGroup, PagedRunner, PrefillChunk, StepBatch
+from kubeforge_runtime.serve.runner import DecodeGroup, KernelSeqs, PagedRunner, PrefillChunk, StepBatch, kernel_takes
 from kubeforge_runtime.serve.sampling import SamplingParams, make_generator, sample
 from kubeforge_runtime.serve.scheduler import Scheduler, Sequence
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer
@@ -156,9 +155,6 @@ class LLMEngine:
         self.runner = PagedRunner(model, self.num_blocks, config.block_size, self.max_model_len,
                                   config.attention_backend)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
-        #: decode sequences are grouped by length to bound the padding the torch path gathers
-        #: and attends over; the kernel reads only each sequence's own blocks, so one group
-        self._decode_max_waste = math.inf if self.runner.kernel is not None else 1.25
         self.metrics = metrics or ServingMetrics(model_name="model")
         self._seqs: dict[str, Sequence] = {}
         self._prefix_counted = (0, 0)
@@ -219,6 +215,9 @@ class LLMEngine:
         prefills: list[PrefillChunk] = []
         logits_idx: list[int] = []
         sampled: list[Sequence] = []
+        use_kernel = self.runner.kernel is not None
+        kernel_tables: list[list[int]] = []
+        kernel_meta: tuple[list[int], list[int], list[int]] = ([], [], [])  # q_start, q_len, ctx_len
         for seq, n in decodes + [e for e in entries if e[1] != 1]:
             start = seq.num_computed_tokens
             t0 = len(input_ids)
@@ -228,7 +227,11 @@ class LLMEngine:
             slot_mapping += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx = start + n
             nb = -(-ctx // bs)
-            if n == 1:
+            if use_kernel and kernel_takes(n, ctx):
+                kernel_tables.append(bt[:nb])
+                for column, value in zip(kernel_meta, (t0, n, ctx), strict=True):
+                    column.append(value)
+            elif n == 1:
                 decode_tables.append(bt[:nb])
                 decode_lens.append(ctx)
             else:
@@ -236,9 +239,15 @@ class LLMEngine:
             if ctx == seq.num_tokens:
                 logits_idx.append(t0 + n - 1)
                 sampled.append(seq)
+        kernel = None
+        if kernel_tables:
+            width = max(len(t) for t in kernel_tables)
+            meta = torch.tensor(kernel_meta)
+            kernel = KernelSeqs(torch.tensor([t + [0] * (width - len(t)) for t in kernel_tables]), meta[0], meta[1],
+                                meta[2])
         batch = StepBatch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slot_mapping),
-                          _decode_groups(decode_tables, decode_lens, self._decode_max_waste), prefills,
-                          torch.tensor(logits_idx, dtype=torch.long))
+                          _decode_groups(decode_tables, decode_lens), prefills,
+                          torch.tensor(logits_idx, dtype=torch.long), kernel)
         return batch, sampled
 
     def step(self) -> list[RequestOutput]:

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -176,48 +177,51 @@ class PagedAttentionKernel:
         ``ctx_len`` (S,) int64 on the CPU: sequence s owns query rows q_start[s] onwards,
         q_len[s] of them, and has ctx_len[s] tokens in the cache, its new ones included (they
         attend causally)."""
-        t, h, e = q.shape
-        _, bs, kh, _ = k_cache.shape
-        if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-            raise ValueError("k_cache and v_cache need the same strides and a contiguous head dim")
-        for name, x in (("q", q), ("out", out)):
-            if not x.is_contiguous() or x.dtype != torch.float32:
-                raise ValueError(f"{name} must be a contiguous float32 tensor")
+        return self.bind(block_tables, q_start, q_len, ctx_len)(q, k_cache, v_cache, out)
+
+    def bind(self, block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
+             ctx_len: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A step's sequences prepared once for all its layers: ``bind(tables, q_start, q_len,
+        ctx_len)(q, k_cache, v_cache, out)`` computes ``kernel(q, k_cache, v_cache, tables,
+        q_start, q_len, ctx_len, out)``."""
         block_tables, q_start, q_len, ctx_len = (x.contiguous() for x in (block_tables, q_start, q_len, ctx_len))
         s = ctx_len.shape[0]
-        sb, sj, sh, _ = k_cache.stride()
-        scale = e ** -0.5
         longest = int(ctx_len.max()) if s else 0
-        args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(), ctx_len.data_ptr())
-        tail = (out.data_ptr(), h, kh, e, bs, sb, sj, sh, scale)
-
-        def run(begin: int, end: int) -> None:
-            scratch = self._scratch_for(h * longest)
-            if self._fn(*args, begin, end, *tail, scratch.data_ptr()) != 0:
-                raise ValueError(f"unsupported head grouping: {h} query heads over {kh} kv heads "
-                                 f"(at most {MAX_GROUP} per kv head, {MAX_GROUP * MAX_GROUP} in all)")
-
+        seqs = (block_tables.data_ptr(), block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(),
+                ctx_len.data_ptr())
         threads = torch.get_num_threads()
-        if threads <= 1 or s < 2:
-            run(0, s)
-            return out
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="paged-attention")
-        # split by work (query tokens x context), so one long prefill chunk does not sit alone
-        work = (q_len * ctx_len).tolist()
-        parts: list[tuple[int, int]] = []
-        total, begin, acc = sum(work), 0, 0
-        for idx, w in enumerate(work):
-            acc += w
-            if acc >= total * (len(parts) + 1) / threads and idx + 1 < s:
-                parts.append((begin, idx + 1))
-                begin = idx + 1
-        parts.append((begin, s))
-        for f in [self._pool.submit(run, b, e_) for b, e_ in parts if e_ > b]:
-            f.result()
-        return out
+        parts = [(0, s)] if threads <= 1 or s < 2 else _split_by_work((q_len * ctx_len).tolist(), threads)
+        keep = (block_tables, q_start, q_len, ctx_len)  # the pointers above stay valid while bound
 
+        def call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                 _keep: tuple[torch.Tensor, ...] = keep) -> torch.Tensor:
+            t, h, e = q.shape
+            _, bs, kh, _ = k_cache.shape
+            if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+                raise ValueError("k_cache and v_cache need the same strides and a contiguous head dim")
+            for name, x in (("q", q), ("out", out)):
+                if not x.is_contiguous() or x.dtype != torch.float32:
+                    raise ValueError(f"{name} must be a contiguous float32 tensor")
+            sb, sj, sh, _ = k_cache.stride()
+            head = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *seqs)
+            tail = (out.data_ptr(), h, kh, e, bs, sb, sj, sh, e ** -0.5)
+
+            def run(begin: int, end: int) -> None:
+                scratch = self._scratch_for(h * longest)
+                if self._fn(*head, begin, end, *tail, scratch.data_ptr()) != 0:
+                    raise ValueError(f"unsupported head grouping: {h} query heads over {kh} kv heads "
+                                     f"(at most {MAX_GROUP} per kv head, {MAX_GROUP * MAX_GROUP} in all)")
+
+            if len(parts) == 1:
+                run(*parts[0])
+                return out
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="paged-attention")
+            for f in [self._pool.submit(run, b, e_) for b, e_ in parts if e_ > b]:
+                f.result()
+            return out
+
+        return call
 
     # -- the layer's elementwise ops (csrc/layer_ops.c); arguments are checked by the runner,
     # which owns every tensor passed: contiguous float32 on the CPU, shapes as documented
@@ -241,6 +245,20 @@ class PagedAttentionKernel:
         self._rope_kv_write(qkv.data_ptr(), qkv.shape[0], h, k, e, positions.data_ptr(), cos.data_ptr(),
                             sin_signed.data_ptr(), slots.data_ptr(), kv_layer.data_ptr(), kv_layer.shape[3],
                             q_out.data_ptr(), None if k_out is None else k_out.data_ptr())
+
+
+def _split_by_work(work: list[int], parts: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of sequences with about equal work (query tokens x context), so one
+    long prefill chunk does not sit alone."""
+    out: list[tuple[int, int]] = []
+    total, begin, acc = sum(work), 0, 0
+    for idx, w in enumerate(work):
+        acc += w
+        if acc >= total * (len(out) + 1) / parts and idx + 1 < len(work):
+            out.append((begin, idx + 1))
+            begin = idx + 1
+    out.append((begin, len(work)))
+    return out
 
 
 _LOADED: PagedAttentionKernel | None = None

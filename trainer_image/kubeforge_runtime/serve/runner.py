@@ -88,8 +88,29 @@ class DecodeGroup:
 
 
 @dataclasses.dataclass
+class KernelSeqs:
+    """The sequences the fused CPU kernel attends for in a step, as it takes them: every decode
+    token and the short chunks with a past (``kernel_takes``)."""
+
+    block_tables: torch.Tensor  # (S, max blocks), padded with block 0
+    q_start: torch.Tensor  # (S,) flat index of the sequence's first token in this step
+    q_len: torch.Tensor  # (S,) its tokens in this step
+    ctx_len: torch.Tensor  # (S,) its tokens in the cache after this step
+
+
+def kernel_takes(num_tokens: int, context_len: int) -> bool:
+    """Whether the fused kernel attends for a sequence's tokens in a step: a decode token, or a
+    short chunk with a past (a whole prompt needs no gather: SDPA over its own keys)."""
+    return num_tokens == 1 or (context_len != num_tokens and num_tokens <= KERNEL_MAX_CHUNK)
+
+
+@dataclasses.dataclass
 class StepBatch:
-    """A step's inputs, built on the host by the engine and moved to the device once."""
+    """A step's inputs, built on the host by the engine and moved to the device once.
+
+    With the fused kernel (``PagedRunner.kernel``) the sequences it takes are in ``kernel``
+    only; ``decodes`` is empty and ``prefills`` holds the chunks left for SDPA. Without it,
+    every decode token is in ``decodes`` and every chunk in ``prefills``."""
 
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
@@ -97,6 +118,7 @@ class StepBatch:
     decodes: list[DecodeGroup]  # their tokens first in the flat list
     prefills: list[PrefillChunk]
     logits_idx: torch.Tensor  # (S,) flat indices whose next-token logits are wanted
+    kernel: KernelSeqs | None = None
 
 
 @dataclasses.dataclass
@@ -109,14 +131,23 @@ class _FusedLayer:
     post_norm: RMSNorm
     gate_up_t: torch.Tensor  # (D, 2F): gate_proj, up_proj columns
     down_t: torch.Tensor  # (F, D)
-    #: the layer's linear modules and their weights' data pointers when fused, to notice a
-    #: replaced tensor
-    linears: tuple[nn.Linear, ...]
+    #: the weight parameters as fused (the seven linears', then the two norms'), the
+    #: ``_parameters`` dicts of their modules and the linears' data pointers: a parameter
+    #: replaced (or re-pointed through ``.data``) since is noticed by ``stale``
+    weights: tuple[torch.Tensor, ...]
+    owners: tuple[dict[str, torch.Tensor | None], ...]
     ptrs: tuple[int, ...]
     #: oneDNN's prepacked copies of qkv, o, gate_up, down (CPU, fp32; see ``_prepack``) and the
-    #: weights' version counters when packed, to notice an update in place
+    #: linears' version counters when packed, to notice an update in place
     packed: tuple[torch.Tensor, ...] | None = None
     versions: tuple[int, ...] = ()
+
+    def stale(self) -> bool:
+        return (any(d["weight"] is not w for d, w in zip(self.owners, self.weights, strict=True))
+                or tuple(w.data_ptr() for w in self.weights[:7]) != self.ptrs)
+
+    def linear_versions(self) -> tuple[int, ...]:
+        return tuple(w._version for w in self.weights[:7])
 
 
 def _fuse_transposed(linears: list[nn.Linear]) -> torch.Tensor:
@@ -151,8 +182,10 @@ def _fuse_layer(layer: DecoderLayer) -> _FusedLayer:
     o_t = _fuse_transposed([a.o_proj])
     gate_up_t = _fuse_transposed([m.gate_proj, m.up_proj])
     down_t = _fuse_transposed([m.down_proj])
+    modules = (*linears, layer.input_layernorm, layer.post_attention_layernorm)
     return _FusedLayer(layer.input_layernorm, qkv_t, o_t, layer.post_attention_layernorm, gate_up_t, down_t,
-                       linears, tuple(lin.weight.data_ptr() for lin in linears))
+                       tuple(mod.weight for mod in modules), tuple(mod._parameters for mod in modules),
+                       tuple(lin.weight.data_ptr() for lin in linears))
 
 
 def _prepack(w_t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -181,11 +214,6 @@ def _can_prepack() -> str | None:
     except (RuntimeError, AttributeError) as e:
         return f"oneDNN's prepacked linear is not available: {e}"
     return None
-
-
-def _kernel_takes(p: PrefillChunk) -> bool:
-    """A chunk the kernel attends for: it has a past (else SDPA needs no gather) and is short."""
-    return p.context_len != p.num_tokens and p.num_tokens <= KERNEL_MAX_CHUNK
 
 
 def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +285,7 @@ class PagedRunner:
         with torch.inference_mode(False), torch.no_grad():
             rows = self.max_batch_rows
             packed = tuple(_prepack(w, rows) for w in (f.qkv_t, f.o_t, f.gate_up_t, f.down_t))
-        return dataclasses.replace(f, packed=packed, versions=tuple(lin.weight._version for lin in f.linears))
+        return dataclasses.replace(f, packed=packed, versions=f.linear_versions())
 
     #: the row count oneDNN packs for (a hint: any count multiplies correctly)
     max_batch_rows = 16
@@ -265,10 +293,9 @@ class PagedRunner:
     def _fused_layers(self) -> list[_FusedLayer]:
         """The fused weights, re-fused when a parameter was replaced and re-packed when one
         was changed in place (``load_state_dict`` copies into them)."""
-        if any(tuple(lin.weight.data_ptr() for lin in f.linears) != f.ptrs for f in self.layers):
+        if any(f.stale() for f in self.layers):
             self.layers = self._fuse()
-        elif self.prepack and any(tuple(lin.weight._version for lin in f.linears) != f.versions
-                                  for f in self.layers):
+        elif self.prepack and any(f.linear_versions() != f.versions for f in self.layers):
             self.layers = [self._pack(f) for f in self.layers]
         return self.layers
 
@@ -290,35 +317,6 @@ class PagedRunner:
         out = self._gather_buf[:size].view(two, nkv, n, bs, e)
         torch.index_select(kv_blocks.permute(1, 2, 0, 3, 4), 2, block_ids, out=out)
         return out.view(two, nkv, n * bs, e)
-
-    def _kernel_batch(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The kernel's (block_tables, q_start, q_len, ctx_len) for this step: every decode
-        token and the short prefill chunks with a past; None when there are none."""
-        tables: list[torch.Tensor] = []
-        starts: list[torch.Tensor] = []
-        lens: list[torch.Tensor] = []
-        ctxs: list[torch.Tensor] = []
-        for g in b.decodes:
-            bd = g.block_table.shape[0]
-            tables.append(g.block_table)
-            starts.append(torch.arange(g.token_start, g.token_start + bd))
-            lens.append(torch.ones(bd, dtype=torch.int64))
-            ctxs.append(g.context_lens)
-        for p in b.prefills:
-            if _kernel_takes(p):
-                tables.append(p.block_table[None])
-                starts.append(torch.tensor([p.token_start]))
-                lens.append(torch.tensor([p.num_tokens]))
-                ctxs.append(torch.tensor([p.context_len]))
-        if not tables:
-            return None
-        width = max(t.shape[1] for t in tables)
-        block_tables = torch.zeros((sum(t.shape[0] for t in tables), width), dtype=torch.int64)
-        row = 0
-        for t in tables:
-            block_tables[row:row + t.shape[0], :t.shape[1]] = t
-            row += t.shape[0]
-        return block_tables, torch.cat(starts), torch.cat(lens), torch.cat(ctxs).to(torch.int64)
 
     def to_device(self, b: StepBatch) -> StepBatch:
         if self.device.type == "cpu":
@@ -432,8 +430,10 @@ class PagedRunner:
         nh, nkv, e = self.num_heads, self.num_kv_heads, self.head_dim
         t = b.input_ids.shape[0]
         layers = self._fused_layers()
-        kernel_seqs = self._kernel_batch(b)
-        prefills = [p for p in b.prefills if not _kernel_takes(p)]
+        assert not b.decodes, "with the kernel, decode tokens come in StepBatch.kernel"
+        k = b.kernel
+        attend = ops.bind(k.block_tables, k.q_start, k.q_len, k.ctx_len) if k is not None else None
+        prefills = b.prefills
         pre_masks = self._prefill_masks(prefills)
         x_TD = m.embed_tokens(b.input_ids)
         h_TD = torch.empty_like(x_TD)
@@ -441,7 +441,7 @@ class PagedRunner:
         y_THE = x_TD.new_empty((t, nh, e))
         # whole prompts read their rotated keys from here rather than from the pool
         k_TKE = x_TD.new_empty((t, nkv, e)) if prefills else None
-        ops.rms_norm(x_TD, layers[0].input_norm.weight, layers[0].input_norm.eps, h_TD)
+        ops.rms_norm(x_TD, layers[0].weights[7], layers[0].input_norm.eps, h_TD)
         for layer_idx, layer in enumerate(layers):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
             if layer.packed is not None:
@@ -451,23 +451,23 @@ class PagedRunner:
                 qkv = h_TD @ layer.qkv_t
             ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
                               b.slot_mapping, kv_blocks, q_THE, k_TKE)
-            if kernel_seqs is not None:
+            if attend is not None:
                 # (blocks, 2, K, bs, E) seen as keys and values (blocks, bs, K, E)
-                ops(q_THE, kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2), *kernel_seqs, y_THE)
+                attend(q_THE, kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2), y_THE)
             if prefills:
                 assert k_TKE is not None
                 v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
                 self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
             y = y_THE.view(t, -1)
             delta_TD = _packed_mm(y, o_p) if layer.packed is not None else y @ layer.o_t
-            ops.rms_norm(x_TD, layer.post_norm.weight, layer.post_norm.eps, h_TD, residual=delta_TD)
+            ops.rms_norm(x_TD, layer.weights[8], layer.post_norm.eps, h_TD, residual=delta_TD)
             gate_up = _packed_mm(h_TD, gate_up_p) if layer.packed is not None else h_TD @ layer.gate_up_t
             f = gate_up.shape[1] // 2
             act = F.silu(gate_up[:, :f]).mul_(gate_up[:, f:])
             delta_TD = _packed_mm(act, down_p) if layer.packed is not None else act @ layer.down_t
             if layer_idx + 1 < len(layers):
-                nxt = layers[layer_idx + 1].input_norm
-                ops.rms_norm(x_TD, nxt.weight, nxt.eps, h_TD, residual=delta_TD)
+                nxt = layers[layer_idx + 1]
+                ops.rms_norm(x_TD, nxt.weights[7], nxt.input_norm.eps, h_TD, residual=delta_TD)
             else:
                 x_TD.add_(delta_TD)
         rows = x_TD[b.logits_idx]
