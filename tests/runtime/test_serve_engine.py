@@ -354,3 +354,18 @@ def test_a_settled_process_serves_without_page_faults() -> None:
     assert isinstance(settled["faults"], int) and isinstance(default["faults"], int)
     assert settled["faults"] * 3 < default["faults"], (settled, default)
     assert len(settled["done"]) == 2 and isinstance(settled["frozen"], int) and settled["frozen"] > 1000, settled
+
+
+def test_the_kv_pool_leaves_room_for_the_prepacked_weights() -> None:
+    """Sized by a memory fraction, the CPU fp32 pool leaves room for the weights twice (the
+    projections' prepacked copy); the torch backend keeps no copy."""
+    from kubeforge_runtime.serve.engine import resolve_num_blocks
+    from kubeforge_runtime.serve.kv_cache import KVCacheTensors
+
+    m = Llama(preset("tiny")).float()
+    c = m.cfg
+    weights = sum(t.numel() * t.element_size() for t in m.parameters())
+    per_block = KVCacheTensors.bytes_per_block(c.num_hidden_layers, 16, c.num_key_value_heads, c.head_dim, torch.float32)
+    sizes = {b: resolve_num_blocks(EngineConfig(kv_cache_memory_fraction=0.05, attention_backend=b), m, 256)
+             for b in ("auto", "torch")}
+    assert abs((sizes["torch"] - sizes["auto"]) - weights * 1.1 / per_block) <= 1, sizes
