@@ -17,11 +17,18 @@ each reads its own history through its block table:
 New keys and values are written to their slots before attention reads, so a chunk attends to
 itself and to its past through the same gather. Gather-then-attend is the portable way to do
 paged attention in plain torch; it is correct on the GPU as well, only slower than a fused
-paged kernel. On the CPU in fp32 (``attention_backend`` "auto" or "kernel") decode tokens and
-short chunks with a past go to the fused kernel of ``paged_attention.py`` instead, which reads
-the pool in place; whole prompts and long chunks keep SDPA. On the CPU a decode step is
-bound by memory traffic (weights and every running sequence's keys and values, more than the
-last-level cache holds), which is what the layout choices here are about.
+paged kernel.
+
+On the CPU in fp32 (``attention_backend`` "auto" or "kernel") the step takes another path,
+``_forward_cpu``: decode tokens and short chunks with a past go to the fused kernel of
+``paged_attention.py``, which reads the pool in place (the engine hands it their block tables
+as ``KernelSeqs``); whole prompts and long chunks keep SDPA. Between the matmuls, RMSNorm
+with its residual add and RoPE with the KV write are one native call each
+(``csrc/layer_ops.c``) instead of a dozen small torch ops, and the projections multiply by
+oneDNN's prepacked copies of the weights (``_prepack``; MKL re-packs a weight on every call).
+On the CPU a decode step is bound by memory traffic (weights and every running sequence's
+keys and values, more than the last-level cache holds), which is what the layout choices
+here are about.
 
 The runner multiplies by fused, transposed weights: q/k/v as one (D, (H + 2K) * E) matrix,
 gate/up as one (D, 2F), o and down transposed alone. Fewer, larger matmuls cost less fixed
@@ -239,6 +246,9 @@ class PagedRunner:
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.kv = KVCacheTensors(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                  cfg.head_dim, self.dtype, self.device)
+        #: each layer's (blocks, 2, K, bs, E) pool seen as keys and values (blocks, bs, K, E),
+        #: the kernel's view
+        self._kernel_kv = [(kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)) for kv in self.kv.kv]
         cos, sin = rope_cos_sin(torch.arange(max_model_len, device=self.device), cfg.head_dim, cfg.rope_theta)
         # rotate-half RoPE as x * cos + swap_halves(x) * sin_signed: the same products and sum
         # as Hugging Face's x * cos + cat(-x2, x1) * sin, without the negation
@@ -421,11 +431,12 @@ class PagedRunner:
         return logits
 
     def _forward_cpu(self, b: StepBatch, ops: PagedAttentionKernel) -> torch.Tensor:
-        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (torch),
-        RMSNorm with the residual add before it and RoPE with the KV write (one native call
-        each instead of a dozen small torch ops), and attention by the fused kernel for
-        decode tokens and short chunks with a past (whole prompts and long chunks: SDPA).
-        Computes what the torch path computes, op for op, except the order of RMSNorm's sum."""
+        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (oneDNN's
+        prepacked weights where available), RMSNorm with the residual add before it and RoPE
+        with the KV write (one native call each instead of a dozen small torch ops), and
+        attention by the fused kernel for decode tokens and short chunks with a past (whole
+        prompts and long chunks: SDPA). The torch path's arithmetic, with sums taken in other
+        orders in RMSNorm, the projections and the kernel."""
         m = self.model
         nh, nkv, e = self.num_heads, self.num_kv_heads, self.head_dim
         t = b.input_ids.shape[0]
@@ -452,8 +463,7 @@ class PagedRunner:
             ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
                               b.slot_mapping, kv_blocks, q_THE, k_TKE)
             if attend is not None:
-                # (blocks, 2, K, bs, E) seen as keys and values (blocks, bs, K, E)
-                attend(q_THE, kv_blocks[:, 0].transpose(1, 2), kv_blocks[:, 1].transpose(1, 2), y_THE)
+                attend(q_THE, *self._kernel_kv[layer_idx], y_THE)
             if prefills:
                 assert k_TKE is not None
                 v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
