@@ -161,6 +161,24 @@ def test_rope_and_the_kv_write_equal_the_torch_ops_bit_for_bit(kernel: PagedAtte
     assert not pool[:, :].permute(0, 3, 1, 2, 4).reshape(40 * bs, -1)[untouched].any()
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 50])
+@pytest.mark.parametrize("k,n", [(256, 512), (37, 21), (768, 256)])
+def test_the_packed_gemm_matches_torch(kernel: PagedAttentionKernel, rows: int, k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    a, w_t = torch.randn(rows, k, generator=g), torch.randn(k, n, generator=g)
+    packed = kernel.pack_weight(w_t)
+    assert packed.shape == (-(-n // kernel.panel), k, kernel.panel)
+    got = kernel.gemm(a, packed, n)
+    # the same products, summed over k in order rather than in BLAS's blocks
+    torch.testing.assert_close(got, a @ w_t, rtol=1e-5, atol=1e-4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # the panels split across threads: the same numbers
+        assert torch.equal(kernel.gemm(a, packed, n), got)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _load_in_subprocess(env: dict[str, str]) -> dict[str, object]:
     code = ("import json, logging; logging.basicConfig(level=logging.INFO)\n"
             "from kubeforge_runtime.serve import paged_attention as pa\n"
@@ -199,6 +217,9 @@ def test_an_image_without_a_compiler_loads_its_prebuilt_kernel(tmp_path: Path) -
     assert got["loaded"] is True and "using the prebuilt" in str(got["log"]), got
     q, k, v, tables, q_start, q_len, ctx = _case(8, 4, 32, [1, 7, 1])
     want = reference_paged_attention(q, k, v, tables, q_start, q_len, ctx)
+    a, w_t = torch.randn(13, 40), torch.randn(40, 70)
     for lib in built:  # every portable build (8-wide vectors, AVX2 or SSE) gives the same answers
-        got_q = PagedAttentionKernel(lib)(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
+        portable = PagedAttentionKernel(lib)
+        got_q = portable(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q))
         torch.testing.assert_close(got_q, want, rtol=1e-5, atol=1e-5, msg=lambda m, lib=lib: f"{lib.name}: {m}")
+        torch.testing.assert_close(portable.gemm(a, portable.pack_weight(w_t), 70), a @ w_t, rtol=1e-5, atol=1e-4)

@@ -287,7 +287,7 @@ def test_fused_projections_follow_the_models_weights(dtype: torch.dtype) -> None
     """The runner multiplies by fused q/k/v and gate/up weights whose slices are the model's
     own parameters: names and the state dict are unchanged, and weights loaded (or replaced)
     after the engine was built are what it serves. In fp32 on the CPU it multiplies by
-    oneDNN's prepacked copies, re-packed when the weights change in place."""
+    packed copies for the native GEMM, re-packed when the weights change in place."""
     def make(seed: int) -> Llama:
         m = Llama(preset("tiny", initializer_range=0.2))
         m.init_weights(seed)

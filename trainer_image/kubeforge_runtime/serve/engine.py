@@ -113,8 +113,8 @@ def resolve_num_blocks(cfg: EngineConfig, model: Llama, max_model_len: int) -> i
             frac = 0.9 if p.device.type == "cuda" else 0.2
         weights = sum(t.numel() * t.element_size() for t in model.parameters())
         if p.device.type == "cpu" and p.dtype == torch.float32 and cfg.attention_backend != "torch":
-            # the CPU path keeps a prepacked copy of the layers' projection weights
-            # (``runner._prepack``): count the weights twice
+            # the CPU path keeps a packed copy of the layers' projection weights
+            # (``PagedRunner._pack``): count the weights twice
             weights *= 2
         c = model.cfg
         per_block = KVCacheTensors.bytes_per_block(c.num_hidden_layers, bs, c.num_key_value_heads, c.head_dim,

@@ -43,6 +43,11 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
 #: no fused multiply-adds, so they round as torch's ops do.
 LAYER_OPS_SOURCE = SOURCE.with_name("layer_ops.c")
 LAYER_OPS_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC")
+#: The projections' GEMM over prepacked weights (``csrc/gemm.c``): fused multiply-adds.
+GEMM_SOURCE = SOURCE.with_name("gemm.c")
+GEMM_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-Wno-psabi")
+#: Every source of the library with its flags.
+SOURCES = ((SOURCE, FLAGS), (LAYER_OPS_SOURCE, LAYER_OPS_FLAGS), (GEMM_SOURCE, GEMM_FLAGS))
 #: The widest query-head group per kv head the kernel takes (``MAX_GROUP`` in the C source).
 MAX_GROUP = 16
 ENV_DISABLE = "KUBEFORGE_PAGED_KERNEL"
@@ -86,7 +91,7 @@ def _compile(cc: str, march: str | None, lib: Path) -> None:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
         steps, objs = [], []
-        for source, flags in ((SOURCE, FLAGS), (LAYER_OPS_SOURCE, LAYER_OPS_FLAGS)):
+        for source, flags in SOURCES:
             obj = Path(tmp) / f"{source.stem}.o"
             flags = tuple(f for f in flags if f != "-march=native") + ((f"-march={march}",) if march else ())
             steps.append([cc, *flags, "-c", "-o", str(obj), str(source)])
@@ -128,8 +133,8 @@ def _prebuilt() -> Path | None:
 def build(cache_dir: Path | None = None) -> Path:
     """Compile the kernel (once per source, flags and CPU); its shared library's path."""
     cc = _compiler()
-    source = SOURCE.read_bytes() + LAYER_OPS_SOURCE.read_bytes()
-    flags = " ".join(FLAGS) + "|" + " ".join(LAYER_OPS_FLAGS)
+    source = b"".join(src.read_bytes() for src, _ in SOURCES)
+    flags = "|".join(" ".join(f) for _, f in SOURCES)
     key = hashlib.sha256(source + flags.encode() + b"link-separately" + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
     cache = cache_dir or Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "kubeforge" / "kernels")
     lib = cache / f"paged_attention-{key}.so"
@@ -157,6 +162,11 @@ class PagedAttentionKernel:
         self._rope_kv_write = self._lib.kf_rope_kv_write
         self._rope_kv_write.argtypes = [p, i, i, i, i, p, p, p, p, p, i, p, p]
         self._rope_kv_write.restype = n
+        self._gemm = self._lib.kf_gemm_packed
+        self._gemm.argtypes = [p, i, i, i, p, i, p, i, i, i]
+        self._gemm.restype = n
+        #: columns per packed panel of a ``pack_weight`` result
+        self.panel = int(self._lib.kf_gemm_panel())
         self._scratch = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -214,11 +224,8 @@ class PagedAttentionKernel:
 
             if len(parts) == 1:
                 run(*parts[0])
-                return out
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="paged-attention")
-            for f in [self._pool.submit(run, b, e_) for b, e_ in parts if e_ > b]:
-                f.result()
+            else:
+                self._in_threads(run, parts)
             return out
 
         return call
@@ -245,6 +252,39 @@ class PagedAttentionKernel:
         self._rope_kv_write(qkv.data_ptr(), qkv.shape[0], h, k, e, positions.data_ptr(), cos.data_ptr(),
                             sin_signed.data_ptr(), slots.data_ptr(), kv_layer.data_ptr(), kv_layer.shape[3],
                             q_out.data_ptr(), None if k_out is None else k_out.data_ptr())
+
+    def pack_weight(self, w_t: torch.Tensor) -> torch.Tensor:
+        """An (in, out) weight packed for ``gemm``: panels of ``panel`` columns, each an (in,
+        panel) row-major block, the last padded with zero columns."""
+        k, n = w_t.shape
+        padded = -(-n // self.panel) * self.panel
+        wp = w_t.new_zeros((k, padded))
+        wp[:, :n] = w_t
+        return wp.view(k, padded // self.panel, self.panel).transpose(0, 1).contiguous()
+
+    def gemm(self, a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """``a`` (M, K) contiguous float32 times the packed (K, n) weight; with more than one
+        torch thread the panels are split across that many threads."""
+        a = a.contiguous()
+        m, k = a.shape
+        out = a.new_empty((m, n))
+        panels = packed.shape[0]
+        args = (a.data_ptr(), k, m, k, packed.data_ptr(), n, out.data_ptr(), n)
+        threads = torch.get_num_threads()
+        if threads <= 1 or panels < 2 * threads:
+            self._gemm(*args, 0, panels)
+            return out
+        bounds = [panels * i // threads for i in range(threads + 1)]
+        self._in_threads(lambda b, e: self._gemm(*args, b, e), list(zip(bounds, bounds[1:], strict=False)))
+        return out
+
+    def _in_threads(self, fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+        """``fn(begin, end)`` for each range, on the kernel's threads (ctypes releases the GIL)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(torch.get_num_threads(),
+                                                               thread_name_prefix="kubeforge-cpu-ops")
+        for f in [self._pool.submit(fn, b, e) for b, e in ranges if e > b]:
+            f.result()
 
 
 def _split_by_work(work: list[int], parts: int) -> list[tuple[int, int]]:

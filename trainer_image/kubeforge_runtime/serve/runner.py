@@ -24,8 +24,9 @@ On the CPU in fp32 (``attention_backend`` "auto" or "kernel") the step takes ano
 ``paged_attention.py``, which reads the pool in place (the engine hands it their block tables
 as ``KernelSeqs``); whole prompts and long chunks keep SDPA. Between the matmuls, RMSNorm
 with its residual add and RoPE with the KV write are one native call each
-(``csrc/layer_ops.c``) instead of a dozen small torch ops, and the projections multiply by
-oneDNN's prepacked copies of the weights (``_prepack``; MKL re-packs a weight on every call).
+(``csrc/layer_ops.c``) instead of a dozen small torch ops, and on steps of few tokens (decode)
+the projections multiply by packed copies of the weights with a native GEMM (``_pack``,
+``csrc/gemm.c``; MKL re-packs its weight operand on every call).
 On the CPU a decode step is bound by memory traffic (weights and every running sequence's
 keys and values, more than the last-level cache holds), which is what the layout choices
 here are about.
@@ -144,8 +145,9 @@ class _FusedLayer:
     weights: tuple[torch.Tensor, ...]
     owners: tuple[dict[str, torch.Tensor | None], ...]
     ptrs: tuple[int, ...]
-    #: oneDNN's prepacked copies of qkv, o, gate_up, down (CPU, fp32; see ``_prepack``) and the
-    #: linears' version counters when packed, to notice an update in place
+    #: packed copies of qkv, o, gate_up, down for the native GEMM (CPU, fp32; see
+    #: ``PagedRunner._pack``) and the linears' version counters when packed, to notice an
+    #: update in place
     packed: tuple[torch.Tensor, ...] | None = None
     versions: tuple[int, ...] = ()
 
@@ -195,34 +197,6 @@ def _fuse_layer(layer: DecoderLayer) -> _FusedLayer:
                        tuple(lin.weight.data_ptr() for lin in linears))
 
 
-def _prepack(w_t: torch.Tensor, rows: int) -> torch.Tensor:
-    """oneDNN's blocked copy of an (in, out) weight, multiplied by with ``_packed_mm``.
-
-    MKL's GEMM (``torch.mm``) copies the weight into its blocked panel layout on every call;
-    on a decode step's few rows that copy costs about as much as the multiply itself. oneDNN
-    multiplies by a weight packed once (the op torch's own CPU compiler uses for frozen
-    linears). Its products are summed in another order than MKL's: equal to a few ulps."""
-    return torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)  # type: ignore[no-any-return]
-
-
-def _packed_mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # type: ignore[no-any-return]
-
-
-def _can_prepack() -> str | None:
-    """None when oneDNN's prepacked linear works here (and agrees with ``torch.mm``), else why not."""
-    if not torch.backends.mkldnn.is_available():
-        return "torch was built without oneDNN"
-    try:
-        g = torch.Generator().manual_seed(0)
-        w_t, x = torch.randn(48, 40, generator=g), torch.randn(5, 48, generator=g)
-        if not torch.allclose(_packed_mm(x, _prepack(w_t, 16)), x @ w_t, rtol=1e-4, atol=1e-4):
-            return "oneDNN's prepacked linear disagrees with torch.mm"
-    except (RuntimeError, AttributeError) as e:
-        return f"oneDNN's prepacked linear is not available: {e}"
-    return None
-
-
 def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """``RMSNorm.forward`` without the module call; on fp32 activations the fused
     ``F.rms_norm``, which computes the same products in the same order in one kernel."""
@@ -256,13 +230,8 @@ class PagedRunner:
         self.cos_table, self.sin_signed_table = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self._gather_buf = torch.empty(0, dtype=self.dtype, device=self.device)
         self.kernel = self._choose_kernel(attention_backend)
-        #: the CPU path multiplies by prepacked weights where oneDNN can (see ``_prepack``)
-        self.prepack = False
-        if self.kernel is not None:
-            why_not = _can_prepack()
-            self.prepack = why_not is None
-            if why_not:
-                log.info("projections: torch.mm (%s)", why_not)
+        #: the CPU path multiplies few rows by packed copies of the weights (``_pack``)
+        self.prepack = self.kernel is not None
         self.layers = self._fuse()
 
     def _choose_kernel(self, backend: str) -> PagedAttentionKernel | None:
@@ -292,13 +261,19 @@ class PagedRunner:
         return [self._pack(f) for f in layers] if self.prepack else layers
 
     def _pack(self, f: _FusedLayer) -> _FusedLayer:
+        """The layer with packed copies of its projection weights for the native GEMM
+        (``csrc/gemm.c``): a decode step's matmul has few rows and its weight does not stay in
+        cache from one step to the next, and BLAS re-packs an unpacked weight operand on every
+        call, which there costs about as much as the multiply (oneDNN's prepacked linear
+        avoids that but spends ~13 µs setting up each call)."""
+        assert self.kernel is not None
         with torch.inference_mode(False), torch.no_grad():
-            rows = self.max_batch_rows
-            packed = tuple(_prepack(w, rows) for w in (f.qkv_t, f.o_t, f.gate_up_t, f.down_t))
+            packed = tuple(self.kernel.pack_weight(w) for w in (f.qkv_t, f.o_t, f.gate_up_t, f.down_t))
         return dataclasses.replace(f, packed=packed, versions=f.linear_versions())
 
-    #: the row count oneDNN packs for (a hint: any count multiplies correctly)
-    max_batch_rows = 16
+    #: steps of at most this many tokens multiply by the packed weights; larger ones (prefill)
+    #: by ``torch.mm``, whose blocking is better there
+    packed_max_rows = 32
 
     def _fused_layers(self) -> list[_FusedLayer]:
         """The fused weights, re-fused when a parameter was replaced and re-packed when one
@@ -431,8 +406,8 @@ class PagedRunner:
         return logits
 
     def _forward_cpu(self, b: StepBatch, ops: PagedAttentionKernel) -> torch.Tensor:
-        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (oneDNN's
-        prepacked weights where available), RMSNorm with the residual add before it and RoPE
+        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (the native
+        GEMM over packed weights on steps of few tokens, else ``torch.mm``), RMSNorm with the residual add before it and RoPE
         with the KV write (one native call each instead of a dozen small torch ops), and
         attention by the fused kernel for decode tokens and short chunks with a past (whole
         prompts and long chunks: SDPA). The torch path's arithmetic, with sums taken in other
@@ -455,9 +430,10 @@ class PagedRunner:
         ops.rms_norm(x_TD, layers[0].weights[7], layers[0].input_norm.eps, h_TD)
         for layer_idx, layer in enumerate(layers):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
-            if layer.packed is not None:
-                qkv_p, o_p, gate_up_p, down_p = layer.packed
-                qkv = _packed_mm(h_TD, qkv_p)
+            packed = layer.packed if t <= self.packed_max_rows else None
+            if packed is not None:
+                qkv_p, o_p, gate_up_p, down_p = packed
+                qkv = ops.gemm(h_TD, qkv_p, layer.qkv_t.shape[1])
             else:
                 qkv = h_TD @ layer.qkv_t
             ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
@@ -469,12 +445,15 @@ class PagedRunner:
                 v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
                 self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
             y = y_THE.view(t, -1)
-            delta_TD = _packed_mm(y, o_p) if layer.packed is not None else y @ layer.o_t
+            delta_TD = ops.gemm(y, o_p, layer.o_t.shape[1]) if packed is not None else y @ layer.o_t
             ops.rms_norm(x_TD, layer.weights[8], layer.post_norm.eps, h_TD, residual=delta_TD)
-            gate_up = _packed_mm(h_TD, gate_up_p) if layer.packed is not None else h_TD @ layer.gate_up_t
+            if packed is not None:
+                gate_up = ops.gemm(h_TD, gate_up_p, layer.gate_up_t.shape[1])
+            else:
+                gate_up = h_TD @ layer.gate_up_t
             f = gate_up.shape[1] // 2
             act = F.silu(gate_up[:, :f]).mul_(gate_up[:, f:])
-            delta_TD = _packed_mm(act, down_p) if layer.packed is not None else act @ layer.down_t
+            delta_TD = ops.gemm(act, down_p, layer.down_t.shape[1]) if packed is not None else act @ layer.down_t
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1]
                 ops.rms_norm(x_TD, nxt.weights[7], nxt.input_norm.eps, h_TD, residual=delta_TD)
