@@ -91,9 +91,9 @@ def _compile(cc: str, march: str | None, lib: Path) -> None:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
         steps, objs = [], []
-        for source, flags in SOURCES:
+        for source, source_flags in SOURCES:
             obj = Path(tmp) / f"{source.stem}.o"
-            flags = tuple(f for f in flags if f != "-march=native") + ((f"-march={march}",) if march else ())
+            flags = [f for f in source_flags if f != "-march=native"] + ([f"-march={march}"] if march else [])
             steps.append([cc, *flags, "-c", "-o", str(obj), str(source)])
             objs.append(str(obj))
         steps.append([cc, "-shared", "-o", str(out), *objs, "-lm"])

@@ -143,7 +143,7 @@ class _FusedLayer:
     #: ``_parameters`` dicts of their modules and the linears' data pointers: a parameter
     #: replaced (or re-pointed through ``.data``) since is noticed by ``stale``
     weights: tuple[torch.Tensor, ...]
-    owners: tuple[dict[str, torch.Tensor | None], ...]
+    owners: tuple[dict[str, nn.Parameter | None], ...]
     ptrs: tuple[int, ...]
     #: packed copies of qkv, o, gate_up, down for the native GEMM (CPU, fp32; see
     #: ``PagedRunner._pack``) and the linears' version counters when packed, to notice an
