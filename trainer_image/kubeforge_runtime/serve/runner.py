@@ -406,12 +406,13 @@ class PagedRunner:
         return logits
 
     def _forward_cpu(self, b: StepBatch, ops: PagedAttentionKernel) -> torch.Tensor:
-        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (the native
-        GEMM over packed weights on steps of few tokens, else ``torch.mm``), RMSNorm with the residual add before it and RoPE
-        with the KV write (one native call each instead of a dozen small torch ops), and
-        attention by the fused kernel for decode tokens and short chunks with a past (whole
-        prompts and long chunks: SDPA). The torch path's arithmetic, with sums taken in other
-        orders in RMSNorm, the projections and the kernel."""
+        """``forward`` on the CPU in fp32 with the native ops: per layer four matmuls (the
+        native GEMM over packed weights on steps of few tokens, else ``torch.mm``), RMSNorm
+        with the residual add before it and RoPE with the KV write (one native call each
+        instead of a dozen small torch ops), and attention by the fused kernel for decode
+        tokens and short chunks with a past (whole prompts and long chunks: SDPA). The torch
+        path's arithmetic, with sums taken in other orders in RMSNorm, the projections and
+        the kernel."""
         m = self.model
         nh, nkv, e = self.num_heads, self.num_kv_heads, self.head_dim
         t = b.input_ids.shape[0]
@@ -427,15 +428,15 @@ class PagedRunner:
         y_THE = x_TD.new_empty((t, nh, e))
         # whole prompts read their rotated keys from here rather than from the pool
         k_TKE = x_TD.new_empty((t, nkv, e)) if prefills else None
+
+        def proj(x: torch.Tensor, w_t: torch.Tensor, w_packed: torch.Tensor | None) -> torch.Tensor:
+            return ops.gemm(x, w_packed, w_t.shape[1]) if w_packed is not None else x @ w_t
+
         ops.rms_norm(x_TD, layers[0].weights[7], layers[0].input_norm.eps, h_TD)
         for layer_idx, layer in enumerate(layers):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
-            packed = layer.packed if t <= self.packed_max_rows else None
-            if packed is not None:
-                qkv_p, o_p, gate_up_p, down_p = packed
-                qkv = ops.gemm(h_TD, qkv_p, layer.qkv_t.shape[1])
-            else:
-                qkv = h_TD @ layer.qkv_t
+            packed = layer.packed if layer.packed is not None and t <= self.packed_max_rows else (None,) * 4
+            qkv = proj(h_TD, layer.qkv_t, packed[0])
             ops.rope_kv_write(qkv, (nh, nkv, e), b.positions, self.cos_table, self.sin_signed_table,
                               b.slot_mapping, kv_blocks, q_THE, k_TKE)
             if attend is not None:
@@ -444,16 +445,11 @@ class PagedRunner:
                 assert k_TKE is not None
                 v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
                 self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
-            y = y_THE.view(t, -1)
-            delta_TD = ops.gemm(y, o_p, layer.o_t.shape[1]) if packed is not None else y @ layer.o_t
+            delta_TD = proj(y_THE.view(t, -1), layer.o_t, packed[1])
             ops.rms_norm(x_TD, layer.weights[8], layer.post_norm.eps, h_TD, residual=delta_TD)
-            if packed is not None:
-                gate_up = ops.gemm(h_TD, gate_up_p, layer.gate_up_t.shape[1])
-            else:
-                gate_up = h_TD @ layer.gate_up_t
+            gate_up = proj(h_TD, layer.gate_up_t, packed[2])
             f = gate_up.shape[1] // 2
-            act = F.silu(gate_up[:, :f]).mul_(gate_up[:, f:])
-            delta_TD = ops.gemm(act, down_p, layer.down_t.shape[1]) if packed is not None else act @ layer.down_t
+            delta_TD = proj(F.silu(gate_up[:, :f]).mul_(gate_up[:, f:]), layer.down_t, packed[3])
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1]
                 ops.rms_norm(x_TD, nxt.weights[7], nxt.input_norm.eps, h_TD, residual=delta_TD)
