@@ -1,21 +1,26 @@
-"""A fused paged-attention kernel for the CPU, built at first use.
+"""The CPU path's native ops, built at first use: a fused paged-attention kernel, the layer's
+elementwise ops and a GEMM over packed weights.
 
 Gather-then-SDPA (the portable path in ``runner.py``) copies every decoding sequence's keys
 and values out of the block pool on every layer of every step, then reads the copy again:
 on the CPU that copy, not the arithmetic, is what decode attention costs. This kernel
 (``csrc/paged_attention.c``) reads keys and values in place through the block tables, one
-pass per sequence and kv head with all the query heads of the group, causal within a chunk
-of new tokens, so it serves decode tokens and prefill chunks alike.
+pass per sequence and query head, causal within a chunk of new tokens, so it serves decode
+tokens and prefill chunks alike. The same library holds RMSNorm (with the residual add) and
+RoPE with the KV write (``csrc/layer_ops.c``), and the projections' GEMM over weights packed
+once (``csrc/gemm.c``); ``runner.py`` says why each.
 
-It is compiled with the host's C compiler (``$CC``, else ``cc``) with ``-O3 -march=native
--ffast-math`` into ``$KUBEFORGE_KERNEL_CACHE`` (default ``~/.cache/kubeforge/kernels``),
-keyed by the source, the flags and the CPU's feature flags, in well under a second. Images
-carry no compiler: their build stage runs ``python -m kubeforge_runtime.serve.paged_attention
---prebuild DIR`` (x86-64-v3 and -v2 builds) and sets ``KUBEFORGE_KERNEL_PREBUILT=DIR``; the
-best build this CPU can run is used. The library is loaded with ctypes (which releases the GIL for the call: with more than one torch thread the
-sequences are split across that many threads). fp32 on the CPU only; a CUDA engine, other
-dtypes, ``KUBEFORGE_PAGED_KERNEL=0`` or a host without a compiler use the torch path, and
-the reason is logged once.
+The sources are compiled with the host's C compiler (``$CC``, else ``cc``), each with its own
+flags (``-O3 -march=native``; the kernel with ``-ffast-math``, the layer ops without
+fused multiply-adds), into ``$KUBEFORGE_KERNEL_CACHE`` (default
+``~/.cache/kubeforge/kernels``), keyed by the sources, the flags and the CPU's feature flags,
+in well under a second. Images carry no compiler: their build stage runs ``python -m
+kubeforge_runtime.serve.paged_attention --prebuild DIR`` (x86-64-v3 and -v2 builds) and sets
+``KUBEFORGE_KERNEL_PREBUILT=DIR``; the best build this CPU can run is used. The library is
+loaded with ctypes, which releases the GIL for each call: with more than one torch thread the
+kernel's sequences and the GEMM's weight panels are split across that many threads. fp32 on
+the CPU only; a CUDA engine, other dtypes, ``KUBEFORGE_PAGED_KERNEL=0`` or a host without a
+compiler use the torch path, and the reason is logged once.
 """
 
 from __future__ import annotations
