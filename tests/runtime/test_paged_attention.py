@@ -112,6 +112,16 @@ def test_bad_inputs_are_refused_by_name(kernel: PagedAttentionKernel) -> None:
     q17, k17, v17, t17, qs17, ql17, c17 = _case(34, 2, 32, [1])
     with pytest.raises(ValueError, match="at most 16 per kv head"):
         kernel(q17, k17, v17, t17, qs17, ql17, c17, torch.empty_like(q17))
+    with pytest.raises(ValueError, match="must be float32"):
+        kernel(q, k.double(), v.double(), tables, q_start, q_len, ctx, torch.zeros_like(q))
+    # int32 tables are widened, not read as int64
+    torch.testing.assert_close(kernel(q, k, v, tables.int(), q_start.int(), q_len.int(), ctx.int(), torch.zeros_like(q)),
+                               kernel(q, k, v, tables, q_start, q_len, ctx, torch.zeros_like(q)))
+    packed = kernel.pack_weight(torch.randn(32, 20))
+    with pytest.raises(ValueError, match="gemm"):
+        kernel.gemm(torch.randn(3, 31), packed, 20)  # inner dimensions differ
+    with pytest.raises(ValueError, match="gemm"):
+        kernel.gemm(torch.randn(3, 32).double(), packed, 20)
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 256), (16, 256), (37, 100), (512, 4096)])

@@ -309,7 +309,20 @@ def test_fused_projections_follow_the_models_weights(dtype: torch.dtype) -> None
     assert run(e, reqs) == expected
     served.load_state_dict(make(7).state_dict(), assign=True)  # new tensors: re-fused at the next step
     e.pool.reset_prefix_cache()
-    assert run(e, reqs) == run(LLMEngine(make(7), TOK, EngineConfig(block_size=8, num_blocks=64)), reqs)
+    own = run(e, reqs)
+    assert own == run(LLMEngine(make(7), TOK, EngineConfig(block_size=8, num_blocks=64)), reqs)
+    # a write that bypasses the version counters is served after refresh_weights
+    with torch.no_grad():
+        for mine, theirs in zip(served.parameters(), other.parameters(), strict=True):
+            mine.data.copy_(theirs.data)
+    e.runner.refresh_weights()
+    e.pool.reset_prefix_cache()
+    assert run(e, reqs) == expected
+    # another dtype after the engine was built: refused by name, not served from the old pool
+    served.to(torch.bfloat16)
+    e.add_request("after-to", prompts(1, seed=3)[0], GREEDY)
+    with pytest.raises(ValueError, match="build a new engine"):
+        e.step()
 
 
 def _page_faults_in_steady_state(settle: bool) -> dict[str, object]:

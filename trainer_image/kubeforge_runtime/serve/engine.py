@@ -98,6 +98,9 @@ def settle_process() -> list[str]:
 def resolve_num_blocks(cfg: EngineConfig, model: Llama, max_model_len: int) -> int:
     """Pool size from the explicit count, or from the memory fraction minus the weights.
 
+    On the CPU in fp32 (unless ``attention_backend`` is "torch") the weights are counted
+    twice: the runner keeps packed copies of the projections.
+
     Without either flag: 0.9 of a GPU, 0.2 of the CPU budget, capped on the CPU to what
     ``max_num_seqs`` full-length sequences could ever hold twice over (a CPU pod's memory is
     shared with everything else in it, and beyond that size the pool only grows the cache).

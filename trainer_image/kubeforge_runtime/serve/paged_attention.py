@@ -174,6 +174,8 @@ class PagedAttentionKernel:
         self.panel = int(self._lib.kf_gemm_panel())
         self._scratch = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._pool_lock = threading.Lock()
 
     def _scratch_for(self, n: int) -> torch.Tensor:
         buf: torch.Tensor | None = getattr(self._scratch, "buf", None)
@@ -199,7 +201,8 @@ class PagedAttentionKernel:
         """A step's sequences prepared once for all its layers: ``bind(tables, q_start, q_len,
         ctx_len)(q, k_cache, v_cache, out)`` computes ``kernel(q, k_cache, v_cache, tables,
         q_start, q_len, ctx_len, out)``."""
-        block_tables, q_start, q_len, ctx_len = (x.contiguous() for x in (block_tables, q_start, q_len, ctx_len))
+        block_tables, q_start, q_len, ctx_len = (x.to(torch.int64).contiguous()
+                                                 for x in (block_tables, q_start, q_len, ctx_len))
         s = ctx_len.shape[0]
         longest = int(ctx_len.max()) if s else 0
         seqs = (block_tables.data_ptr(), block_tables.shape[1], q_start.data_ptr(), q_len.data_ptr(),
@@ -214,6 +217,8 @@ class PagedAttentionKernel:
             _, bs, kh, _ = k_cache.shape
             if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
                 raise ValueError("k_cache and v_cache need the same strides and a contiguous head dim")
+            if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+                raise ValueError("k_cache and v_cache must be float32")
             for name, x in (("q", q), ("out", out)):
                 if not x.is_contiguous() or x.dtype != torch.float32:
                     raise ValueError(f"{name} must be a contiguous float32 tensor")
@@ -272,8 +277,12 @@ class PagedAttentionKernel:
         torch thread the panels are split across that many threads."""
         a = a.contiguous()
         m, k = a.shape
-        out = a.new_empty((m, n))
         panels = packed.shape[0]
+        if a.dtype != torch.float32 or packed.dtype != torch.float32 or packed.shape[1] != k \
+                or not 0 < n <= panels * self.panel:
+            raise ValueError(f"gemm: ({m}, {k}) {a.dtype} times a packed {tuple(packed.shape)} {packed.dtype} weight "
+                             f"of {n} columns")
+        out = a.new_empty((m, n))
         args = (a.data_ptr(), k, m, k, packed.data_ptr(), n, out.data_ptr(), n)
         threads = torch.get_num_threads()
         if threads <= 1 or panels < 2 * threads:
@@ -284,11 +293,19 @@ class PagedAttentionKernel:
         return out
 
     def _in_threads(self, fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
-        """``fn(begin, end)`` for each range, on the kernel's threads (ctypes releases the GIL)."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(torch.get_num_threads(),
-                                                               thread_name_prefix="kubeforge-cpu-ops")
-        for f in [self._pool.submit(fn, b, e) for b, e in ranges if e > b]:
+        """``fn(begin, end)`` for each range, on the kernel's threads (ctypes releases the GIL);
+        every range has finished when it returns or raises."""
+        with self._pool_lock:
+            if self._pool is None or self._pool_size < len(ranges):
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool_size = len(ranges)
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._pool_size,
+                                                                   thread_name_prefix="kubeforge-cpu-ops")
+            pool = self._pool
+        futures = [pool.submit(fn, b, e) for b, e in ranges if e > b]
+        concurrent.futures.wait(futures)
+        for f in futures:
             f.result()
 
 

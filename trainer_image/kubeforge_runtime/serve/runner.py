@@ -38,8 +38,12 @@ streams from memory faster than the transposed operand ``F.linear`` hands to BLA
 matrices are not copies: the model's parameters are re-pointed to be (transposed) slices of
 them, so parameter names, shapes, the state dict and ``load_state_dict`` (which copies in
 place) see and update the same memory. Anything that replaces a parameter tensor
-(``load_state_dict(assign=True)``, ``.to()``) is noticed at the next step and the fusion is
-redone.
+(``load_state_dict(assign=True)``) is noticed at the next step and the fusion is redone; the
+CPU path's packed copies are re-made then too, and whenever a weight's version counter moves
+(in-place torch ops such as ``load_state_dict``). A write that bypasses the counter
+(``p.data.copy_``, a NumPy view) is not seen: call ``refresh_weights`` after it. Moving the
+model to another dtype or device is refused at the next step (the KV pool and the kernel
+were made for the first): build a new engine.
 """
 
 
@@ -244,8 +248,9 @@ class PagedRunner:
             why = f"the engine runs on {self.device.type}"
         elif self.dtype != torch.float32:
             why = f"the model is {self.dtype}, the kernel takes float32"
-        elif self.num_heads // self.num_kv_heads > MAX_GROUP:
-            why = f"{self.num_heads // self.num_kv_heads} query heads per kv head, the kernel takes {MAX_GROUP}"
+        elif self.num_heads // self.num_kv_heads > MAX_GROUP or self.num_heads > MAX_GROUP * MAX_GROUP:
+            why = (f"{self.num_heads} query heads over {self.num_kv_heads} kv heads, the kernel takes at most "
+                   f"{MAX_GROUP} per kv head and {MAX_GROUP * MAX_GROUP} in all")
         kernel = load_kernel() if why is None else None
         if kernel is None and backend == "kernel":
             raise ValueError(f"attention_backend=kernel: the paged-attention kernel cannot be used ({why or 'see the log'})")
@@ -254,6 +259,10 @@ class PagedRunner:
         return kernel
 
     def _fuse(self) -> list[_FusedLayer]:
+        p = next(self.model.parameters())
+        if (p.device, p.dtype) != (self.device, self.dtype):
+            raise ValueError(f"the model's parameters are now {p.dtype} on {p.device}; the engine was built for "
+                             f"{self.dtype} on {self.device} (its KV pool and kernels): build a new engine")
         # also when called from forward: the model's new parameters must stay normal tensors
         # (an inference tensor has no version counter, and no autograd outside the engine)
         with torch.inference_mode(False), torch.no_grad():
@@ -267,9 +276,15 @@ class PagedRunner:
         call, which there costs about as much as the multiply (oneDNN's prepacked linear
         avoids that but spends ~13 µs setting up each call)."""
         assert self.kernel is not None
+        versions = f.linear_versions()  # before packing: a write during it is seen at the next step
         with torch.inference_mode(False), torch.no_grad():
             packed = tuple(self.kernel.pack_weight(w) for w in (f.qkv_t, f.o_t, f.gate_up_t, f.down_t))
-        return dataclasses.replace(f, packed=packed, versions=f.linear_versions())
+        return dataclasses.replace(f, packed=packed, versions=versions)
+
+    def refresh_weights(self) -> None:
+        """Re-fuse and re-pack now: after writing weights in a way that bypasses their version
+        counters (``p.data.copy_``), which ``_fused_layers`` cannot see."""
+        self.layers = self._fuse()
 
     #: steps of at most this many tokens multiply by the packed weights; larger ones (prefill)
     #: by ``torch.mm``, whose blocking is better there

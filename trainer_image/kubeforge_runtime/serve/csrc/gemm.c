@@ -2,8 +2,9 @@
  *
  * W (K, N) is packed as panels of 16 columns, each a (K, 16) row-major block (N padded with
  * zero columns to a multiple of 16): a panel is one sequential stream, read from memory once
- * per call whatever M is, while up to 16 rows of A accumulate against it in registers (one
- * 16-float accumulator per row: 16 zmm registers with AVX-512, fewer rows per tile without). A decode step's matmul has
+ * per tile of rows while the tile's rows accumulate against it in registers (one 16-float
+ * accumulator per row): 16 rows per tile with AVX-512 (16 of its 32 zmm registers), 6
+ * without; a second tile re-reads the panel from cache. A decode step's matmul has
  * few rows and a weight that does not stay in cache from one step to the next, so streaming
  * the weight once, with no per-call re-packing (what BLAS does with an unpacked operand) and
  * no per-call set-up, is what it costs.
