@@ -157,10 +157,22 @@ class _FusedLayer:
 
     def stale(self) -> bool:
         return (any(d["weight"] is not w for d, w in zip(self.owners, self.weights, strict=True))
-                or tuple(w.data_ptr() for w in self.weights[:7]) != self.ptrs)
+                or tuple(w.data_ptr() for w in self.weights[:_LINEARS]) != self.ptrs)
 
     def linear_versions(self) -> tuple[int, ...]:
-        return tuple(w._version for w in self.weights[:7])
+        return tuple(w._version for w in self.weights[:_LINEARS])
+
+    @property
+    def input_norm_weight(self) -> torch.Tensor:
+        return self.weights[_LINEARS]
+
+    @property
+    def post_norm_weight(self) -> torch.Tensor:
+        return self.weights[_LINEARS + 1]
+
+
+#: the linears of a decoder layer (q, k, v, o, gate, up, down), first in ``_FusedLayer.weights``
+_LINEARS = 7
 
 
 def _fuse_transposed(linears: list[nn.Linear]) -> torch.Tensor:
@@ -447,7 +459,7 @@ class PagedRunner:
         def proj(x: torch.Tensor, w_t: torch.Tensor, w_packed: torch.Tensor | None) -> torch.Tensor:
             return ops.gemm(x, w_packed, w_t.shape[1]) if w_packed is not None else x @ w_t
 
-        ops.rms_norm(x_TD, layers[0].weights[7], layers[0].input_norm.eps, h_TD)
+        ops.rms_norm(x_TD, layers[0].input_norm_weight, layers[0].input_norm.eps, h_TD)
         for layer_idx, layer in enumerate(layers):
             kv_blocks = self.kv.kv[layer_idx]  # (blocks, 2, K, bs, E)
             packed = layer.packed if layer.packed is not None and t <= self.packed_max_rows else (None,) * 4
@@ -461,13 +473,13 @@ class PagedRunner:
                 v_TKE = qkv[:, (nh + nkv) * e:].view(t, nkv, e)
                 self._attend_prefills(kv_blocks, q_THE, k_TKE, v_TKE, prefills, pre_masks, y_THE)
             delta_TD = proj(y_THE.view(t, -1), layer.o_t, packed[1])
-            ops.rms_norm(x_TD, layer.weights[8], layer.post_norm.eps, h_TD, residual=delta_TD)
+            ops.rms_norm(x_TD, layer.post_norm_weight, layer.post_norm.eps, h_TD, residual=delta_TD)
             gate_up = proj(h_TD, layer.gate_up_t, packed[2])
             f = gate_up.shape[1] // 2
             delta_TD = proj(F.silu(gate_up[:, :f]).mul_(gate_up[:, f:]), layer.down_t, packed[3])
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1]
-                ops.rms_norm(x_TD, nxt.weights[7], nxt.input_norm.eps, h_TD, residual=delta_TD)
+                ops.rms_norm(x_TD, nxt.input_norm_weight, nxt.input_norm.eps, h_TD, residual=delta_TD)
             else:
                 x_TD.add_(delta_TD)
         rows = x_TD[b.logits_idx]
