@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install tools crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime bench-trainer bench-checkpoint bench-serving bench-operator lint kind-up kind-down
+.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-operator bench-e2e lint kind-up kind-down
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $@; \
 	echo "install: $$((SECONDS - t0))s"
 
-tools: ## build the control plane, kwok, MinIO, kubectl and helm from Go modules (cached)
+host-packages: ## runc, CNI plugins, iptables, conntrack, podman, debootstrap (Debian packages, when missing)
+	@hack/cluster/host-packages.sh
+
+tools: host-packages ## build the control plane, kubelet, containerd, CoreDNS, kwok, MinIO, kubectl and helm from Go modules (cached)
 	@t0=$$SECONDS; hack/cluster/build.sh; echo "tools: $$((SECONDS - t0))s"
+
+images: install tools ## build our images with podman (cached by input hash) and import them into the real nodes
+	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py images && echo "images: $$((SECONDS - t0))s"
 
 crds: install ## render crds/*.yaml from the API models
 	$(VENV)/bin/kubeforge-crds --out crds --out charts/kubeforge/crds --reference docs/reference.md
@@ -37,7 +43,7 @@ cluster-down: ## stop the local control plane, leaving no process behind
 cluster-status: install ## show the local control plane's processes
 	@$(PY) hack/cluster/devcluster.py status
 
-demo: cluster-up ## the main job on the local cluster: CRDs, operator, examples
+demo: cluster-up ## the whole loop on real pods: images, helm install, train, serve, answer
 	@hack/demo.sh
 
 test: install tools ## the whole suite (starts the local cluster itself)
@@ -51,6 +57,9 @@ test-cluster: install tools ## only the tests against the local control plane (i
 
 test-runtime: install tools ## only the torch tests (trainer, checkpoints, server) on the CPU
 	$(PY) -m pytest tests/runtime
+
+test-realpods: install tools ## only the tests on the real nodes (builds and imports the images first)
+	$(PY) -m pytest tests/realpods
 
 lint: install ## ruff on the Python, shellcheck on the scripts
 	$(VENV)/bin/ruff check operator trainer_image tests bench hack
@@ -73,3 +82,6 @@ bench-serving: install ## engine vs naive generate and transformers' continuous 
 
 bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench/results/operator.json
 	$(PY) bench/operator_scale.py
+
+bench-e2e: install tools ## apply -> train -> serve -> answer, node loss, image builds, on real pods -> bench/results/e2e.json
+	$(PY) bench/e2e.py --cold

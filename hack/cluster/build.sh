@@ -20,13 +20,17 @@ k8s_ldflags() {
 }
 
 build_part() { # $1 part, $2 version, $3 ldflags, then pairs of "binary=package"
-  local part=$1 ver=$2 ldflags=$3; shift 3
+  build_part_in "$1" "$@"
+}
+
+build_part_in() { # $1 wrapper module folder, then as build_part
+  local dir=$1 part=$2 ver=$3 ldflags=$4; shift 4
   local out="$cache/bin/$part-$ver"
   if [ -f "$out/.complete" ]; then return 0; fi
   local t0=$SECONDS
   echo ">> building $part $ver into $out" >&2
   mkdir -p "$out"
-  (cd "$here/$part" && for spec in "$@"; do
+  (cd "$here/$dir" && for spec in "$@"; do
       go build -ldflags "$ldflags" -o "$out/${spec%%=*}" "${spec#*=}"
     done)
   touch "$out/.complete"
@@ -65,7 +69,7 @@ build_kubeflow() {
   echo ">> built kubeflow in $((SECONDS - t0))s" >&2
 }
 
-parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds}
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds node containerd coredns}
 for p in $parts; do
   case $p in
     kubernetes) build_part kubernetes "$KUBERNETES_VERSION" "$(k8s_ldflags)" \
@@ -73,6 +77,17 @@ for p in $parts; do
         kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
         kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
         kubectl=k8s.io/kubernetes/cmd/kubectl ;;
+    # the real nodes' kubelet and kube-proxy, and our two small programs in the same wrapper
+    # module (cmd/): the fake-GPU device plugin and the pod sandbox's pause
+    node) build_part_in kubernetes node "$KUBERNETES_VERSION" "$(k8s_ldflags)" \
+        kubelet=k8s.io/kubernetes/cmd/kubelet kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
+        fake-gpu-plugin=./cmd/fake-gpu-plugin pause=./cmd/pause ;;
+    containerd) GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs" build_part containerd "$CONTAINERD_VERSION" \
+        "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+        containerd=github.com/containerd/containerd/v2/cmd/containerd \
+        containerd-shim-runc-v2=github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+        ctr=github.com/containerd/containerd/v2/cmd/ctr ;;
+    coredns) build_part coredns "$COREDNS_VERSION" "-s -w" coredns=github.com/coredns/coredns ;;
     etcd) build_part etcd "$ETCD_VERSION" "-s -w" etcd=go.etcd.io/etcd/server/v3 ;;
     kwok) build_part kwok "$KWOK_VERSION" "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" kwok=sigs.k8s.io/kwok/cmd/kwok ;;
     helm) build_part helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm ;;

@@ -1,8 +1,14 @@
 """The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-kwok (fake GPU nodes and pod lifecycles) and MinIO, as local processes on 127.0.0.1.
+kwok (fake GPU nodes and pod lifecycles), MinIO, CoreDNS and real nodes (kubelet +
+containerd + runc + kube-proxy + a fake-GPU device plugin, see nodes.py), as local processes.
 
     python hack/cluster/devcluster.py up|down|status
+    python hack/cluster/devcluster.py images          # build our images, import them into the real nodes
     python hack/cluster/devcluster.py node fail|restore|add|remove NAME [--gpus N]
+
+With real nodes the apiserver, MinIO and CoreDNS listen on the cluster bridge's address
+(10.<N>.0.1, nodes.py), which the pods reach; without them (KUBEFORGE_REAL_NODES=0, or a host
+that lacks what they need: ``status`` says what) everything listens on 127.0.0.1.
 
 State lives in ``.dev/cluster`` (git-ignored): pki, data, logs, one pid file per process,
 ``kubeconfig`` and ``s3.env``. ``up`` is a no-op when everything runs; ``down`` stops by pid
@@ -27,6 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import nodes
 import tools
 
 STAGES_DIR = "kustomize/stage"
@@ -62,6 +69,13 @@ class ClusterConfig:
     node_cpu: str = "96"
     node_memory: str = "1Ti"
     cpu_nodes: int = int(os.environ.get("KUBEFORGE_CPU_NODES", "1"))
+    #: Real nodes (kubelet + containerd) and the fake GPUs each advertises.
+    real_nodes: int = int(os.environ.get("KUBEFORGE_REAL_NODES", "2"))
+    real_node_gpus: int = int(os.environ.get("KUBEFORGE_REAL_NODE_GPUS", "4"))
+    #: N of the real nodes' addresses 10.N.0.0/16 (nodes.Network); by default from the port base,
+    #: so clusters with different port bases never share addresses.
+    net_index: int = int(os.environ.get("KUBEFORGE_CLUSTER_NET_INDEX",
+                                        str(200 + int(os.environ.get("KUBEFORGE_CLUSTER_PORT_BASE", "26000")) // 1000 % 50)))
     #: How long a node may miss heartbeats before the node-lifecycle controller marks it Unknown.
     node_monitor_grace_seconds: int = 20
 
@@ -86,8 +100,21 @@ class ClusterConfig:
         return self.state_dir / "s3.env"
 
     @property
+    def address_file(self) -> Path:
+        """Where ``up`` records the address it chose (the bridge's, or loopback)."""
+        return self.state_dir / "address.json"
+
+    @property
+    def address(self) -> str:
+        """The address the apiserver, MinIO and CoreDNS listen on."""
+        try:
+            return str(json.loads(self.address_file.read_text())["address"])
+        except (OSError, ValueError, KeyError):
+            return "127.0.0.1"
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
 
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -117,13 +144,16 @@ class Cluster:
             return None
         return pid if cmdline == exe.strip() else None
 
-    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, exe: str | None = None,
+               preexec: Any = None) -> None:
+        """Start ``cmd`` in its own session, its pid recorded with the binary it must be
+        (``exe``, when ``cmd`` execs into another program, as nsenter does)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
-        (self.pids / f"{name}.pid").write_text(f"{proc.pid} {cmd[0]}")
+                                start_new_session=True, env={**os.environ, **(env or {})}, preexec_fn=preexec)
+        (self.pids / f"{name}.pid").write_text(f"{proc.pid} {exe or cmd[0]}")
         # right after the fork /proc/<pid>/cmdline can still show the parent's; wait for the exec
         deadline = time.monotonic() + 5
         while self._pid(name) is None and proc.poll() is None and time.monotonic() < deadline:
@@ -146,8 +176,28 @@ class Cluster:
 
     COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "minio")
 
+    @property
+    def nodes(self) -> nodes.RealNodes:
+        return nodes.RealNodes(self)
+
+    def real_nodes_enabled(self) -> bool:
+        return self.cfg.address != "127.0.0.1"
+
+    def real_nodes_unavailable(self) -> str | None:
+        """Why this cluster has no real nodes (None when it has them)."""
+        try:
+            info = json.loads(self.cfg.address_file.read_text())
+        except (OSError, ValueError):
+            return "the local cluster is not up"
+        return None if info.get("address") != "127.0.0.1" else str(info.get("why"))
+
+    def components(self) -> tuple[str, ...]:
+        if not self.real_nodes_enabled():
+            return self.COMPONENTS
+        return (*self.COMPONENTS, "coredns", *self.nodes.running())
+
     def running(self) -> dict[str, bool]:
-        return {c: self._pid(c) is not None for c in self.COMPONENTS}
+        return {c: self._pid(c) is not None for c in self.components()}
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         f = self.logs / f"{name}.log"
@@ -175,8 +225,9 @@ class Cluster:
         self._openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr")
         ext = self.pki / f"{name}.ext"
         if server:
-            ext.write_text("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
-                           "DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n")
+            ext.write_text(f"subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:{self.cfg.address},DNS:localhost,"
+                           "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+                           "DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n")
         else:
             ext.write_text("extendedKeyUsage=clientAuth\n")
         self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
@@ -209,6 +260,8 @@ class Cluster:
         self._cert("admin", "/O=system:masters/CN=kubeforge-admin")
         self._cert("controller-manager", "/CN=system:kube-controller-manager")
         self._cert("scheduler", "/CN=system:kube-scheduler")
+        # the apiserver's client identity towards the kubelets (logs, exec, port-forward)
+        self._cert("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
         self._openssl("genrsa", "-out", "sa.key", "2048")
         self._openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
         for user in ("controller-manager", "scheduler"):
@@ -240,6 +293,7 @@ class Cluster:
         bins = {n: str(tools.binary(n)) for n in ("etcd", "kube-apiserver", "kube-controller-manager",
                                                  "kube-scheduler", "kwok", "kubectl", "minio")}
         self.dir.mkdir(parents=True, exist_ok=True)
+        real = self._choose_address()
         self._make_pki()
         self._kubeconfig(self.cfg.kubeconfig, "admin")
         c, pki = self.cfg, self.pki
@@ -255,17 +309,22 @@ class Cluster:
         self._wait("etcd", lambda: urllib.request.urlopen(f"{etcd_url}/health", timeout=2).status == 200, 30, "etcd")
         self._start("kube-apiserver", [
             bins["kube-apiserver"], "--etcd-servers", etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", c.address, "--advertise-address", c.address,
             "--secure-port", str(c.apiserver_port),
             "--tls-cert-file", str(pki / "apiserver.crt"), "--tls-private-key-file", str(pki / "apiserver.key"),
             "--client-ca-file", str(pki / "ca.crt"),
-            "--authorization-mode", "RBAC",
+            "--authorization-mode", "Node,RBAC",
             "--enable-admission-plugins", "NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,"
-                                          "DefaultTolerationSeconds,ResourceQuota,Priority,OwnerReferencesPermissionEnforcement",
+                                          "DefaultTolerationSeconds,ResourceQuota,Priority,OwnerReferencesPermissionEnforcement,"
+                                          "NodeRestriction,PodNodeSelector",
+            "--admission-control-config-file", str(self._admission_config()),
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
+            "--kubelet-client-certificate", str(pki / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(pki / "apiserver-kubelet-client.key"),
             "--service-account-key-file", str(pki / "sa.pub"),
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--service-cluster-ip-range", nodes.SERVICE_CIDR,
             "--profiling=false", "--v=1"])
         self._wait("kube-apiserver /readyz", self._apiserver_ready, 90, "kube-apiserver")
         self._start("kube-controller-manager", [
@@ -296,12 +355,12 @@ class Cluster:
             "--node-lease-duration-seconds", "40", "--cidr", "10.244.0.1/16", "--node-ip", "127.0.0.1",
             "--server-address", f"127.0.0.1:{c.port_base + 250}"])
         self._start("minio", [bins["minio"], "server", str(self.dir / "minio"),
-                              "--address", f"127.0.0.1:{c.minio_port}",
-                              "--console-address", f"127.0.0.1:{c.minio_port + 1}", "--quiet"],
+                              "--address", f"{c.address}:{c.minio_port}",
+                              "--console-address", f"{c.address}:{c.minio_port + 1}", "--quiet"],
                     env={"MINIO_ROOT_USER": S3_USER, "MINIO_ROOT_PASSWORD": S3_PASSWORD,
                          "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"})
         self._wait("MinIO", lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{c.minio_port}/minio/health/ready", timeout=2).status == 200, 60, "minio")
+            f"http://{c.address}:{c.minio_port}/minio/health/ready", timeout=2).status == 200, 60, "minio")
         self._make_bucket()
         self._wait("default ServiceAccount", lambda: self.kubectl("get", "serviceaccount", "default").returncode == 0,
                    60, "kube-controller-manager")
@@ -311,21 +370,120 @@ class Cluster:
             self.add_node(f"cpu-node-{i}", gpus=0)
         names = [f"gpu-node-{i}" for i in range(c.gpu_nodes)] + [f"cpu-node-{i}" for i in range(c.cpu_nodes)]
         self._wait("nodes Ready", lambda: all(self.node_ready(n) == "True" for n in names), 60, "kwok")
+        if real:
+            self._start_real_nodes()
         print(f"local cluster up in {time.monotonic() - t0:.1f}s; export KUBECONFIG={c.kubeconfig}")
         return True
+
+    def _admission_config(self) -> Path:
+        """PodNodeSelector's cluster default: pods of a namespace without its own
+        ``scheduler.alpha.kubernetes.io/node-selector`` go to kwok's simulated nodes; a namespace
+        annotated ``type=real`` (the demo's, the real-pod tests') runs its pods for real."""
+        f = self.dir / "admission.yaml"
+        f.write_text(json.dumps({
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+            "plugins": [{"name": "PodNodeSelector", "configuration": {
+                "podNodeSelectorPluginConfig": {"clusterDefaultNodeSelector": f"{nodes.NODE_TYPE_LABEL}=kwok"}}}]}))
+        return f
+
+    def _choose_address(self) -> bool:
+        """The bridge's address when real nodes are wanted and the host can run them (its
+        network made now, as the apiserver binds it), else loopback; recorded with the reason."""
+        why = "KUBEFORGE_REAL_NODES=0" if self.cfg.real_nodes <= 0 else "; ".join(nodes.missing_capabilities())
+        if not why:
+            self.nodes.setup_network()
+        address = self.nodes.net.host_ip if not why else "127.0.0.1"
+        self.cfg.address_file.write_text(json.dumps({"address": address, "why": why or None}))
+        if why:
+            print(f"local cluster without real nodes: {why}", file=sys.stderr)
+        return not why
+
+    def _start_real_nodes(self) -> None:
+        """CoreDNS, the MinIO Service, then each real node; waits until they are Ready."""
+        import images
+
+        c = self.cfg
+        corefile = self.dir / "Corefile"
+        # cluster.local only, no forwarder: pods resolve cluster names and nothing else
+        corefile.write_text(f"""cluster.local:53 in-addr.arpa:53 {{
+    bind {c.address}
+    errors
+    kubernetes cluster.local in-addr.arpa {{
+        kubeconfig {c.kubeconfig} kubeforge-local
+        pods insecure
+        fallthrough in-addr.arpa
+    }}
+    cache 5
+}}
+""")
+        self._start("coredns", [str(tools.binary("coredns")), "-conf", str(corefile)])
+        self._minio_service()
+        t0 = time.monotonic()
+        pause = images.pause_image()
+        for i in range(c.real_nodes):
+            self.nodes.start_node(i, pause)
+        self._wait("real nodes Ready with their GPUs", lambda: all(
+            self.node_ready(n) == "True" and self._allocatable_gpus(n) == c.real_node_gpus for n in self.nodes.names()),
+                   120, "node-0-kubelet")
+        print(f"real nodes {', '.join(self.nodes.names())} Ready in {time.monotonic() - t0:.1f}s")
+
+    def _allocatable_gpus(self, name: str) -> int:
+        out = self.kubectl("get", "node", name, "-o", "jsonpath={.status.allocatable.nvidia\\.com/gpu}", check=False)
+        return int(out.stdout or 0) if out.returncode == 0 else -1
+
+    #: The namespace of the cluster's own services (MinIO's).
+    SYSTEM_NAMESPACE = "kubeforge-local"
+
+    def _minio_service(self) -> None:
+        """``minio.kubeforge-local.svc:9000``: a Service without selector whose EndpointSlice
+        is MinIO on the bridge address, so pods reach the store by a cluster DNS name."""
+        c, ns = self.cfg, self.SYSTEM_NAMESPACE
+        objs = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+                "annotations": {"scheduler.alpha.kubernetes.io/node-selector": f"{nodes.NODE_TYPE_LABEL}=real"}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "minio", "namespace": ns},
+             "spec": {"ports": [{"name": "s3", "port": 9000, "targetPort": c.minio_port}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "minio-host", "namespace": ns, "labels": {"kubernetes.io/service-name": "minio"}},
+             "addressType": "IPv4", "ports": [{"name": "s3", "port": c.minio_port, "protocol": "TCP"}],
+             "endpoints": [{"addresses": [c.address], "conditions": {"ready": True}}]},
+        ]
+        self.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
+
+    #: The S3 endpoint pods use (the examples name it).
+    IN_CLUSTER_S3_ENDPOINT = "http://minio.kubeforge-local.svc:9000"
+
+    def images(self) -> dict[str, str]:
+        """Build our images (cached) and import them into every real node; returns name → tag."""
+        import images
+
+        tags = {spec.name: images.build(spec) for spec in images.ALL}
+        for i in range(self.cfg.real_nodes):
+            for tag in tags.values():
+                t0 = time.monotonic()
+                if self.nodes.import_image(i, tag):
+                    print(f">> images: {tag} imported into {self.nodes.node_name(i)} in {time.monotonic() - t0:.0f}s",
+                          file=sys.stderr, flush=True)
+            self.nodes.remove_images_except(i, set(tags.values()))
+        images.prune(set(tags.values()))  # older builds: several GB each
+        return tags
 
     def _make_bucket(self) -> None:
         import boto3  # the cluster's users are the operator and tests; both have boto3
 
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.cfg.minio_port}", aws_access_key_id=S3_USER,
+        s3 = boto3.client("s3", endpoint_url=f"http://{self.cfg.address}:{self.cfg.minio_port}", aws_access_key_id=S3_USER,
                           aws_secret_access_key=S3_PASSWORD, region_name="us-east-1")
         if S3_BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
             s3.create_bucket(Bucket=S3_BUCKET)
         self.cfg.s3_env.write_text(
-            f"AWS_ENDPOINT_URL=http://127.0.0.1:{self.cfg.minio_port}\nAWS_ACCESS_KEY_ID={S3_USER}\n"
+            f"AWS_ENDPOINT_URL=http://{self.cfg.address}:{self.cfg.minio_port}\nAWS_ACCESS_KEY_ID={S3_USER}\n"
             f"AWS_SECRET_ACCESS_KEY={S3_PASSWORD}\nAWS_REGION=us-east-1\nKUBEFORGE_S3_BUCKET={S3_BUCKET}\n")
 
     def down(self, keep_state: bool = False) -> None:
+        if self.real_nodes_enabled() or (self.dir / "nodes").exists():
+            self.nodes.teardown()
+            self._stop("coredns")
         for name in reversed(self.COMPONENTS):
             self._stop(name)
         if not keep_state and self.dir.exists():
@@ -363,9 +521,12 @@ class Cluster:
         self.kubectl("delete", "node", name, "--wait=false")
 
     def fail_node(self, name: str, heartbeat_lost: bool = True) -> None:
-        """Make a node NotReady (kwok's node-not-ready stage); with ``heartbeat_lost`` also
+        """A real node: ``lose_real_node``. A kwok node: make a node NotReady (kwok's node-not-ready stage); with ``heartbeat_lost`` also
         stop managing it, so its lease expires, the node goes Unknown and its pods are
         stranded as on a dead kubelet."""
+        if name in self.nodes.names():
+            self.lose_real_node(name)
+            return
         self.kubectl("label", "node", name, f"{NOT_READY_LABEL}=true", "--overwrite")
         deadline = time.monotonic() + 30
         while self.node_ready(name) == "True":
@@ -376,7 +537,15 @@ class Cluster:
             self.kubectl("label", "node", name, f"{MANAGED}=lost", "--overwrite")
 
     def restore_node(self, name: str) -> None:
+        if name in self.nodes.names():
+            self.nodes.start_node(self.nodes.names().index(name), __import__("images").pause_image())
+            return
         self.kubectl("label", "node", name, f"{MANAGED}=fake", f"{NOT_READY_LABEL}-", "--overwrite")
+
+    def lose_real_node(self, name: str) -> None:
+        """A real node lost: its kubelet, containerd, kube-proxy and every container on it
+        stopped at once (killed by pid from the node's cgroup); ``restore_node`` restarts it."""
+        self.nodes.kill_node(self.nodes.names().index(name), timeout=5)
 
 
 def _kwok_module_dir() -> Path:
@@ -392,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("up")
     sub.add_parser("down")
     sub.add_parser("status")
+    sub.add_parser("images")
     node = sub.add_parser("node")
     node.add_argument("action", choices=["fail", "restore", "add", "remove"])
     node.add_argument("name")
@@ -412,7 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "status":
         for name, ok in cluster.running().items():
             print(f"{name:26} {'running' if ok else 'stopped'}")
+        why = cluster.real_nodes_unavailable()
+        if why:
+            print(f"real nodes: none ({why})")
         return 0 if cluster.is_up() else 3
+    elif args.cmd == "images":
+        for name, tag in cluster.images().items():
+            print(f"{name}={tag}")
     else:
         {"fail": lambda: cluster.fail_node(args.name, heartbeat_lost=not args.keep_heartbeat),
          "restore": lambda: cluster.restore_node(args.name),

@@ -17,8 +17,8 @@ staging_replaces() { # $1 = module@version; prints replace lines for its ./stagi
   awk -v v="$ver" '/=> \.\/staging\// { for (i=1;i<=NF;i++) if ($i ~ /^k8s\.io\//) { print "replace " $i " => " $i " " v; break } }' "$gomod" | sort -u
 }
 
-new_module() { # $1 = dir name
-  rm -rf "${here:?}/$1"; mkdir -p "$here/$1"; cd "$here/$1"
+new_module() { # $1 = dir name; our own code in it (kubernetes/cmd/) stays
+  mkdir -p "$here/$1"; cd "$here/$1"; rm -f go.mod go.sum
   go mod init "kubeforge.dev/hack/cluster/$1" >/dev/null 2>&1
   go mod edit -go=1.24
 }
@@ -30,7 +30,9 @@ gen_kubernetes() {
   go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" \
     "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBERNETES_VERSION" \
     "k8s.io/kubernetes/cmd/kube-scheduler@$KUBERNETES_VERSION" \
-    "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION"
+    "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION" \
+    "k8s.io/kubernetes/cmd/kubelet@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kube-proxy@$KUBERNETES_VERSION"
+  go mod tidy  # the device plugin and pause in cmd/
 }
 
 gen_etcd() {
@@ -62,7 +64,14 @@ gen_kubeflow() { # the training operator v1 (PyTorchJob), for bench/operator_sca
   go get -tool "github.com/kubeflow/training-operator/cmd/training-operator.v1@$KUBEFLOW_TRAINING_OPERATOR_VERSION"
 }
 
-parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator}
+gen_containerd() {
+  new_module containerd
+  go get -tool "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+}
+
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator containerd coredns}
 for p in $parts; do
   case $p in
     kubernetes) gen_kubernetes ;;
@@ -71,6 +80,8 @@ for p in $parts; do
     helm) gen_plain helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" ;;
     minio) gen_plain minio github.com/minio/minio "$MINIO_VERSION" ;;
     kind) gen_plain kind sigs.k8s.io/kind "$KIND_VERSION" ;;
+    containerd) gen_containerd ;;
+    coredns) gen_plain coredns github.com/coredns/coredns "$COREDNS_VERSION" ;;
     prometheus-operator) gen_prometheus_operator ;;
     kubeflow) gen_kubeflow ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;

@@ -31,13 +31,17 @@ def cache_root() -> Path:
 _PART_OF = {
     "kube-apiserver": "kubernetes", "kube-controller-manager": "kubernetes", "kube-scheduler": "kubernetes",
     "kubectl": "kubernetes", "etcd": "etcd", "kwok": "kwok", "helm": "helm", "minio": "minio", "kind": "kind",
+    "kubelet": "node", "kube-proxy": "node", "fake-gpu-plugin": "node", "pause": "node",
+    "containerd": "containerd", "containerd-shim-runc-v2": "containerd", "ctr": "containerd", "coredns": "coredns",
 }
+#: Parts built from another part's wrapper module, at that part's version.
+_VERSION_OF = {"node": "KUBERNETES_VERSION"}
 
 
 def binary(name: str, build: bool = True) -> Path:
     """Path of a tool binary; builds its part first when missing and ``build`` is set."""
     part = _PART_OF[name]
-    version = versions()[f"{part.upper()}_VERSION"]
+    version = versions()[_VERSION_OF.get(part, f"{part.upper()}_VERSION")]
     path = cache_root() / "bin" / f"{part}-{version}" / name
     if not (path.parent / ".complete").exists():
         if not build:

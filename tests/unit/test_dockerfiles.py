@@ -47,10 +47,16 @@ def parse(path: Path) -> list[Stage]:
         pending = ""
     assert not pending, f"{path}: dangling line continuation"
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}
     for line in logical:
         op, _, args = line.partition(" ")
         op = op.upper()
+        if op == "ARG" and not stages:  # a build arg for FROM lines: its default is the published base
+            name, _, default = args.strip().partition("=")
+            global_args[name] = default
+            continue
         if op == "FROM":
+            args = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], args)
             words = args.split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0], name, []))
@@ -74,11 +80,11 @@ def test_bases_are_pinned_and_multi_stage(path: Path) -> None:
     assert len(stages) >= 2, "build in one stage, copy the result into a clean final stage"
     for s in stages:
         _, _, tag = s.base.partition(":")
-        if "@sha256:" in s.base:
-            continue
+        if "@sha256:" in s.base or s.base in {earlier.name for earlier in stages}:
+            continue  # a digest, or built on an earlier stage
         assert tag and tag != "latest", f"{s.base}: pin an exact tag or a digest"
         assert re.search(r"\d+\.\d+\.\d+", tag), f"{s.base}: the tag must name a patch release"
-    assert all(s.base != stages[0].name for s in stages[1:]), "the final stage must not build on the build stage"
+    assert stages[-1].base not in {s.name for s in stages}, "the final stage must not build on a build stage"
     assert any(args.startswith("--from=") for args in values(stages[-1], "COPY")), "final stage copies the build"
 
 
@@ -157,8 +163,10 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 def _stage_context(path: Path, dest: Path) -> None:
     """Copy what the build stage COPYs, as Docker would (directories with their contents)."""
-    for op, args in parse(path)[0].instructions:
-        if op != "COPY":
+    stages = parse(path)
+    build = next((s for s in stages if s.name == "build"), stages[0])
+    for op, args in build.instructions:
+        if op != "COPY" or args.startswith("--from="):
             continue
         *srcs, target = shlex.split(args)
         into = dest / target

@@ -224,6 +224,41 @@ def test_node_lost_beyond_grace_force_deletes_and_peers_failing_after_it_are_inf
     assert condition(sim.status()["conditions"], "Failed") is None
 
 
+def test_a_peer_failing_before_its_node_loss_is_noticed_is_recounted_as_infrastructure() -> None:
+    """Seen on the real nodes: the node dies, the surviving worker fails within seconds (its
+    rendezvous store or peer went silent), and the node turns NotReady only after the
+    control plane's heartbeat grace, the operator's grace later still."""
+    sim = running_job(failurePolicy={"nodeFailureGraceSeconds": 30, "maxRestarts": 3})
+    node = sim.pods["llm-worker-0"]["spec"]["nodeName"]
+    sim.now = T0 + dt.timedelta(seconds=100)  # the node dies now, silently
+    sim.now += dt.timedelta(seconds=5)
+    sim.exit("llm-worker-1", 1, "RendezvousConnectionError")
+    sim.step()
+    assert sim.status()["restarts"] == {"application": 1, "infrastructure": 0}
+    sim.now += dt.timedelta(seconds=35)  # the heartbeat grace: NotReady now
+    sim.nodes[node] = NodeHealth("Unknown", sim.now)
+    sim.step()
+    sim.now += dt.timedelta(seconds=31)
+    sim.step()
+    assert sim.status()["restarts"] == {"application": 0, "infrastructure": 2}
+    assert "RestartRecounted" in sim.events
+    assert sim.status()["applicationFailureTimes"] == []
+
+
+def test_an_application_failure_long_before_a_node_loss_stays_an_application_failure() -> None:
+    sim = running_job(failurePolicy={"nodeFailureGraceSeconds": 30, "maxRestarts": 3})
+    node = sim.pods["llm-worker-0"]["spec"]["nodeName"]
+    sim.exit("llm-worker-1", 1, "CUDA error")
+    sim.step()
+    sim.now = T0 + dt.timedelta(seconds=600)
+    sim.nodes[node] = NodeHealth("Unknown", sim.now)
+    sim.step()
+    sim.now += dt.timedelta(seconds=31)
+    sim.step()
+    assert sim.status()["restarts"] == {"application": 1, "infrastructure": 1}
+    assert "RestartRecounted" not in sim.events
+
+
 def test_lost_rendezvous_store_is_recreated_and_opens_the_disruption_window() -> None:
     sim = running_job(failurePolicy={"maxRestarts": 0})
     sim.exit("llm-rdzv", 137)

@@ -124,11 +124,15 @@ def test_cpu_only_workers_run_one_process_and_no_gpu_toleration() -> None:
     assert tp.GPU_TOLERATION not in pod["spec"]["tolerations"]
 
 
-def test_rendezvous_pod_is_off_gpu_nodes_and_reachable_by_stable_name() -> None:
+def test_rendezvous_pod_prefers_non_gpu_nodes_and_is_reachable_by_stable_name() -> None:
     pod = tp.rendezvous_pod(OWNER, spec())
     ps = pod["spec"]
     assert pod["metadata"]["name"] == "llm-rdzv" and ps["hostname"] == "llm-rdzv" and ps["subdomain"] == "llm"
-    assert tp.GPU_TOLERATION not in ps["tolerations"]
+    preferred = ps["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0]["preference"]["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]
+    # a cluster of GPU nodes only still runs it
+    assert tp.GPU_TOLERATION in ps["tolerations"]
     assert "nvidia.com/gpu" not in json.dumps(ps["containers"][0]["resources"])
     assert ps["containers"][0]["command"][:3] == ["python", "-m", "kubeforge_runtime.rendezvous"]
     svc = tp.headless_service(OWNER)

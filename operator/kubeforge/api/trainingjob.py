@@ -162,6 +162,9 @@ class TrainingJobStatus(StatusBase):
         "The current attempt of every worker index, by which restarts are counted exactly once."))
     last_disruption_time: str | None = Field(default=None, description=(
         "When the job last lost a worker or its rendezvous store to infrastructure."))
+    application_failure_times: list[str] = Field(default_factory=list, description=(
+        "When the most recent application failures happened: one that an infrastructure disruption "
+        "noticed later explains (a node whose heartbeats had already stopped) is recounted as infrastructure."))
 
 
 class TrainingJob(Kind):

@@ -24,6 +24,7 @@ pod deleted (by anyone but us)        infrastructure   pod replaced
 node NotReady/Unknown > grace         infrastructure   pod force-deleted, replaced
 failure while its node is not Ready   infrastructure   pod replaced
 failure within the disruption window  infrastructure   pod replaced
+failure just before a node was lost   infrastructure   recounted when the loss is noticed
 any other failure                     application      replaced; > maxRestarts fails
 worker 0 exits 0 (+ export committed) (none)           job Succeeded
 worker 0 exits 0, export missing      application      replaced (resumes, re-exports)
@@ -41,6 +42,13 @@ from kubeforge.api.common import condition, set_condition
 from kubeforge.api.contract import ExitCode
 from kubeforge.controllers import trainingjob_pods as pods_
 from kubeforge.controllers.status import parse_spec
+
+#: How long before a node turned NotReady it may already have been dead: the control plane's
+#: node-monitor grace (40 s by default) plus a heartbeat. A peer that failed in that time (its
+#: rendezvous store or a peer gone silent) failed because of the loss, not of the application.
+NODE_SILENCE_S = 60
+#: Application failure times kept in status for that recount.
+KEPT_FAILURE_TIMES = 10
 
 #: Pod status reasons the kubelet or the control plane set when infrastructure ended a pod.
 INFRA_POD_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated",
@@ -190,6 +198,8 @@ class _Outcome:
     message: str
     infrastructure: bool
     force: bool = False
+    #: For a node's loss: since when the node has not been Ready.
+    began: dt.datetime | None = None
 
 
 class _Planner:
@@ -208,6 +218,7 @@ class _Planner:
         self.start_time = old.get("startTime")
         self.completion_time = old.get("completionTime")
         self.disruption = parse_time(old.get("lastDisruptionTime"))
+        self.app_failures = [t for t in (parse_time(x) for x in old.get("applicationFailureTimes") or []) if t]
         self.records: dict[int, dict[str, Any]] = {}
         for r in old.get("workerPods") or []:
             self.records[int(r["index"])] = {k: v for k, v in r.items() if k in ("index", "attempt", "uid")}
@@ -239,6 +250,29 @@ class _Planner:
     def node_not_ready(self, pod: dict[str, Any]) -> bool:
         health = self._node(pod)
         return health is not None and health.ready != "True"
+
+    def not_ready_since(self, pod: dict[str, Any]) -> dt.datetime | None:
+        health = self._node(pod)
+        return health.since if health is not None and health.ready != "True" else None
+
+    def disrupted(self, node_not_ready_since: dt.datetime | None) -> None:
+        """Record an infrastructure disruption. When it is a node's (NotReady since the time
+        given), recount as infrastructure the application failures it explains: those since the
+        node may already have been silent. Other disruptions (a pod deleted, evicted,
+        preempted) are seen as they happen, so they explain only what follows them."""
+        self.disruption = self.now
+        if node_not_ready_since is None:
+            return
+        began = node_not_ready_since
+        cutoff = began - dt.timedelta(seconds=NODE_SILENCE_S)
+        explained = [t for t in self.app_failures if t >= cutoff]
+        for t in explained:
+            self.restarts["application"] -= 1
+            self.restarts["infrastructure"] += 1
+            self.event("RestartRecounted", f"the application failure at {fmt_time(t)} came "
+                       f"{(self.now - t).total_seconds():.0f}s before an infrastructure disruption was noticed "
+                       f"(its node NotReady since {fmt_time(began)}); counted as infrastructure now", warning=True)
+        self.app_failures = [t for t in self.app_failures if t < cutoff]
 
     def _node(self, pod: dict[str, Any]) -> NodeHealth | None:
         node = (pod.get("spec") or {}).get("nodeName")
@@ -308,7 +342,8 @@ class _Planner:
             if target:
                 return _Outcome("Disrupted", f"{where} was disrupted: {target}", True)
             if self.node_not_ready(pod):
-                return _Outcome("NodeLost", f"{where} failed on a node that is not Ready", True)
+                return _Outcome("NodeLost", f"{where} failed on a node that is not Ready", True,
+                                began=self.not_ready_since(pod))
             window = dt.timedelta(seconds=self.spec.failure_policy.disruption_window_seconds)
             if self.disruption is not None and self.now - self.disruption < window:
                 return _Outcome("PeerDisrupted", f"{where} failed (exit {code}) after an infrastructure "
@@ -319,7 +354,8 @@ class _Planner:
             return None
         if self.node_lost(pod):
             return _Outcome("NodeLost", f"{where} is on node {pod['spec'].get('nodeName')}, not Ready for more "
-                            f"than {self.spec.failure_policy.node_failure_grace_seconds}s", True, force=True)
+                            f"than {self.spec.failure_policy.node_failure_grace_seconds}s", True, force=True,
+                            began=self.not_ready_since(pod))
         return None
 
     def end_life(self, index: int, outcome: _Outcome, pod: dict[str, Any] | None) -> None:
@@ -327,7 +363,9 @@ class _Planner:
         kind = "infrastructure" if outcome.infrastructure else "application"
         self.restarts[kind] += 1
         if outcome.infrastructure:
-            self.disruption = self.now
+            self.disrupted(outcome.began)
+        else:
+            self.app_failures = [*self.app_failures, self.now][-KEPT_FAILURE_TIMES:]
         rec["attempt"] = int(rec.get("attempt", 0)) + 1
         rec.pop("uid", None)
         if pod is not None:
@@ -432,7 +470,7 @@ class _Planner:
             return
         if _phase(pod) in ("Failed", "Succeeded") or lost:
             self.delete(pod, force=lost)
-            self.disruption = self.now
+            self.disrupted(self.not_ready_since(pod))
             self.plan.replacements.append("RendezvousLost")
             self.event("RendezvousReplaced", f"rendezvous store pod {name} "
                        f"{'is on a lost node' if lost else 'ended'}; replacing it (workers re-rendezvous)",
@@ -482,6 +520,7 @@ def _status(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> d
         "startTime": p.start_time,
         "completionTime": p.completion_time,
         "lastDisruptionTime": fmt_time(p.disruption) if p.disruption else None,
+        "applicationFailureTimes": [fmt_time(t) for t in p.app_failures],
         "lastCheckpoint": old.get("lastCheckpoint"),
         "exportUri": old.get("exportUri"),
         "message": ready.get("message") or None,

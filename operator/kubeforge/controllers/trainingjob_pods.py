@@ -276,7 +276,8 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
 
 
 def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
-    """The rendezvous store: small, CPU only, kept off GPU nodes where it can be."""
+    """The rendezvous store: small, CPU only, kept off GPU nodes where it can be (preferred
+    affinity), and allowed onto them (the GPU taint tolerated) where there is nothing else."""
     off_gpu = {"weight": 100, "preference": {"matchExpressions": [
         {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}
     container = {
@@ -297,7 +298,9 @@ def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
         "enableServiceLinks": False,
         "securityContext": pod_security(),
         "containers": [container],
-        "tolerations": node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds),
+        # off GPU nodes where there are others, but a cluster of GPU nodes only (a DGX pod,
+        # the local cluster's real nodes) must still be able to run it
+        "tolerations": [GPU_TOLERATION, *node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds)],
         "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [off_gpu]}},
     }
     for key, value in (("priorityClassName", spec.pod.priority_class_name),
