@@ -188,7 +188,9 @@ def test_a_lost_real_node_is_noticed_and_its_worker_moves_to_the_other_node(char
     finally:
         c.restore_node(lost)
     restarts = st.get("restarts") or {}
-    assert restarts.get("infrastructure", 0) >= 1 and restarts.get("application", 0) == 0, restarts
+    events = c.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={JOB}",
+                       "-o", "custom-columns=TIME:.lastTimestamp,REASON:.reason,MESSAGE:.message").stdout
+    assert restarts.get("infrastructure", 0) >= 1 and restarts.get("application", 0) == 0, f"{restarts}\n{events}"
     after = [s.step for s in store.committed(ns, JOB)] if hasattr(store, "committed") else []
     assert st["lastCheckpoint"]["step"] == 60 and before <= 60, (st, after)
     print(f"node loss to worker rescheduled: {moved_s:.0f}s")
