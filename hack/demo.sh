@@ -39,6 +39,8 @@ trainer_image=$(sed -n 's/^trainer=//p' <<<"$tags")
 phase images
 
 echo "== helm install charts/kubeforge (operator $operator_image)"
+# the CRDs first: helm installs a chart's CRDs only when they are missing, never upgrades them
+$KUBECTL apply --server-side --force-conflicts -f crds/ >/dev/null
 real_namespace() { # $1: PodSecurity restricted, pods on the real nodes (PodNodeSelector)
   $KUBECTL get namespace "$1" >/dev/null 2>&1 || $KUBECTL create namespace "$1" >/dev/null
   $KUBECTL label namespace "$1" pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null

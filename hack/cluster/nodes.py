@@ -140,7 +140,8 @@ class RealNodes:
         self.dir = cluster.dir / "nodes"
         #: Sockets and runtime state: short paths (a unix socket path has 108 bytes at most).
         self.run_dir = Path(f"/run/kubeforge-{self.cfg.port_base}")
-        #: containerd's root (the imported images) survives cluster-down: images are imported once.
+        #: Per node: containerd's root (the imported images), which survives cluster-down so that
+        #: images are imported once, and the node's state (node_dir), which does not.
         self.persist_dir = tools.cache_root() / "nodes" / str(self.cfg.port_base)
 
     # ---- names ---------------------------------------------------------------------------
@@ -157,8 +158,13 @@ class RealNodes:
     def socket(self, i: int) -> Path:
         return self.run_dir / f"node-{i}" / "containerd.sock"
 
+    def node_dir(self, i: int) -> Path:
+        """Node ``i``'s state (configs, the kubelet's root, CNI, logs): removed by teardown. Under
+        the cache, not the repo: the kubelet's unix sockets need a short path."""
+        return self.persist_dir / f"node-{i}" / "state"
+
     def mntns(self, i: int) -> Path:
-        return self.dir / f"node-{i}" / "mntns"
+        return self.node_dir(i) / "mntns"
 
     # ---- the host network ------------------------------------------------------------------
     def setup_network(self) -> None:
@@ -249,14 +255,14 @@ class RealNodes:
             if not host.exists():
                 host.mkdir(parents=True)  # a mount point only: empty on the host, removed by teardown
                 created.append(str(host))
-            own = self.dir / f"node-{i}" / "host" / host.relative_to("/")
+            own = self.node_dir(i) / "host" / host.relative_to("/")
             own.mkdir(parents=True, exist_ok=True)
             sh("nsenter", f"--mount={f}", "mount", "--bind", str(own), str(host))
-        (self.dir / f"node-{i}" / "host" / DEVICE_PLUGIN_DIR.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        (self.node_dir(i) / "host" / DEVICE_PLUGIN_DIR.relative_to("/")).mkdir(parents=True, exist_ok=True)
         made.write_text(json.dumps(created))
 
     def _write_configs(self, i: int, pause_image: str) -> dict[str, Path]:
-        d, run = self.dir / f"node-{i}", self.run_dir / f"node-{i}"
+        d, run = self.node_dir(i), self.run_dir / f"node-{i}"
         d.mkdir(parents=True, exist_ok=True)
         run.mkdir(parents=True, exist_ok=True)
         pki, n, name = self.cluster.pki, self.net, self.node_name(i)
@@ -475,6 +481,7 @@ state = "{run / 'containerd'}"
             sh("ip", "netns", "del", self.net.netns(i), check=False)
             sh("ip", "link", "del", self.net.veth(i), check=False)
             sh("ip", "route", "del", self.net.pod_cidr(i), check=False)
+            shutil.rmtree(self.node_dir(i), ignore_errors=True)
         n = self.net
         sh("ip", "link", "del", n.bridge, check=False)
         while sh("iptables", "-w", "-D", "FORWARD", "-j", n.chain, check=False).returncode == 0:
