@@ -118,6 +118,17 @@ def test_one_active_operator(cluster: Cluster) -> None:
     assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering"] == ["a"]
 
 
+def test_no_service_link_variable_shadows_an_operator_setting(cluster: Cluster) -> None:
+    """Found on the real nodes: released as "kubeforge" (as the docs do), the metrics Service
+    made the kubelet inject KUBEFORGE_METRICS_PORT=tcp://..., and the operator crashed parsing it."""
+    docs = render(cluster, "kubeforge", "kubeforge-system")
+    (dep,) = (d for d in docs if d["kind"] == "Deployment")
+    services = [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+    links = {f"{n.upper().replace('-', '_')}_{suffix}" for n in services for suffix in ("PORT", "SERVICE_HOST")}
+    assert dep["spec"]["template"]["spec"].get("enableServiceLinks") is False or not any(
+        link.startswith("KUBEFORGE_") for link in links), links
+
+
 def test_workload_image_is_a_chart_value(cluster: Cluster) -> None:
     def env(*args: str) -> dict[str, str]:
         (dep,) = (d for d in render(cluster, "x", "ops", *args) if d["kind"] == "Deployment")
