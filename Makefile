@@ -46,7 +46,8 @@ cluster-status: install ## show the local control plane's processes
 demo: cluster-up ## the whole loop on real pods: images, helm install, train, serve, answer
 	@hack/demo.sh
 
-test: install tools ## the whole suite (starts the local cluster itself)
+test: install tools ## the whole suite (starts the local cluster itself; builds the images first, cached)
+	@t0=$$SECONDS; $(PY) hack/cluster/images.py build >/dev/null && echo "images: $$((SECONDS - t0))s" || echo "images: the build failed after $$((SECONDS - t0))s; the real-pod tests say why"
 	@t0=$$SECONDS; $(PY) -m pytest tests; rc=$$?; echo "tests: $$((SECONDS - t0))s"; exit $$rc
 
 test-unit: install tools ## only the unit tests (a few start MinIO or run helm template)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
@@ -49,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     start_http_server(args.metrics_port, addr=args.bind_address)
     logging.getLogger("kubeforge").info("metrics on %s:%d, health on %s:%d", args.bind_address, args.metrics_port,
                                         args.bind_address, args.health_port)
+    # kopf pauses every peer of equal priority ("Pausing all operators, including self"), so
+    # replicas that all kept the default handled nothing: each draws a priority of its own,
+    # and the highest one is the single active replica
+    priority = secrets.randbelow(2**31 - 1) + 1 if args.peering else 0
+    if args.peering:
+        logging.getLogger("kubeforge").info("peering %s with priority %d", args.peering, priority)
     asyncio.run(kopf.operator(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=not args.peering,
         peering_name=args.peering or None,
+        priority=priority,
         liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz",
     ))
     return 0

@@ -5,13 +5,14 @@ created after the loss."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from tests.fixtures.cluster import kubectl_json, wait_for
 from tests.fixtures.realpods import ChartOperator
 
-pytestmark = [pytest.mark.realpods, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.realpods, pytest.mark.timeout(900)]
 
 
 def job(name: str) -> dict[str, object]:
@@ -41,9 +42,12 @@ def test_two_replicas_one_active_survive_deleting_the_active_one(chart_operator:
     wait_for("the first job reconciled by the active replica", lambda: observed(op, "first"), 120, interval=2)
     pods = [p["metadata"]["name"] for p in op.pods() if p["metadata"].get("deletionTimestamp") is None]
     logs = {p: pod_log(op, p) for p in pods}
-    handling = [p for p, text in logs.items() if "first" in text and "Pausing" not in text.split("first")[-1]]
-    paused = [p for p, text in logs.items() if "Pausing" in text]
-    assert len(handling) == 1 and len(paused) == 1, {p: t[-1500:] for p, t in logs.items()}
-    op.cluster.kubectl("delete", "pod", "-n", op.namespace, handling[0], "--wait=false")
+    priority = {p: int(m[1]) for p, text in logs.items() if (m := re.search(r"with priority (\d+)", text))}
+    assert len(priority) == 2 and len(set(priority.values())) == 2, {p: t[-1500:] for p, t in logs.items()}
+    active = max(priority, key=priority.__getitem__)
+    standby = min(priority, key=priority.__getitem__)
+    # the standby knows it is one: kopf paused it in favour of the active replica
+    wait_for("the standby paused", lambda: "Pausing" in pod_log(op, standby), 60, interval=2)
+    op.cluster.kubectl("delete", "pod", "-n", op.namespace, active, "--wait=false")
     op.cluster.kubectl("apply", "-n", op.namespace, "-f", "-", input=json.dumps(job("second")))
     wait_for("the second job reconciled by the standby", lambda: observed(op, "second"), 240, interval=2)
