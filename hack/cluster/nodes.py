@@ -452,7 +452,7 @@ state = "{run / 'containerd'}"
                     pass
             time.sleep(0.5)
             sig = signal.SIGKILL
-        self.cluster._stop("node-{i}-containerd".format(i=i), timeout=1)
+        self.cluster._stop(f"node-{i}-containerd", timeout=1)
 
     def _remove_cgroup(self, i: int) -> None:
         for h in cgroup_hierarchies():

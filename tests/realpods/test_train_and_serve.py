@@ -78,10 +78,11 @@ def wait_succeeded(c: Cluster, op: ChartOperator, ns: str, timeout: float) -> di
 
     try:
         wait_for("the TrainingJob to succeed on real pods", is_(done), timeout, interval=3)
-    except AssertionError:
+    except AssertionError as timed_out:
         logs = "\n".join(f"== {p['metadata']['name']}\n{worker_log(c, ns, p['metadata']['name'])[-2500:]}"
                          for p in workers(c, ns, JOB))
-        raise AssertionError(f"status {json.dumps(job_status(c, ns, JOB))[:3000]}\n{logs}\noperator:\n{op.logs()}")
+        raise AssertionError(f"status {json.dumps(job_status(c, ns, JOB))[:3000]}\n{logs}\n"
+                             f"operator:\n{op.logs()}") from timed_out
     return job_status(c, ns, JOB)
 
 

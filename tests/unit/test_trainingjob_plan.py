@@ -150,6 +150,20 @@ def test_elastic_running_with_min_replicas_and_insufficient_capacity_after_timeo
     assert sim.cond("Running")["status"] == "True" and sim.status()["workers"]["ready"] == 2
 
 
+def test_workers_that_cannot_start_show_the_kubelets_reason_never_running() -> None:
+    sim = Sim(job_spec(min_r=2, max_r=2))
+    sim.converge(2)
+    for w in sim.workers():
+        w["spec"]["nodeName"] = "n"
+        w["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+            "reason": "ImagePullBackOff", "message": 'Back-off pulling image "own/missing:1"'}}}]}
+    sim.step()
+    running = sim.cond("Running")
+    assert running["status"] == "False" and running["reason"] == "WorkersNotStarting", running
+    assert "ImagePullBackOff" in running["message"] and "own/missing:1" in running["message"]
+    assert sim.status()["phase"] != "Running" and "WorkersNotStarting" in sim.events
+
+
 def test_deleted_worker_is_replaced_and_counted_as_infrastructure_once() -> None:
     sim = running_job()
     old_uid = sim.pods["llm-worker-1"]["metadata"]["uid"]

@@ -33,6 +33,7 @@ from kubeforge.api.contract import ENV_S3_ENDPOINT, ENV_S3_REGION
 from kubeforge.controllers import inferenceservice_children as children
 from kubeforge.controllers.checkpointpolicy import storage_uri
 from kubeforge.controllers.inferenceservice_children import Owner, ResolvedModel
+from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec, record_event
 from kubeforge.metrics import INFERENCESERVICES_READY, reconciling
 from kubeforge.store import ExportMarker, StoreError, open_store
@@ -106,9 +107,11 @@ def model_of(deployment: dict[str, Any]) -> ResolvedModel | None:
 
 
 def status_patch(owner: Owner, spec: InferenceServiceSpec, status: Any, generation: int | None,
-                 resolution: ModelResolution, deployment: dict[str, Any] | None) -> dict[str, Any]:
-    """The whole status: URL, selector, replicas, served model and the three conditions."""
-    avail = children.availability(deployment, spec.replicas)
+                 resolution: ModelResolution, deployment: dict[str, Any] | None,
+                 stuck: str | None = None) -> dict[str, Any]:
+    """The whole status: URL, selector, replicas, served model and the three conditions;
+    ``stuck`` says why server pods cannot start (the kubelet's reasons)."""
+    avail = children.availability(deployment, spec.replicas, stuck)
     model_ready = (resolution.ready, resolution.reason, resolution.message)
     ready = children.ready_condition(model_ready, avail)
     out = conditions_patch(status, generation, [
@@ -154,6 +157,13 @@ def _raw(call: Any, *args: Any) -> dict[str, Any] | None:
 
 def read_deployment(owner: Owner) -> dict[str, Any] | None:
     return _raw(_apps().read_namespaced_deployment, children.child_name(owner.name), owner.namespace)
+
+
+def read_stuck(owner: Owner) -> str | None:
+    """Why the service's pods cannot start, if any cannot (image missing, crash loop...)."""
+    pods = kubernetes.client.CoreV1Api(kube.api_client()).list_namespaced_pod(
+        owner.namespace, label_selector=children.selector(owner.name), _preload_content=False)
+    return not_starting(list(json.loads(pods.data).get("items") or []))
 
 
 def _read_custom(namespace: str, plural: str, name: str) -> dict[str, Any] | None:
@@ -324,7 +334,7 @@ def _reconcile(body: Any, spec: Any, status: Any, meta: Any, namespace: str | No
         apply(children.build_service(owner))
         apply(children.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
-        new = status_patch(owner, parsed, status, generation, resolution, deployment)
+        new = status_patch(owner, parsed, status, generation, resolution, deployment, read_stuck(owner))
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
         if not resolution.ready:
             logger.info("model not ready: %s", resolution.message)
@@ -332,7 +342,7 @@ def _reconcile(body: Any, spec: Any, status: Any, meta: Any, namespace: str | No
         # have turned ready meanwhile, and their events found no status to update; a re-read
         # after the write leaves no such gap
         _patch_status(owner, new)
-        fresh = status_patch(owner, parsed, new, generation, resolution, read_deployment(owner))
+        fresh = status_patch(owner, parsed, new, generation, resolution, read_deployment(owner), read_stuck(owner))
         if fresh != new:
             _patch_status(owner, fresh)
         _count_ready(owner, fresh)
@@ -406,6 +416,20 @@ def deployment_changed(event: Any, body: Any, namespace: str | None, logger: Any
     name = (body.get("metadata", {}).get("labels") or {}).get(children.SERVICE_LABEL)
     if not name or namespace is None:
         return
+    refresh_availability(namespace, name, None if event.get("type") == "DELETED" else dict(body))
+
+
+@kopf.on.event("", "v1", "pods", labels={children.SERVICE_LABEL: kopf.PRESENT})
+def server_pod_changed(body: Any, namespace: str | None, **_: Any) -> None:
+    """A server pod that cannot start changes no Deployment field: its reason reaches the
+    conditions from here."""
+    name = (body.get("metadata", {}).get("labels") or {}).get(children.SERVICE_LABEL)
+    if name and namespace is not None:
+        refresh_availability(namespace, name, read_deployment(Owner(name, namespace, "")))
+
+
+def refresh_availability(namespace: str, name: str, deployment: dict[str, Any] | None) -> None:
+    """Rewrite the availability part of the status from ``deployment`` and the pods."""
     isvc = _read_custom(namespace, InferenceService.plural, name)
     if isvc is None or isvc["metadata"].get("deletionTimestamp"):
         return
@@ -414,12 +438,12 @@ def deployment_changed(event: Any, body: Any, namespace: str | None, logger: Any
         return
     owner = Owner(name, namespace, isvc["metadata"]["uid"])
     status = isvc.get("status") or {}
-    deployment = None if event.get("type") == "DELETED" else dict(body)
     model_cond = condition(status.get("conditions"), "ModelReady")
     if model_cond is None:
         return  # not reconciled yet: the reconcile handler writes the first status
     resolution = ModelResolution(model_cond["status"] == "True", model_cond["reason"], model_cond["message"])
-    new = status_patch(owner, parsed, status, status.get("observedGeneration"), resolution, deployment)
+    new = status_patch(owner, parsed, status, status.get("observedGeneration"), resolution, deployment,
+                       read_stuck(owner))
     if new != {k: status.get(k) for k in new}:
         _patch_status(owner, new)
         _count_ready(owner, new)

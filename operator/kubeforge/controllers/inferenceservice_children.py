@@ -324,7 +324,8 @@ class Availability:
     rolled_out: bool
 
 
-def availability(deployment: dict[str, Any] | None, wanted_replicas: int) -> Availability:
+def availability(deployment: dict[str, Any] | None, wanted_replicas: int, stuck: str | None = None) -> Availability:
+    """``stuck``: why server pods cannot start (pod_state.not_starting), shown while none is ready."""
     if deployment is None:
         return Availability(0, 0, False, "NoDeployment", "the serving Deployment does not exist yet", False)
     st = deployment.get("status") or {}
@@ -334,6 +335,9 @@ def availability(deployment: dict[str, Any] | None, wanted_replicas: int) -> Ava
     rolled_out = gen_seen and updated >= wanted_replicas and replicas == updated
     if wanted_replicas == 0:
         return Availability(replicas, ready, False, "ScaledToZero", "spec.replicas is 0", rolled_out)
+    if ready == 0 and stuck:
+        return Availability(replicas, ready, False, "ReplicasNotStarting", f"0/{wanted_replicas} replicas ready; {stuck}",
+                            rolled_out)
     if ready == 0:
         return Availability(replicas, ready, False, "NoReplicaReady",
                             f"0/{wanted_replicas} replicas ready (loading the model or not scheduled)", rolled_out)

@@ -41,6 +41,7 @@ from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.common import condition, set_condition
 from kubeforge.api.contract import ExitCode
 from kubeforge.controllers import trainingjob_pods as pods_
+from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
@@ -171,8 +172,11 @@ def termination(pod: dict[str, Any]) -> tuple[int | None, str]:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
         if term is not None:
-            message = (term.get("message") or term.get("reason") or "").strip()
-            return int(term.get("exitCode", 1)), message
+            message = (term.get("message") or "").strip()
+            reason = term.get("reason") or ""
+            if reason and reason not in ("Error", "Completed"):  # OOMKilled, ContainerCannotRun...
+                message = f"{reason}: {message}" if message else reason
+            return int(term.get("exitCode", 1)), message or reason
     return None, ""
 
 
@@ -502,6 +506,12 @@ class _Planner:
                            warning=True)
             self.cond("Running", False, "InsufficientCapacity",
                       f"{msg} for more than {fp.insufficient_capacity_timeout_seconds}s{detail}")
+        elif stuck := not_starting(self.obs.pods):
+            old = condition(self.conds, "Running") or {}
+            if old.get("reason") != "WorkersNotStarting" or old.get("message") != f"{msg}; {stuck}":
+                self.event("WorkersNotStarting", f"{msg}; {stuck}", warning=True)
+            self.cond("Running", False, "WorkersNotStarting", f"{msg}; {stuck}")
+            self.plan.look_again((timeout - (self.now - since)).total_seconds())
         else:
             self.cond("Running", False, "WaitingForWorkers", msg)
             self.plan.look_again((timeout - (self.now - since)).total_seconds())
