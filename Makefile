@@ -85,4 +85,4 @@ bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench
 	$(PY) bench/operator_scale.py
 
 bench-e2e: install tools ## apply -> train -> serve -> answer, node loss, image builds, on real pods -> bench/results/e2e.json
-	$(PY) bench/e2e.py --cold
+	$(PY) bench/e2e.py

@@ -391,6 +391,9 @@ class Cluster:
         network made now, as the apiserver binds it), else loopback; recorded with the reason."""
         why = "KUBEFORGE_REAL_NODES=0" if self.cfg.real_nodes <= 0 else "; ".join(nodes.missing_capabilities())
         if not why:
+            if self.nodes.leftovers():
+                print("local cluster: removing what an earlier run's real nodes left behind", file=sys.stderr)
+                self.nodes.teardown()
             self.nodes.setup_network()
         address = self.nodes.net.host_ip if not why else "127.0.0.1"
         self.cfg.address_file.write_text(json.dumps({"address": address, "why": why or None}))

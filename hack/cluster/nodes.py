@@ -167,6 +167,12 @@ class RealNodes:
         return self.node_dir(i) / "mntns"
 
     # ---- the host network ------------------------------------------------------------------
+    def leftovers(self) -> bool:
+        """Whether an earlier run's nodes left state on the host (its processes were killed
+        without a cluster-down)."""
+        netns = sh("ip", "netns", "list", check=False).stdout
+        return self.run_dir.exists() or any(self.net.netns(i) in netns for i in range(self.cfg.real_nodes))
+
     def setup_network(self) -> None:
         """The bridge and the host's firewall chain; before the apiserver, which binds the
         bridge's address."""
@@ -370,6 +376,7 @@ state = "{run / 'containerd'}"
         self._setup_mount_ns(i)
         d = self._write_configs(i, pause_image)["dir"]
         bins = {b: str(tools.binary(b)) for b in ("containerd", "kubelet", "kube-proxy", "fake-gpu-plugin")}
+        self.socket(i).unlink(missing_ok=True)  # a socket left by a node killed earlier answers nothing
         self._start_in_node(i, "containerd", [bins["containerd"], "--config", str(d / "containerd.toml")])
         self.cluster._wait(f"containerd of {self.node_name(i)}", lambda: self.socket(i).exists(), 30,
                            f"node-{i}-containerd")
