@@ -12,8 +12,9 @@ chart from our locally built images:
 - ``export_to_ready_s``: the export's commit marker -> the InferenceService Ready (the real
   server pod downloaded, loaded, warmed up and passed its probes);
 - ``first_answer_s``: Ready -> the first chat completion answered through the ClusterIP Service;
-- ``node_loss_to_resumed_s``: a second job's worker node lost (kubelet, containerd and its
-  containers stopped) -> the job commits a new checkpoint, with the graces in effect beside it
+- ``node_loss_to_resumed_s``: a second, elastic (1..2 workers) job's worker node lost (kubelet,
+  containerd and its containers stopped) -> the job, shrunk to the worker left, commits a new
+  checkpoint; with the graces in effect beside it
   (``node_loss_grace_s``: the node controller's, ``node_failure_grace_s``: the job's).
 
 ``--smoke`` (run by `make test`) trains a few steps, skips the node loss and the cold build,
@@ -85,14 +86,15 @@ def condition(obj: dict[str, Any], type_: str) -> bool:
     return any(x["type"] == type_ and x["status"] == "True" for x in obj.get("status", {}).get("conditions", []))
 
 
-def apply(c: Cluster, ns: str, name: str, steps: int, every: int, prefix: str) -> None:
+def apply(c: Cluster, ns: str, name: str, steps: int, every: int, prefix: str, gpus: int = 1,
+          min_workers: int = 2) -> None:
     policy = yaml.safe_load((REPO / "examples/01-checkpointpolicy.yaml").read_text())
     policy["spec"]["schedule"] = {"everySteps": every, "asyncSave": True}
     policy["spec"]["storage"]["s3"]["prefix"] = prefix
     job = yaml.safe_load((REPO / "examples/02-trainingjob-tiny.yaml").read_text())
     job["metadata"]["name"] = name
-    job["spec"]["workers"].update(minReplicas=2, maxReplicas=2)
-    job["spec"]["trainer"]["config"]["train"].update(steps=steps, global_batch=4, micro_batch=2)
+    job["spec"]["workers"].update(minReplicas=min_workers, maxReplicas=2, gpusPerWorker=gpus)
+    job["spec"]["trainer"]["config"]["train"].update(steps=steps, global_batch=4 * gpus, micro_batch=2)
     job["spec"]["trainer"]["config"]["data"]["seq_len"] = 64
     c.kubectl("apply", "-n", ns, "-f", "-", input="\n---\n".join(json.dumps(d) for d in (policy, job)))
 
@@ -186,7 +188,10 @@ print(urllib.request.urlopen(req, timeout=60).read().decode())
 
         if not args.smoke:
             name = "tiny-llama-loss"
-            apply(c, ns, name, 200, 10, prefix)
+            # long enough to lose a node in the middle; 3 of a node's 4 GPUs each, so the two
+            # workers are on different nodes and one is off the operator's; elastic 1..2, so
+            # the job goes on with the worker left (the lost one has nowhere to go)
+            apply(c, ns, name, 3000, 20, prefix, gpus=3, min_workers=1)
             wait("a first checkpoint", lambda: newest_step(c, ns, name) > 0, 600, interval=1)
             operator_nodes = {pp["spec"].get("nodeName") for pp in op.pods()}
             victim = next(pp for pp in kget(c, "pods", "-n", ns, "-l", f"kubeforge.dev/job-name={name},"
@@ -204,7 +209,7 @@ print(urllib.request.urlopen(req, timeout=60).read().decode())
             job = yaml.safe_load((REPO / "examples/02-trainingjob-tiny.yaml").read_text())
             result["node_loss_grace_s"] = c.cfg.node_monitor_grace_seconds
             result["node_failure_grace_s"] = job["spec"]["failurePolicy"]["nodeFailureGraceSeconds"]
-            result["node_loss_checkpoint_every_steps"] = 10
+            result["node_loss_checkpoint_every_steps"] = 20
     finally:
         c.kubectl("delete", "kubeforge", "--all", "-n", ns, "--wait=true", "--timeout=90s", check=False)
         op.uninstall()

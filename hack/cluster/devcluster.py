@@ -518,7 +518,9 @@ class Cluster:
                 "metadata": {"name": name, "labels": labels},
                 "spec": {"taints": taints},
                 "status": {"capacity": capacity, "allocatable": capacity}}
-        self.kubectl("create", "-f", "-", input=json.dumps(node))
+        out = self.kubectl("create", "-f", "-", input=json.dumps(node), check=False)
+        if out.returncode and "AlreadyExists" not in out.stderr:  # a restart on kept state finds it there
+            raise RuntimeError(f"adding node {name} failed: {out.stderr.strip()}")
 
     def remove_node(self, name: str) -> None:
         self.kubectl("delete", "node", name, "--wait=false")
