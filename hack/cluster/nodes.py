@@ -300,6 +300,8 @@ state = "{run / 'containerd'}"
 [{cri_rt}]
   # root lacks CAP_SYS_RESOURCE here: without this every sandbox fails to start
   restrict_oom_score_adj = true
+  # the pods' network namespaces under the state dir, not the host's /run/netns
+  netns_mounts_under_state_dir = true
   [{cri_rt}.cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "{d / 'cni'}"
