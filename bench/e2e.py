@@ -139,13 +139,7 @@ def main() -> int:
                                       "cold": None}
     if args.cold:
         t0 = time.monotonic()
-        subprocess.run(images.podman("build", "--no-cache", "--network", "none", "-f", images.TRAINER.dockerfile, "-t",
-                                     "localhost/kubeforge/trainer:bench-cold", "--build-arg",
-                                     f"BASE_IMAGE={images.base_images(images.cache_dir() / 'bench.log')[1]}",
-                                     "--build-arg", f"BUILD_BASE_IMAGE={images.base_images(images.cache_dir() / 'bench.log')[0]}",
-                                     "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /wheels", "--volume",
-                                     f"{images.wheels(images.cache_dir() / 'bench.log')}:/wheels:ro", "."),
-                       cwd=REPO, check=True, capture_output=True)
+        images.build(images.TRAINER, cold_tag="localhost/kubeforge/trainer:bench-cold")
         build["cold"] = round(time.monotonic() - t0, 1)
         subprocess.run(images.podman("rmi", "localhost/kubeforge/trainer:bench-cold"), capture_output=True)
     result["image_build_s"] = build

@@ -454,9 +454,6 @@ class Cluster:
         ]
         self.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
 
-    #: The S3 endpoint pods use (the examples name it).
-    IN_CLUSTER_S3_ENDPOINT = "http://minio.kubeforge-local.svc:9000"
-
     def images(self) -> dict[str, str]:
         """Build our images (cached) and import them into every real node; returns name → tag."""
         import images

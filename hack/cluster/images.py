@@ -173,19 +173,21 @@ def image_tag(spec: ImageSpec, base: str) -> str:
     return f"localhost/kubeforge/{spec.name}:{h.hexdigest()[:12]}"
 
 
-def build(spec: ImageSpec, log: Path | None = None) -> str:
+def build(spec: ImageSpec, log: Path | None = None, cold_tag: str | None = None) -> str:
     """Build ``spec`` unless its tag exists; returns the tag. Progress (each Dockerfile step)
-    goes to stderr; a failure raises naming the step that failed."""
+    goes to stderr; a failure raises naming the step that failed. ``cold_tag``: build under
+    that tag with no layer cache (bench/e2e.py times it)."""
     log = log or cache_dir() / f"build-{spec.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     build_base, base = base_images(log)
-    tag = image_tag(spec, base)
-    if _exists(tag):
+    tag = cold_tag or image_tag(spec, base)
+    if not cold_tag and _exists(tag):
         return tag
     wheel_dir = wheels(log)
     t0 = time.monotonic()
     print(f">> images: building {tag} from {spec.dockerfile}", file=sys.stderr, flush=True)
-    cmd = podman("build", "--network", "none", "--pull=never", "-f", spec.dockerfile, "-t", tag,
+    cmd = podman("build", *(["--no-cache"] if cold_tag else []), "--network", "none", "--pull=never",
+                 "-f", spec.dockerfile, "-t", tag,
                  "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BUILD_BASE_IMAGE={build_base}",
                  "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /wheels",
                  "--volume", f"{wheel_dir}:/wheels:ro", ".")

@@ -32,7 +32,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import tools
 
@@ -508,7 +508,3 @@ state = "{run / 'containerd'}"
             except OSError:
                 pass
         shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    # ---- what tests need ----------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        return {"nodes": self.names(), "host_ip": self.net.host_ip, "pods_cidr": self.net.pods_cidr}
