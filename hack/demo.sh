@@ -57,7 +57,10 @@ phase "helm install"
 real_namespace "$NS"
 # the local MinIO's credentials, as the Secret the examples reference (the endpoint is the
 # examples' own: minio.kubeforge-local.svc, a cluster DNS name)
-set -a; source .dev/cluster/s3.env; set +a
+set -a
+# shellcheck source=/dev/null
+source .dev/cluster/s3.env
+set +a
 $KUBECTL create secret generic kubeforge-s3 -n "$NS" --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
   --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" --dry-run=client -o yaml | $KUBECTL apply -f - >/dev/null
 
