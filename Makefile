@@ -12,13 +12,23 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
+# what `install` must leave importable; a venv that lacks one (an install that failed half-way,
+# a venv copied from another checkout) is installed again
+IMPORTS := kubeforge kubeforge_runtime kopf torch pytest
+export CHECK_IMPORTS := import importlib.util as u, sys; m = [n for n in sys.argv[1:] if u.find_spec(n) is None]; \
+  sys.exit("install: the venv lacks " + ", ".join(m) if m else 0)
+
 install: $(STAMP) ## create .venv and install kubeforge with all extras (quick when done)
+	@$(PY) -c "$$CHECK_IMPORTS" $(IMPORTS) 2>/dev/null || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 
 $(STAMP): pyproject.toml
-	@t0=$$SECONDS; \
+	@set -e; t0=$$SECONDS; \
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	echo "install: $$(df -h --output=avail . | tail -1 | tr -d ' ') free on $$(df --output=target . | tail -1)"; \
 	$(PY) -m pip install -q --upgrade pip >/dev/null; \
-	$(PY) -m pip install -q -e '.[operator,runtime,dev]'; \
+	$(PY) -m pip install -q -e '.[operator,runtime,dev]' \
+	  || { echo "install: pip failed (exit $$?); free space: $$(df -h --output=avail . | tail -1)" >&2; exit 1; }; \
+	$(PY) -c "$$CHECK_IMPORTS" $(IMPORTS); \
 	rm -f $(VENV)/.installed-*; touch $@; \
 	echo "install: $$((SECONDS - t0))s"
 

@@ -42,10 +42,13 @@ class ImageSpec:
 
     name: str
     dockerfile: str
+    #: a stage tagged beside the image (``<name>-<stage>:<tag>``) so that pruning the
+    #: untagged intermediates keeps its layers: the trainer's torch layer takes minutes to build
+    cache_stage: str | None = None
 
 
 OPERATOR = ImageSpec("operator", "operator/Dockerfile")
-TRAINER = ImageSpec("trainer", "trainer_image/Dockerfile.cpu")
+TRAINER = ImageSpec("trainer", "trainer_image/Dockerfile.cpu", cache_stage="deps")
 ALL = (OPERATOR, TRAINER)
 
 
@@ -186,11 +189,25 @@ def build(spec: ImageSpec, log: Path | None = None, cold_tag: str | None = None)
     wheel_dir = wheels(log)
     t0 = time.monotonic()
     print(f">> images: building {tag} from {spec.dockerfile}", file=sys.stderr, flush=True)
-    cmd = podman("build", *(["--no-cache"] if cold_tag else []), "--network", "none", "--pull=never",
-                 "-f", spec.dockerfile, "-t", tag,
-                 "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BUILD_BASE_IMAGE={build_base}",
-                 "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /wheels",
-                 "--volume", f"{wheel_dir}:/wheels:ro", ".")
+    common = ["--network", "none", "--pull=never", "-f", spec.dockerfile,
+              "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BUILD_BASE_IMAGE={build_base}",
+              "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /wheels", "--volume", f"{wheel_dir}:/wheels:ro"]
+    if spec.cache_stage and not cold_tag:
+        _run_build(spec, podman("build", *common, "--target", spec.cache_stage, "-t", stage_tag(tag, spec.cache_stage),
+                                "."), log, t0)
+    _run_build(spec, podman("build", *(["--no-cache"] if cold_tag else []), *common, "-t", tag, "."), log, t0)
+    print(f">> images: {tag} in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    return tag
+
+
+def stage_tag(tag: str, stage: str) -> str:
+    """``localhost/kubeforge/trainer:abc`` → ``localhost/kubeforge/trainer-deps:abc``."""
+    repo, version = tag.rsplit(":", 1)
+    return f"{repo}-{stage}:{version}"
+
+
+def _run_build(spec: ImageSpec, cmd: list[str], log: Path, t0: float) -> None:
+    """One podman build; each Dockerfile step is printed, a failure names the step."""
     step = ""
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, cwd=tools.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -206,8 +223,6 @@ def build(spec: ImageSpec, log: Path | None = None, cold_tag: str | None = None)
         if proc.wait():
             raise ImageBuildError(f"building {spec.dockerfile} failed at Dockerfile step {step!r}:\n"
                                   + "\n".join(tail) + f"\n(full log: {log})")
-    print(f">> images: {tag} in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
-    return tag
 
 
 def pause_image() -> str:
@@ -226,13 +241,18 @@ def pause_image() -> str:
 
 
 def prune(keep: set[str]) -> None:
-    """Remove older tags of our images; the bases and ``keep`` stay (and with them every
-    cached layer a rebuild reuses)."""
+    """Remove older tags of our images and the untagged intermediates no tag builds on; the
+    bases, ``keep`` and their cache stages stay (and with them every layer a rebuild reuses).
+    Without this the store grows by the torch layer (~6 GB) at every change of the trainer's
+    dependencies."""
+    keep = keep | {stage_tag(k, s.cache_stage) for k in keep for s in ALL
+                   if s.cache_stage and k.startswith(f"localhost/kubeforge/{s.name}:")}
     repos = {k.rsplit(":", 1)[0] for k in keep}
     listed = subprocess.run(podman("images", "--format", "{{.Repository}}:{{.Tag}}"), capture_output=True, text=True)
     for tag in listed.stdout.split():
         if tag.rsplit(":", 1)[0] in repos and tag not in keep:
             subprocess.run(podman("rmi", tag), capture_output=True)
+    subprocess.run(podman("image", "prune", "--force"), capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     try:
-        for spec in ALL:
-            print(build(spec))
+        tags = [build(spec) for spec in ALL]
+        prune(set(tags))
+        print("\n".join(tags))
     except (ImageBuildError, subprocess.CalledProcessError, RuntimeError) as e:
         print(f"image build failed: {e}", file=sys.stderr)
         return 1
