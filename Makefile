@@ -72,9 +72,10 @@ test-runtime: install tools ## only the torch tests (trainer, checkpoints, serve
 test-realpods: install tools ## only the tests on the real nodes (builds and imports the images first)
 	$(PY) -m pytest tests/realpods
 
-lint: install ## ruff on the Python, shellcheck on the scripts
+lint: install ## ruff on the Python, shellcheck on the scripts, mypy --strict on both packages
 	$(VENV)/bin/ruff check operator trainer_image tests bench hack
 	$(VENV)/bin/shellcheck -x hack/*.sh hack/cluster/*.sh .ci/run
+	$(PY) -m mypy --strict operator/kubeforge trainer_image/kubeforge_runtime
 
 kind-up: install ## for users with Docker: a kind cluster with a fake GPU node, the chart and the examples
 	hack/kind-up.sh

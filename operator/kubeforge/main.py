@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import importlib
 import logging
+import os
 import secrets
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from prometheus_client import start_http_server
 
+from kubeforge.controllers.background import Background
 from kubeforge.settings import OperatorSettings
+
+#: The handler modules; importing one registers its handlers (nothing else imports them).
+HANDLERS = ("kubeforge.controllers.trainingjob.handlers", "kubeforge.controllers.checkpointpolicy.handlers",
+            "kubeforge.controllers.inferenceservice.handlers")
 
 ANNOTATION_PREFIX = "kubeforge.dev"
 
@@ -29,8 +37,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.worker_limit = 100
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = OperatorSettings.from_env()
+@kopf.on.cleanup()
+async def stop_background(memo: kopf.Memo, **_: Any) -> None:
+    """Every task the controllers started, and their thread pools, end with the operator."""
+    await cast(Background, memo.background).stop()
+
+
+def parse_settings(argv: list[str] | None, env: dict[str, str]) -> OperatorSettings:
+    """The settings: the environment's, then the flags'."""
+    base = OperatorSettings.from_env(env)
+    defaults = base.process
     ap = argparse.ArgumentParser(description="Run the kubeforge operator.")
     ap.add_argument("--namespace", "-n", action="append", default=list(defaults.namespaces),
                     help="namespace to watch (repeatable); none means all")
@@ -41,28 +57,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default=defaults.log_level)
     ap.add_argument("--peering", default=defaults.peering, help="kopf peering name; empty runs standalone")
     args = ap.parse_args(argv)
+    process = dataclasses.replace(
+        defaults, namespaces=tuple(args.namespace), metrics_port=args.metrics_port, health_port=args.health_port,
+        bind_address=args.bind_address, log_format=args.log_format, log_level=args.log_level, peering=args.peering)
+    return dataclasses.replace(base, process=process)
 
-    import kubeforge.controllers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
-                   verbose=args.log_level.upper() == "DEBUG")
-    logging.getLogger().setLevel(args.log_level.upper())
-    start_http_server(args.metrics_port, addr=args.bind_address)
-    logging.getLogger("kubeforge").info("metrics on %s:%d, health on %s:%d", args.bind_address, args.metrics_port,
-                                        args.bind_address, args.health_port)
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv, dict(os.environ))
+    p = settings.process
+    for module in HANDLERS:
+        importlib.import_module(module)
+
+    kopf.configure(log_format=kopf.LogFormat.JSON if p.log_format == "json" else kopf.LogFormat.PLAIN,
+                   verbose=p.log_level.upper() == "DEBUG")
+    logging.getLogger().setLevel(p.log_level.upper())
+    start_http_server(p.metrics_port, addr=p.bind_address)
+    logging.getLogger("kubeforge").info("metrics on %s:%d, health on %s:%d", p.bind_address, p.metrics_port,
+                                        p.bind_address, p.health_port)
     # kopf pauses every peer of equal priority ("Pausing all operators, including self"), so
     # replicas that all kept the default handled nothing: each draws a priority of its own,
     # and the highest one is the single active replica
-    priority = secrets.randbelow(2**31 - 1) + 1 if args.peering else 0
-    if args.peering:
-        logging.getLogger("kubeforge").info("peering %s with priority %d", args.peering, priority)
+    priority = secrets.randbelow(2**31 - 1) + 1 if p.peering else 0
+    if p.peering:
+        logging.getLogger("kubeforge").info("peering %s with priority %d", p.peering, priority)
+    # the memo every handler gets (kopf copies it per object, shallowly): the settings, and
+    # the background tasks' owner; each kind's startup handler adds its state
+    memo = kopf.Memo(settings=settings, background=Background())
     asyncio.run(kopf.operator(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        standalone=not args.peering,
-        peering_name=args.peering or None,
+        clusterwide=not p.namespaces,
+        namespaces=list(p.namespaces),
+        standalone=not p.peering,
+        peering_name=p.peering or None,
         priority=priority,
-        liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz",
+        liveness_endpoint=f"http://{p.bind_address}:{p.health_port}/healthz",
+        memo=memo,
     ))
     return 0
 

@@ -1,27 +1,20 @@
-"""Operator settings, grouped with their defaults. Environment variables (KUBEFORGE_*) and
-command-line flags of ``kubeforge-operator`` fill them."""
+"""The operator's settings: one ``OperatorSettings`` of grouped, frozen dataclasses (in the
+manner of kopf's own ``settings.posting``, ``settings.watching``...).
+
+``main()`` builds it once, from the environment (``KUBEFORGE_*``) and then the command-line
+flags of ``kubeforge-operator``, and hands it to the handlers through kopf's memo
+(``memo.settings``). No module reads the environment at import, and nothing else reads it."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Mapping
 
 from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ENV_INSPECTOR_IMAGE, ENV_WORKLOAD_IMAGE
 
 
-def workload_image(requested: str | None) -> str:
-    """The image a worker or server runs: the resource's own, else the operator's setting."""
-    return requested or os.environ.get(ENV_WORKLOAD_IMAGE) or DEFAULT_WORKLOAD_IMAGE
-
-
-def inspector_image() -> str:
-    """The image of a volume CheckpointPolicy's store inspector pod: the operator's own (it
-    carries ``kubeforge.store``; the chart sets ``KUBEFORGE_INSPECTOR_IMAGE``), else the workload image."""
-    return os.environ.get(ENV_INSPECTOR_IMAGE) or workload_image(None)
-
-
 @dataclasses.dataclass(frozen=True)
-class OperatorSettings:
+class ProcessSettings:
     """How the operator process runs."""
 
     #: Port of the Prometheus /metrics endpoint.
@@ -38,20 +31,92 @@ class OperatorSettings:
     peering: str = ""
     #: Address to bind the endpoints on.
     bind_address: str = "0.0.0.0"
-    #: How often CheckpointPolicies re-check their storage and apply retention.
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """The images of the pods the operator makes."""
+
+    #: Trainer and server pods of resources that name no image (Helm value ``workloadImage``).
+    workload: str = DEFAULT_WORKLOAD_IMAGE
+    #: A volume CheckpointPolicy's store inspector pod; empty: the workload image. The chart
+    #: sets the operator's own (it carries ``kubeforge.store``).
+    inspector: str = ""
+
+    def inspector_image(self) -> str:
+        return self.inspector or self.workload
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingJobSettings:
+    """How the TrainingJob controller works through its queue."""
+
+    #: Jobs reconciled at the same time (each in a thread: the Kubernetes client blocks).
+    workers: int = 8
+    #: How long the store's answer (lastCheckpoint) is reused before it is read again.
+    store_refresh_s: float = 30.0
+    #: Pause before retrying a reconciliation that raised.
+    error_backoff_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPolicySettings:
+    """How often CheckpointPolicies are re-checked."""
+
+    #: How often storage is re-checked and retention applied.
     retention_interval_s: float = 60.0
+    #: A failing store is given up on quickly in the operator: the next pass tries again.
+    store_retry_deadline_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceServiceSettings:
+    """How the InferenceService controller polls what it cannot watch."""
+
+    #: How often a TrainingJob's export commit marker is re-read (a newer export rolls out
+    #: within this long under FollowLatest).
+    export_poll_interval_s: float = 30.0
+    #: A failing store is given up on quickly: the next poll tries again.
+    store_retry_deadline_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorSettings:
+    process: ProcessSettings = dataclasses.field(default_factory=ProcessSettings)
+    images: ImageSettings = dataclasses.field(default_factory=ImageSettings)
+    trainingjob: TrainingJobSettings = dataclasses.field(default_factory=TrainingJobSettings)
+    checkpointpolicy: CheckpointPolicySettings = dataclasses.field(default_factory=CheckpointPolicySettings)
+    inferenceservice: InferenceServiceSettings = dataclasses.field(default_factory=InferenceServiceSettings)
 
     @classmethod
-    def from_env(cls) -> OperatorSettings:
-        env = os.environ
-        ns = tuple(n for n in env.get("KUBEFORGE_NAMESPACES", "").split(",") if n)
+    def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
+        """The settings the ``KUBEFORGE_*`` variables of ``env`` give; defaults for the rest."""
+        def num(name: str, default: float) -> float:
+            return float(env.get(name, default))
+
+        p, tj = ProcessSettings, TrainingJobSettings
+        cp, isvc = CheckpointPolicySettings, InferenceServiceSettings
         return cls(
-            metrics_port=int(env.get("KUBEFORGE_METRICS_PORT", cls.metrics_port)),
-            health_port=int(env.get("KUBEFORGE_HEALTH_PORT", cls.health_port)),
-            namespaces=ns,
-            log_format=env.get("KUBEFORGE_LOG_FORMAT", cls.log_format),
-            log_level=env.get("KUBEFORGE_LOG_LEVEL", cls.log_level),
-            peering=env.get("KUBEFORGE_PEERING", cls.peering),
-            bind_address=env.get("KUBEFORGE_BIND_ADDRESS", cls.bind_address),
-            retention_interval_s=float(env.get("KUBEFORGE_RETENTION_INTERVAL_SECONDS", cls.retention_interval_s)),
+            process=ProcessSettings(
+                metrics_port=int(env.get("KUBEFORGE_METRICS_PORT", p.metrics_port)),
+                health_port=int(env.get("KUBEFORGE_HEALTH_PORT", p.health_port)),
+                namespaces=tuple(n for n in env.get("KUBEFORGE_NAMESPACES", "").split(",") if n),
+                log_format=env.get("KUBEFORGE_LOG_FORMAT", p.log_format),
+                log_level=env.get("KUBEFORGE_LOG_LEVEL", p.log_level),
+                peering=env.get("KUBEFORGE_PEERING", p.peering),
+                bind_address=env.get("KUBEFORGE_BIND_ADDRESS", p.bind_address),
+            ),
+            images=ImageSettings(workload=env.get(ENV_WORKLOAD_IMAGE) or DEFAULT_WORKLOAD_IMAGE,
+                                 inspector=env.get(ENV_INSPECTOR_IMAGE, "")),
+            trainingjob=TrainingJobSettings(
+                workers=int(env.get("KUBEFORGE_TRAININGJOB_WORKERS", tj.workers)),
+                store_refresh_s=num("KUBEFORGE_STORE_REFRESH_SECONDS", tj.store_refresh_s),
+            ),
+            checkpointpolicy=CheckpointPolicySettings(
+                retention_interval_s=num("KUBEFORGE_RETENTION_INTERVAL_SECONDS", cp.retention_interval_s),
+            ),
+            inferenceservice=InferenceServiceSettings(
+                export_poll_interval_s=num("KUBEFORGE_EXPORT_POLL_SECONDS", isvc.export_poll_interval_s),
+                store_retry_deadline_s=num("KUBEFORGE_STORE_RETRY_DEADLINE_SECONDS", isvc.store_retry_deadline_s),
+            ),
         )

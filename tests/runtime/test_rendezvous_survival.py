@@ -1,7 +1,7 @@
 """The rendezvous design, proven with real processes on 127.0.0.1: losing worker 0's node
 costs one restart, not the job.
 
-Two agents run the worker pods' exact command (``worker_pod``'s, rewritten only as the
+Two agents run the worker pods' exact command (``build_worker_pod``'s, rewritten only as the
 contract test rewrites it: the rendezvous endpoint → 127.0.0.1, the config mount and the
 checkpoint volume → temp dirs) with ``--nnodes=1:2``, training ``tiny`` with checkpoints.
 Agent 0 starts first, so under plain c10d it is the one that hosts the store. Its agent and
@@ -28,7 +28,7 @@ import pytest
 import yaml
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.contract import CHECKPOINT_MOUNT_DIR, CONFIG_FILE_NAME, ENV_METRICS_PORT
-from kubeforge.controllers.trainingjob_pods import Owner, rendezvous_pod, trainer_config, worker_pod
+from kubeforge.controllers.trainingjob.manifests import Owner, build_rendezvous_pod, build_worker_pod, trainer_config
 from kubeforge.store import open_store
 
 from tests.e2e.test_trainingjob_contract import _local_command, _local_env
@@ -99,12 +99,12 @@ class Node:
         self.store = open_store(self.checkpoints.as_uri())
 
     def store_command(self) -> list[str]:
-        command = rendezvous_pod(self.owner, self.spec)["spec"]["containers"][0]["command"]
+        command = build_rendezvous_pod(self.owner, self.spec)["spec"]["containers"][0]["command"]
         assert command[:3] == ["python", "-m", "kubeforge_runtime.rendezvous"] and command[-2] == "--port"
         return [sys.executable, *command[1:-1], str(self.port), "--host", "127.0.0.1"]
 
     def agent(self, index: int) -> Run:
-        pod = worker_pod(self.owner, self.spec, self.policy, index, attempt=0)
+        pod = build_worker_pod(self.owner, self.spec, self.policy, index, attempt=0)
         command = _local_command(pod["spec"]["containers"][0]["command"], f"127.0.0.1:{self.port}", self.config_dir)
         assert "--rdzv-conf=is_host=false" in command and "--nnodes=1:2" in command
         if not self.separate_store:  # plain c10d: the agent bound to the endpoint hosts the store

@@ -83,7 +83,7 @@ def test_testdata_objects_are_valid(kind: str, input_path: str) -> None:
 
 
 def test_reasons_the_scripts_name_are_written_by_the_controllers() -> None:
-    controllers = "".join(p.read_text() for p in (REPO / "operator" / "kubeforge" / "controllers").glob("*.py"))
+    controllers = "".join(p.read_text() for p in (REPO / "operator" / "kubeforge" / "controllers").rglob("*.py"))
     seen = 0
     for kind in KINDS:
         script = (CUSTOMIZATIONS / kind / "health.lua").read_text()

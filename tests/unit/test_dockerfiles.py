@@ -121,12 +121,12 @@ def test_operator_runs_as_the_uid_the_chart_sets() -> None:
 
 @pytest.mark.parametrize("path", WORKLOAD, ids=lambda p: p.name)
 def test_workload_image_runs_as_the_uid_the_controllers_set(path: Path) -> None:
-    from kubeforge.controllers import inferenceservice_children, trainingjob_pods
+    from kubeforge.controllers import workload
 
     uid, gid = _user(path)
     assert uid != 0 and gid == uid
-    assert trainingjob_pods.pod_security()["runAsUser"] == uid
-    assert inferenceservice_children.RUN_AS_USER == uid
+    assert workload.pod_security()["runAsUser"] == uid
+    assert workload.RUN_AS_USER == uid
     env = " ".join(values(final(path), "ENV"))
     assert "PATH=/opt/venv/bin:" in env, "`python` in the pod's command must be the venv's python"
 
@@ -134,7 +134,7 @@ def test_workload_image_runs_as_the_uid_the_controllers_set(path: Path) -> None:
 def controller_modules() -> set[str]:
     """Modules the controllers start with ``python -m`` in the pods they build."""
     found: set[str] = set()
-    for src in (REPO / "operator" / "kubeforge" / "controllers").glob("*.py"):
+    for src in (REPO / "operator" / "kubeforge" / "controllers").rglob("*.py"):
         found |= set(re.findall(r'"python", "-m", "(kubeforge_runtime[\w.]*)"', src.read_text()))
     return found
 
@@ -183,7 +183,7 @@ def _stage_context(path: Path, dest: Path) -> None:
 
 
 @pytest.mark.parametrize("path,must_hold", [
-    (OPERATOR, ["kubeforge/main.py", "kubeforge/controllers/trainingjob.py"]),
+    (OPERATOR, ["kubeforge/main.py", "kubeforge/controllers/trainingjob/handlers.py"]),
     (WORKLOAD[1], ["kubeforge_runtime/serve/__main__.py", "kubeforge_runtime/train/launch.py",
                    "kubeforge_runtime/rendezvous.py", "kubeforge/store/__init__.py",
                    "kubeforge_runtime/serve/csrc/paged_attention.c"]),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import tools
 import yaml
-from kubeforge.controllers.inferenceservice_children import POD_METRICS
+from kubeforge.controllers.inferenceservice.manifests import POD_METRICS
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]

@@ -65,20 +65,20 @@ def test_tools_come_from_go_modules() -> None:
 
 
 def test_gpu_node_matches_what_the_pods_ask_for() -> None:
-    from kubeforge.controllers import trainingjob_pods
+    from kubeforge.controllers import workload
 
     up = UP.read_text()
     product = re.search(r"^GPU_PRODUCT=(\S+)", up, re.MULTILINE)[1]  # type: ignore[index]
     gpus = re.search(r"^GPUS=(\d+)", up, re.MULTILINE)[1]  # type: ignore[index]
     config = yaml.safe_load(heredoc(UP, "YAML").replace("$GPU_PRODUCT", product).replace("$GPUS", gpus))
     (gpu_node,) = (n for n in config["nodes"] if "labels" in n)
-    assert gpu_node["labels"][trainingjob_pods.GPU_PRODUCT_LABEL] == product
+    assert gpu_node["labels"][workload.GPU_PRODUCT_LABEL] == product
     example = yaml.safe_load((REPO / "examples" / "02-trainingjob-tiny.yaml").read_text())
     assert example["spec"]["workers"]["gpuProduct"] == product
     assert int(gpus) >= example["spec"]["workers"]["gpusPerWorker"]
     taint = re.search(r"taint node \"\$GPU_NODE\" (\S+)=(\S+):(\S+)", up)
     assert taint, "the GPU node must carry the GPU Operator's taint"
-    pods_src = (REPO / "operator" / "kubeforge" / "controllers" / "trainingjob_pods.py").read_text()
+    pods_src = (REPO / "operator" / "kubeforge" / "controllers" / "workload.py").read_text()
     assert f'"{taint[1]}"' in pods_src, "worker pods must tolerate the taint kind-up.sh sets"
 
 

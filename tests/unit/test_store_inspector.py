@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from kubeforge.api import CheckpointPolicySpec
 from kubeforge.api.contract import CHECKPOINT_MOUNT_DIR
-from kubeforge.controllers import checkpointpolicy_inspector as insp
-from kubeforge.controllers.trainingjob import volume_view
+from kubeforge.controllers.checkpointpolicy import manifests as insp_pod
+from kubeforge.controllers.checkpointpolicy import plan as insp
+from kubeforge.controllers.trainingjob.plan import volume_view
 from kubeforge.store import CommitMarker, open_store
 from kubeforge.store.inspector import MESSAGE_LIMIT, fit_message, main
 from kubeforge.store.report import JobRef
@@ -118,16 +119,16 @@ def spec(**retention: Any) -> CheckpointPolicySpec:
 
 
 def test_the_inspector_pod_mounts_the_claim_where_workers_do_and_runs_the_pass(tmp_path: Path) -> None:
-    pod = insp.inspector_pod("nightly", NS, "uid-1", spec(keepEvery=10), [JobRef("llama", 40), JobRef("b")],
+    pod = insp_pod.build_inspector_pod("nightly", NS, "uid-1", spec(keepEvery=10), [JobRef("llama", 40), JobRef("b")],
                              "registry/trainer:1")
     assert pod["metadata"]["name"] == "nightly-inspector"
-    assert pod["metadata"]["labels"][insp.INSPECTOR_LABEL] == "uid-1"
-    assert pod["metadata"]["annotations"][insp.POLICY_ANNOTATION] == "nightly"
+    assert pod["metadata"]["labels"][insp_pod.INSPECTOR_LABEL] == "uid-1"
+    assert pod["metadata"]["annotations"][insp_pod.POLICY_ANNOTATION] == "nightly"
     assert pod["metadata"]["ownerReferences"] == [{"apiVersion": "kubeforge.dev/v1alpha1", "kind": "CheckpointPolicy",
                                                    "name": "nightly", "uid": "uid-1", "controller": True}]
     ps = pod["spec"]
     c = ps["containers"][0]
-    assert ps["restartPolicy"] == "Never" and ps["activeDeadlineSeconds"] == insp.DEADLINE_S
+    assert ps["restartPolicy"] == "Never" and ps["activeDeadlineSeconds"] == insp_pod.DEADLINE_S
     assert ps["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}]
     assert c["volumeMounts"] == [{"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT_DIR}]
     assert c["image"] == "registry/trainer:1" and c["terminationMessagePath"] == "/dev/termination-log"
@@ -149,7 +150,7 @@ def test_the_inspector_pod_mounts_the_claim_where_workers_do_and_runs_the_pass(t
     result = insp.inspector_result(done)
     assert result.finished and result.error is None and result.report == msg
     assert result.report["deleted"] == {"llama": [5, 15]}
-    assert "affinity" not in insp.inspector_pod("nightly", NS, "uid-1", spec(), [], "img")["spec"]
+    assert "affinity" not in insp_pod.build_inspector_pod("nightly", NS, "uid-1", spec(), [], "img")["spec"]
 
 
 def test_the_inspector_runs_as_a_module(tmp_path: Path) -> None:
@@ -195,16 +196,16 @@ def test_a_volume_jobs_last_checkpoint_comes_from_the_policy_status() -> None:
 
 
 def test_names_labels_and_volume_ownership() -> None:
-    assert insp.inspector_name("nightly") == "nightly-inspector"
+    assert insp_pod.inspector_name("nightly") == "nightly-inspector"
     long_a, long_b = "a" * 240 + ".x" * 6, "a" * 240 + ".y" * 6
-    na, nb = insp.inspector_name(long_a), insp.inspector_name(long_b)
+    na, nb = insp_pod.inspector_name(long_a), insp_pod.inspector_name(long_b)
     assert len(na) <= 253 and len(nb) <= 253 and na != nb and na.endswith("-inspector")
     assert not na.rsplit("-", 2)[0].endswith((".", "-"))  # a DNS subdomain: no "x.-y"
     # a job name that cannot be a label value has no pods to be near; it must not break the pod
-    pod = insp.inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70), JobRef("ok")], "img")
+    pod = insp_pod.build_inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70), JobRef("ok")], "img")
     term = pod["spec"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["podAffinityTerm"]["labelSelector"]["matchExpressions"][0]["values"] == ["ok"]
-    assert "affinity" not in insp.inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70)], "img")["spec"]
+    assert "affinity" not in insp_pod.build_inspector_pod("p", NS, "u", spec(), [JobRef("j" * 70)], "img")["spec"]
     # no recursive chown of the whole checkpoint volume on every pass
     assert pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 
@@ -221,7 +222,7 @@ def _inspector(phase: str, terminated: dict[str, Any] | None = None, uid: str = 
                age_s: float = 5, **status: Any) -> dict[str, Any]:
     created = (NOW - dt.timedelta(seconds=age_s)).isoformat().replace("+00:00", "Z")
     return {"metadata": {"name": "pv-inspector", "uid": uid, "creationTimestamp": created,
-                         "labels": {insp.INSPECTOR_LABEL: owner}}, **_pod(phase, terminated, **status)}
+                         "labels": {insp_pod.INSPECTOR_LABEL: owner}}, **_pod(phase, terminated, **status)}
 
 
 def _report(**body: Any) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from kubeforge.api import CheckpointPolicySpec
 from kubeforge.api.common import condition
-from kubeforge.controllers import trainingjob_pods as tp
-from kubeforge.controllers.trainingjob_plan import NodeHealth, Observed, Plan, StoreView, fmt_time, plan
+from kubeforge.controllers.trainingjob import manifests as tp
+from kubeforge.controllers.trainingjob.plan import NodeHealth, Observed, Plan, StoreView, fmt_time, plan
 
 pytestmark = pytest.mark.unit
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

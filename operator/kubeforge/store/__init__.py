@@ -28,6 +28,9 @@ API (what the operator and the trainer call)::
     store.write_export(ns, job, local_dir, step) -> ExportMarker
     store.download_export(ns, job, dest) -> ExportMarker
 
+    storage_uri(policy_spec) -> str                      # the root a CheckpointPolicy names
+    open_policy_store(policy_spec, secret_data, retry_deadline_s) -> Store
+
     plan = plan_retention(store.list_checkpoints(ns, job), keep_last=K, keep_every=M,
                           protected_steps={restoring_step}, incomplete_grace_seconds=3600)
     store.apply_retention(ns, job, plan) -> list[int]    # deleted steps
@@ -39,6 +42,7 @@ Errors: ``StoreError`` (unreachable after retries, access denied), ``NotFound``,
 from kubeforge.store.backends import NotFound, ObjectInfo, S3Options, StoreError, open_backend
 from kubeforge.store.layout import (
     MARKER_NAME,
+    CheckpointInfo,
     CommitMarker,
     ExportMarker,
     FileDigest,
@@ -48,12 +52,13 @@ from kubeforge.store.layout import (
     step_dir_name,
     utc_now,
 )
+from kubeforge.store.policy import CREDENTIAL_KEYS, open_policy_store, storage_uri
 from kubeforge.store.retention import RetentionPlan, plan_retention
-from kubeforge.store.store import CheckpointInfo, CheckpointSummary, CorruptCheckpoint, Store, open_store
+from kubeforge.store.store import CheckpointSummary, CorruptCheckpoint, Store, open_store
 
 __all__ = [
-    "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
+    "CREDENTIAL_KEYS", "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
     "FileDigest", "NotFound", "ObjectInfo", "RetentionPlan", "S3Options", "Store", "StoreError",
-    "checkpoint_prefix", "export_prefix", "job_prefix", "open_backend", "open_store", "plan_retention",
-    "step_dir_name", "utc_now",
+    "checkpoint_prefix", "export_prefix", "job_prefix", "open_backend", "open_policy_store", "open_store", "plan_retention",
+    "step_dir_name", "storage_uri", "utc_now",
 ]

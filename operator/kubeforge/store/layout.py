@@ -16,6 +16,7 @@ got is what was written.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as dt
 import hashlib
 import re
@@ -128,3 +129,18 @@ def file_digest(path: Path) -> FileDigest:
     with open(path, "rb") as f:
         sha, size = sha256_stream(f)
     return FileDigest(size=size, sha256=sha)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One ``step-N`` directory as listed: committed when its marker exists and parses.
+
+    ``bytes`` is what the listing found (for an incomplete checkpoint, what was written so
+    far); ``modified`` is its newest object's time, which dates incomplete leftovers."""
+
+    step: int
+    prefix: str
+    committed: bool
+    bytes: int
+    modified: dt.datetime
+    marker: CommitMarker | None = None

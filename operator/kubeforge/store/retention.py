@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Sequence
 
-from kubeforge.store.store import CheckpointInfo
+from kubeforge.store.layout import CheckpointInfo
 
 
 @dataclasses.dataclass(frozen=True)

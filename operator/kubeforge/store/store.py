@@ -15,37 +15,20 @@ import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from kubeforge.store import layout
 from kubeforge.store.backends import NotFound, ObjectBackend, S3Options, StoreError, open_backend
-from kubeforge.store.layout import CommitMarker, ExportMarker, FileDigest
-
-if TYPE_CHECKING:
-    from kubeforge.store.retention import RetentionPlan
+from kubeforge.store.layout import CheckpointInfo, CommitMarker, ExportMarker, FileDigest
+from kubeforge.store.retention import RetentionPlan
 
 log = logging.getLogger(__name__)
 
 
 class CorruptCheckpoint(StoreError):
     """A committed checkpoint's files do not match its marker (missing, resized or changed)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """One ``step-N`` directory as listed: committed when its marker exists and parses.
-
-    ``bytes`` is what the listing found (for an incomplete checkpoint, what was written so
-    far); ``modified`` is its newest object's time, which dates incomplete leftovers."""
-
-    step: int
-    prefix: str
-    committed: bool
-    bytes: int
-    modified: dt.datetime
-    marker: CommitMarker | None = None
 
 
 @dataclasses.dataclass(frozen=True)

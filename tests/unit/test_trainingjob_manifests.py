@@ -16,7 +16,9 @@ from kubeforge.api.contract import (
     ENV_S3_ENDPOINT,
     RENDEZVOUS_PORT,
 )
-from kubeforge.controllers import trainingjob_pods as tp
+from kubeforge.controllers import workload
+from kubeforge.controllers.trainingjob import manifests as tp
+from kubeforge.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
 OWNER = tp.Owner("llm", "team-a", "1234-uid")
@@ -41,7 +43,7 @@ def env_of(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_worker_command_is_elastic_torchrun_against_the_rendezvous_store() -> None:
-    pod = tp.worker_pod(OWNER, spec(), S3_POLICY, 1, 0)
+    pod = tp.build_worker_pod(OWNER, spec(), S3_POLICY, 1, 0)
     cmd = pod["spec"]["containers"][0]["command"]
     assert cmd[:3] == ["python", "-m", "kubeforge_runtime.train.launch"]
     assert "--nnodes=2:4" in cmd and "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
@@ -53,7 +55,7 @@ def test_worker_command_is_elastic_torchrun_against_the_rendezvous_store() -> No
 
 
 def test_worker_pod_identity_labels_and_owner() -> None:
-    pod = tp.worker_pod(OWNER, spec(), None, 3, 7)
+    pod = tp.build_worker_pod(OWNER, spec(), None, 3, 7)
     meta = pod["metadata"]
     assert meta["name"] == "llm-worker-3"
     assert meta["labels"][tp.JOB_LABEL] == "llm" and meta["labels"][tp.INDEX_LABEL] == "3"
@@ -64,11 +66,11 @@ def test_worker_pod_identity_labels_and_owner() -> None:
 
 
 def test_worker_pod_gpus_tolerations_affinity_security() -> None:
-    pod = tp.worker_pod(OWNER, spec(failurePolicy={"nodeFailureGraceSeconds": 45}), None, 0, 0)
+    pod = tp.build_worker_pod(OWNER, spec(failurePolicy={"nodeFailureGraceSeconds": 45}), None, 0, 0)
     ps = pod["spec"]
     c = ps["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert tp.GPU_TOLERATION in ps["tolerations"]
+    assert workload.GPU_TOLERATION in ps["tolerations"]
     for taint in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
         assert {"key": taint, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 45} in ps["tolerations"]
     term = ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
@@ -85,7 +87,7 @@ def test_worker_pod_gpus_tolerations_affinity_security() -> None:
 
 
 def test_s3_policy_reaches_the_pod_as_env_and_credentials_only_through_envfrom() -> None:
-    pod = tp.worker_pod(OWNER, spec(), S3_POLICY, 0, 0)
+    pod = tp.build_worker_pod(OWNER, spec(), S3_POLICY, 0, 0)
     c = pod["spec"]["containers"][0]
     env = env_of(pod)
     assert env[ENV_CHECKPOINT_URI] == "s3://ckpt/runs"
@@ -97,7 +99,7 @@ def test_s3_policy_reaches_the_pod_as_env_and_credentials_only_through_envfrom()
 
 
 def test_volume_policy_mounts_the_claim() -> None:
-    pod = tp.worker_pod(OWNER, spec(), VOLUME_POLICY, 0, 0)
+    pod = tp.build_worker_pod(OWNER, spec(), VOLUME_POLICY, 0, 0)
     assert env_of(pod)[ENV_CHECKPOINT_URI] == f"file://{CHECKPOINT_MOUNT_DIR}/jobs"
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt-pvc"}} in pod["spec"]["volumes"]
     assert "envFrom" not in pod["spec"]["containers"][0]
@@ -109,48 +111,52 @@ def test_user_additions_are_merged_not_replacing_ours() -> None:
                   "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
                   "nodeSelector": {"pool": "a"}, "tolerations": [{"key": "x", "operator": "Exists"}],
                   "priorityClassName": "high", "schedulerName": "volcano"})
-    ps = tp.worker_pod(OWNER, s, None, 0, 0)["spec"]
+    ps = tp.build_worker_pod(OWNER, s, None, 0, 0)["spec"]
     assert env_of({"spec": ps})["NCCL_DEBUG"] == "INFO"
     assert {v["name"] for v in ps["volumes"]} >= {"data", "dshm", "trainer-config"}
     assert ps["nodeSelector"] == {"pool": "a"} and ps["priorityClassName"] == "high"
     assert ps["schedulerName"] == "volcano" and {"key": "x", "operator": "Exists"} in ps["tolerations"]
-    assert tp.GPU_TOLERATION in ps["tolerations"]
+    assert workload.GPU_TOLERATION in ps["tolerations"]
 
 
 def test_cpu_only_workers_run_one_process_and_no_gpu_toleration() -> None:
-    pod = tp.worker_pod(OWNER, spec(workers={"gpusPerWorker": 0}), None, 0, 0)
+    pod = tp.build_worker_pod(OWNER, spec(workers={"gpusPerWorker": 0}), None, 0, 0)
     assert "--nproc-per-node=1" in pod["spec"]["containers"][0]["command"]
-    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["limits"]
-    assert tp.GPU_TOLERATION not in pod["spec"]["tolerations"]
+    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"].get("limits", {})
+    assert workload.GPU_TOLERATION not in pod["spec"]["tolerations"]
 
 
 def test_rendezvous_pod_prefers_non_gpu_nodes_and_is_reachable_by_stable_name() -> None:
-    pod = tp.rendezvous_pod(OWNER, spec())
+    pod = tp.build_rendezvous_pod(OWNER, spec())
     ps = pod["spec"]
     assert pod["metadata"]["name"] == "llm-rdzv" and ps["hostname"] == "llm-rdzv" and ps["subdomain"] == "llm"
     preferred = ps["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert preferred[0]["preference"]["matchExpressions"] == [
         {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]
     # a cluster of GPU nodes only still runs it
-    assert tp.GPU_TOLERATION in ps["tolerations"]
+    assert workload.GPU_TOLERATION in ps["tolerations"]
     assert "nvidia.com/gpu" not in json.dumps(ps["containers"][0]["resources"])
     assert ps["containers"][0]["command"][:3] == ["python", "-m", "kubeforge_runtime.rendezvous"]
-    svc = tp.headless_service(OWNER)
+    svc = tp.build_headless_service(OWNER)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
     assert svc["spec"]["selector"] == {tp.JOB_LABEL: "llm"}  # selects workers and the store
 
 
 def test_config_map_holds_the_trainer_config_with_export_from_the_spec() -> None:
-    cm = tp.config_map(OWNER, spec(export={"enabled": False}))
+    cm = tp.build_config_map(OWNER, spec(export={"enabled": False}))
     config = yaml.safe_load(cm["data"]["trainer.yaml"])
     assert config["model"] == {"preset": "tiny"} and config["export"] == {"enabled": False}
 
 
-def test_workload_image_is_the_resources_own_else_the_operators_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KUBEFORGE_WORKLOAD_IMAGE", raising=False)
-    image = lambda s: tp.worker_pod(OWNER, s, None, 0, 0)["spec"]["containers"][0]["image"]  # noqa: E731
-    assert image(spec()) == "ghcr.io/kubeforge/trainer:0.1.0"
-    monkeypatch.setenv("KUBEFORGE_WORKLOAD_IMAGE", "mirror.example/kf/trainer:0.1.0-cpu")
-    assert image(spec()) == "mirror.example/kf/trainer:0.1.0-cpu"
-    assert tp.rendezvous_pod(OWNER, spec())["spec"]["containers"][0]["image"] == "mirror.example/kf/trainer:0.1.0-cpu"
-    assert image(spec(trainer={"image": "own/image:1"})) == "own/image:1"
+def test_workload_image_is_the_resources_own_else_the_operators_setting() -> None:
+    def image(s: TrainingJobSpec, env: dict[str, str]) -> str:
+        default = OperatorSettings.from_env(env).images.workload
+        return str(tp.build_worker_pod(OWNER, s, None, 0, 0, default)["spec"]["containers"][0]["image"])
+
+    assert image(spec(), {}) == "ghcr.io/kubeforge/trainer:0.1.0"
+    mirror = {"KUBEFORGE_WORKLOAD_IMAGE": "mirror.example/kf/trainer:0.1.0-cpu"}
+    assert image(spec(), mirror) == "mirror.example/kf/trainer:0.1.0-cpu"
+    default = OperatorSettings.from_env(mirror).images.workload
+    assert tp.build_rendezvous_pod(OWNER, spec(), default)["spec"]["containers"][0]["image"] == (
+        "mirror.example/kf/trainer:0.1.0-cpu")
+    assert image(spec(trainer={"image": "own/image:1"}), mirror) == "own/image:1"

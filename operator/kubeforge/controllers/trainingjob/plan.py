@@ -39,10 +39,10 @@ from typing import Any
 
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.common import condition, set_condition
-from kubeforge.api.contract import ExitCode
-from kubeforge.controllers import trainingjob_pods as pods_
+from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ExitCode
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
+from kubeforge.controllers.trainingjob import manifests as pods_
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
 #: node-monitor grace (40 s by default) plus a heartbeat. A peer that failed in that time (its
@@ -86,6 +86,8 @@ class Observed:
     policy_error: str | None = None
     store: StoreView | None = None
     now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    #: The image of pods whose job names none (the operator's setting).
+    default_image: str = DEFAULT_WORKLOAD_IMAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +132,34 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 def fmt_time(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def node_health(body: dict[str, Any], before: NodeHealth | None, now: dt.datetime) -> NodeHealth:
+    """The node's Ready status, and since when it is not Ready: the condition's transition
+    time, but never earlier than this process first saw it not Ready (kwok, and some
+    node-problem tools, back-date the transition; a restarted operator grants a fresh grace
+    rather than force-deleting at once)."""
+    ready: dict[str, Any] = next(
+        (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+    status = str(ready.get("status", "Unknown"))
+    if status == "True":
+        return NodeHealth(status, parse_time(ready.get("lastTransitionTime")) or now)
+    if before is not None and before.ready != "True":
+        return NodeHealth(status, before.since)
+    return NodeHealth(status, max(parse_time(ready.get("lastTransitionTime")) or now, now))
+
+
+def volume_view(entry: dict[str, Any] | None) -> StoreView | None:
+    """lastCheckpoint of a job on a volume store, from the policy's status (its inspector pod
+    mounts the claim; the operator cannot). No verdict on the export when it is not listed:
+    worker 0 exits 0 only after committing it."""
+    if not entry or entry.get("newestStep") is None:
+        return None
+    last = {"step": entry["newestStep"], "uri": entry.get("newestUri")}
+    if entry.get("newestTime"):
+        last["time"] = entry["newestTime"]
+    return StoreView(last_checkpoint={k: v for k, v in last.items() if v is not None},
+                     export_committed=True if entry.get("exportUri") else None, export_uri=entry.get("exportUri"))
 
 
 def _label(pod: dict[str, Any], key: str) -> str | None:
@@ -229,6 +259,9 @@ class _Planner:
         self.plan = Plan(status={})
         self.failed = 0
         self.replaced: list[_Outcome] = []
+        #: from ``workers()``: worker 0's pod if it succeeded, the active and the ready workers
+        self.winner: dict[str, Any] | None = None
+        self.active = self.ready = 0
 
     # -- helpers
     def cond(self, type_: str, status: bool, reason: str, message: str = "") -> None:
@@ -382,45 +415,14 @@ class _Planner:
 
     def workers(self) -> tuple[dict[str, Any] | None, int, int]:
         """Account every worker index; returns (worker 0's pod if it succeeded, active, ready)."""
-        n = self.spec.workers.max_replicas
-        by_index: dict[int, list[dict[str, Any]]] = {}
-        for pod in self.obs.pods:
-            if _label(pod, pods_.ROLE_LABEL) != pods_.ROLE_WORKER:
-                continue
-            i = _index(pod)
-            if i is None or i >= n:
-                self.delete(pod, force=self.node_lost(pod))  # scaled down, or not ours to keep
-                continue
-            by_index.setdefault(i, []).append(pod)
-        self.records = {i: r for i, r in self.records.items() if i < n}
-        for i in range(n):
-            self.records.setdefault(i, {"index": i, "attempt": 0})
+        by_index = self._pods_by_index()
         winner: dict[str, Any] | None = None
         active = ready = 0
         group_restart = False
-        for i in range(n):
-            rec = self.records[i]
-            current = None
-            for pod in sorted(by_index.get(i, []), key=_attempt, reverse=True):
-                if current is None and _attempt(pod) >= rec["attempt"]:
-                    if _attempt(pod) > rec["attempt"]:  # status was lost or rewritten: adopt
-                        rec.update(attempt=_attempt(pod), uid=_uid(pod))
-                    current = pod
-                else:
-                    lost = self.node_lost(pod)
-                    if lost or not _terminating(pod):
-                        self.delete(pod, force=lost)
+        for i in range(self.spec.workers.max_replicas):
+            current, vanished = self._current_pod(i, by_index.get(i, []))
+            group_restart |= vanished
             if current is None:
-                if rec.get("uid"):
-                    self.end_life(i, _Outcome("PodDeleted", f"worker {i} (pod {rec['uid'][:8]}) was deleted",
-                                              True), None)
-                    group_restart |= self.spec.failure_policy.restart_policy == "RestartGroup"
-                continue
-            if not rec.get("uid"):
-                rec["uid"] = _uid(current)
-            elif rec["uid"] != _uid(current):
-                self.end_life(i, _Outcome("PodDeleted", f"worker {i} (pod {rec['uid'][:8]}) was deleted", True),
-                              current)
                 continue
             outcome = self.classify(current, i)
             if outcome is None:
@@ -436,18 +438,68 @@ class _Planner:
                 return None, 0, 0
             self.failed += _phase(current) == "Failed"
             self.end_life(i, outcome, current)
-            group_restart |= self.spec.failure_policy.restart_policy == "RestartGroup"
-        if group_restart:
-            for i, rec in self.records.items():
-                if rec.get("uid"):  # a survivor: recreated uncounted
-                    survivor = next((p for p in by_index.get(i, []) if _uid(p) == rec["uid"]), None)
-                    rec["attempt"] = int(rec["attempt"]) + 1
-                    rec.pop("uid", None)
-                    if survivor is not None:
-                        self.delete(survivor, force=self.node_lost(survivor))
+            group_restart = True
+        if group_restart and self.spec.failure_policy.restart_policy == "RestartGroup":
+            self._restart_group(by_index)
             active = ready = 0
-            self.event("GroupRestarted", "restartPolicy RestartGroup: every worker is recreated")
         return winner, active, ready
+
+    def _pods_by_index(self) -> dict[int, list[dict[str, Any]]]:
+        """The worker pods by index; pods of an index past maxReplicas (scaled down, or not ours
+        to keep) are deleted, and so are their records."""
+        n = self.spec.workers.max_replicas
+        by_index: dict[int, list[dict[str, Any]]] = {}
+        for pod in self.obs.pods:
+            if _label(pod, pods_.ROLE_LABEL) != pods_.ROLE_WORKER:
+                continue
+            i = _index(pod)
+            if i is None or i >= n:
+                self.delete(pod, force=self.node_lost(pod))
+                continue
+            by_index.setdefault(i, []).append(pod)
+        self.records = {i: r for i, r in self.records.items() if i < n}
+        for i in range(n):
+            self.records.setdefault(i, {"index": i, "attempt": 0})
+        return by_index
+
+    def _current_pod(self, i: int, pods: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, bool]:
+        """The pod of worker ``i``'s current attempt (pods of older attempts are deleted), None
+        when there is none or the recorded one was replaced by another (its life ended here);
+        and whether the recorded pod vanished."""
+        rec = self.records[i]
+        current = None
+        for pod in sorted(pods, key=_attempt, reverse=True):
+            if current is None and _attempt(pod) >= rec["attempt"]:
+                if _attempt(pod) > rec["attempt"]:  # status was lost or rewritten: adopt
+                    rec.update(attempt=_attempt(pod), uid=_uid(pod))
+                current = pod
+            else:
+                lost = self.node_lost(pod)
+                if lost or not _terminating(pod):
+                    self.delete(pod, force=lost)
+        deleted = _Outcome("PodDeleted", f"worker {i} (pod {str(rec.get('uid', ''))[:8]}) was deleted", True)
+        if current is None:
+            if rec.get("uid"):
+                self.end_life(i, deleted, None)
+                return None, True
+            return None, False
+        if not rec.get("uid"):
+            rec["uid"] = _uid(current)
+        elif rec["uid"] != _uid(current):
+            self.end_life(i, deleted, current)
+            return None, False
+        return current, False
+
+    def _restart_group(self, by_index: dict[int, list[dict[str, Any]]]) -> None:
+        """restartPolicy RestartGroup: the survivors are recreated too, uncounted."""
+        for i, rec in self.records.items():
+            if rec.get("uid"):
+                survivor = next((p for p in by_index.get(i, []) if _uid(p) == rec["uid"]), None)
+                rec["attempt"] = int(rec["attempt"]) + 1
+                rec.pop("uid", None)
+                if survivor is not None:
+                    self.delete(survivor, force=self.node_lost(survivor))
+        self.event("GroupRestarted", "restartPolicy RestartGroup: every worker is recreated")
 
     def create_missing(self, policy: CheckpointPolicySpec | None) -> None:
         names = {p["metadata"]["name"] for p in self.obs.pods}
@@ -458,13 +510,14 @@ class _Planner:
             if name in names:
                 self.plan.look_again(SHORT_REQUEUE_S)  # the old incarnation is still going away
                 continue
-            self.plan.create.append(pods_.worker_pod(self.owner, self.spec, policy, i, int(rec["attempt"])))
+            self.plan.create.append(pods_.build_worker_pod(self.owner, self.spec, policy, i, int(rec["attempt"]),
+                                                           self.obs.default_image))
 
     def rendezvous(self) -> None:
         name = pods_.rendezvous_name(self.owner.name)
         pod = next((p for p in self.obs.pods if p["metadata"]["name"] == name), None)
         if pod is None:
-            self.plan.create.append(pods_.rendezvous_pod(self.owner, self.spec))
+            self.plan.create.append(pods_.build_rendezvous_pod(self.owner, self.spec, self.obs.default_image))
             return
         lost = self.node_lost(pod)
         if _terminating(pod):
@@ -558,116 +611,135 @@ def _ttl(p: _Planner) -> None:
         p.plan.requeue_after = left
 
 
-def plan(obs: Observed) -> Plan:
-    """Everything the controller does for one TrainingJob, from what it observed."""
+def _finish(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> Plan:
+    """The plan of a job that ended (or just did): TTL, then the status."""
+    _ttl(p)
+    p.plan.status = _status(p, phase, workers)
+    return p.plan
+
+
+def _invalid(obs: Observed, error: str) -> Plan:
     meta = obs.job["metadata"]
-    spec, error = parse_spec(TrainingJobSpec, obs.job.get("spec"))
-    if error is None and len(meta["name"]) > pods_.MAX_JOB_NAME:
-        error = f"metadata.name must be at most {pods_.MAX_JOB_NAME} characters (worker hostnames are DNS labels)"
-    if error is not None:
-        old = obs.job.get("status") or {}
-        conds = set_condition(list(old.get("conditions") or []), "Ready", False, "InvalidSpec", error,
-                              meta.get("generation"))
-        return Plan(status={**old, "observedGeneration": meta.get("generation"), "conditions": conds,
-                            "phase": "Failed", "message": error}, requeue_after=None)
-    p = _Planner(obs, spec)
-    p.plan.children = [pods_.config_map(p.owner, spec), pods_.headless_service(p.owner)]
+    old = obs.job.get("status") or {}
+    conds = set_condition(list(old.get("conditions") or []), "Ready", False, "InvalidSpec", error,
+                          meta.get("generation"))
+    return Plan(status={**old, "observedGeneration": meta.get("generation"), "conditions": conds,
+                        "phase": "Failed", "message": error}, requeue_after=None)
 
+
+# ---- the phases: each returns the Plan when it decides the job's, else None -----------
+
+def _already_finished(p: _Planner) -> Plan | None:
     done = p.finished()
-    if done is not None:
-        p.remove_active_pods()
-        _ttl(p)
-        p.plan.status = _status(p, done, (p.old.get("workers") or None))
-        if p.plan.delete:
-            p.plan.look_again(SHORT_REQUEUE_S)
-        return p.plan
+    if done is None:
+        return None
+    p.remove_active_pods()
+    _finish(p, done, p.old.get("workers") or None)
+    if p.plan.delete:
+        p.plan.look_again(SHORT_REQUEUE_S)
+    return p.plan
 
-    if spec.suspend:
-        for pod in obs.pods:
-            lost = p.node_lost(pod)
-            if lost or not _terminating(pod):
-                p.delete(pod, force=lost)
-        for rec in p.records.values():
-            if rec.get("uid"):
-                rec["attempt"] = int(rec["attempt"]) + 1
-                rec.pop("uid", None)
-        if (condition(p.conds, "Suspended") or {}).get("status") != "True":
-            p.event("Suspended", "spec.suspend is true: workers deleted, status and checkpoints kept")
-        p.cond("Suspended", True, "Suspended", "spec.suspend is true")
-        p.cond("Running", False, "Suspended", "spec.suspend is true")
-        p.cond("Restarting", False, "Suspended", "spec.suspend is true")
-        p.cond("Ready", False, "Suspended", "spec.suspend is true")
-        p.start_time = None  # as for a Job: activeDeadlineSeconds counts again from the resume
-        p.plan.status = _status(p, "Suspended")
-        if p.plan.delete:
-            p.plan.look_again(SHORT_REQUEUE_S)
-        return p.plan
-    if (condition(p.conds, "Suspended") or {}).get("status") == "True":
-        p.cond("Suspended", False, "Resumed", "spec.suspend is false; restoring from the last checkpoint")
-        p.event("Resumed", "spec.suspend is false: workers recreated, training resumes from the last checkpoint")
-    elif condition(p.conds, "Suspended") is None:
-        p.cond("Suspended", False, "NotSuspended", "")
 
-    if spec.checkpoint_policy_ref is not None and obs.policy is None:
-        reason = obs.policy_error or f"CheckpointPolicy {spec.checkpoint_policy_ref.name} not found"
-        p.cond("Ready", False, "CheckpointPolicyNotFound", reason)
-        p.plan.status = _status(p, "Pending")
-        p.plan.look_again(10.0)
-        return p.plan
+def _suspension(p: _Planner) -> Plan | None:
+    """Suspended: every worker deleted, status and checkpoints kept. On resume, a condition
+    and an Event, and the other phases go on."""
+    suspended = condition(p.conds, "Suspended")
+    if not p.spec.suspend:
+        if (suspended or {}).get("status") == "True":
+            p.cond("Suspended", False, "Resumed", "spec.suspend is false; restoring from the last checkpoint")
+            p.event("Resumed", "spec.suspend is false: workers recreated, training resumes from the last checkpoint")
+        elif suspended is None:
+            p.cond("Suspended", False, "NotSuspended", "")
+        return None
+    for pod in p.obs.pods:
+        lost = p.node_lost(pod)
+        if lost or not _terminating(pod):
+            p.delete(pod, force=lost)
+    for rec in p.records.values():
+        if rec.get("uid"):
+            rec["attempt"] = int(rec["attempt"]) + 1
+            rec.pop("uid", None)
+    if (suspended or {}).get("status") != "True":
+        p.event("Suspended", "spec.suspend is true: workers deleted, status and checkpoints kept")
+    for type_ in ("Suspended", "Running", "Restarting", "Ready"):
+        p.cond(type_, type_ == "Suspended", "Suspended", "spec.suspend is true")
+    p.start_time = None  # as for a Job: activeDeadlineSeconds counts again from the resume
+    p.plan.status = _status(p, "Suspended")
+    if p.plan.delete:
+        p.plan.look_again(SHORT_REQUEUE_S)
+    return p.plan
 
-    start = parse_time(p.start_time)
-    if spec.active_deadline_seconds and start is not None:
-        left = (start + dt.timedelta(seconds=spec.active_deadline_seconds) - obs.now).total_seconds()
-        if left <= 0:
-            p.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={spec.active_deadline_seconds}")
-            _ttl(p)
-            p.plan.status = _status(p, "Failed")
-            return p.plan
+
+def _policy_missing(p: _Planner) -> Plan | None:
+    ref = p.spec.checkpoint_policy_ref
+    if ref is None or p.obs.policy is not None:
+        return None
+    p.cond("Ready", False, "CheckpointPolicyNotFound", p.obs.policy_error or f"CheckpointPolicy {ref.name} not found")
+    p.plan.status = _status(p, "Pending")
+    p.plan.look_again(10.0)
+    return p.plan
+
+
+def _deadline(p: _Planner) -> Plan | None:
+    start, deadline = parse_time(p.start_time), p.spec.active_deadline_seconds
+    if not deadline or start is None:
+        return None
+    left = (start + dt.timedelta(seconds=deadline) - p.now).total_seconds()
+    if left > 0:
         p.plan.look_again(left)
+        return None
+    p.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={deadline}")
+    return _finish(p, "Failed")
 
-    winner, active, ready = p.workers()
-    if p.finished() == "Failed":  # configuration error
-        _ttl(p)
-        p.plan.status = _status(p, "Failed")
-        return p.plan
-    if winner is not None:
-        if spec.export.enabled and obs.policy is not None:
-            export = obs.store.export_committed if obs.store else None
-            if export is None and obs.policy.storage.s3 is not None:
-                # The store could not be read just now: no verdict until it can be.
-                p.cond("Succeeded", False, "ExportUnverified",
-                       "worker 0 exited 0; the export's commit marker could not be read from the store yet")
-                p.plan.look_again(5.0)
-                winner = None
-            elif export is None:
-                pass  # a volume is mounted only in the workers: worker 0 exits 0 only after committing it
-            elif not export:
-                p.end_life(0, _Outcome("ExportMissing", "worker 0 exited 0 but the export has no commit marker",
-                                       False), winner)
-                winner = None
-        if winner is not None:
-            p.succeed(f"worker 0 exited 0 after {p.restarts['application']} application and "
-                      f"{p.restarts['infrastructure']} infrastructure restarts")
-            _ttl(p)
-            p.plan.status = _status(p, "Succeeded", {"desired": spec.workers.max_replicas, "active": 0,
-                                                     "ready": 0, "failed": p.failed})
-            return p.plan
-    fp = spec.failure_policy
-    if p.restarts["application"] > fp.max_restarts:
-        last = next((o.message for o in reversed(p.replaced) if not o.infrastructure), "")
-        p.fail("RestartBudgetExhausted", f"{p.restarts['application']} application failures exceed "
-               f"failurePolicy.maxRestarts={fp.max_restarts}; last: {last}")
-        _ttl(p)
-        p.plan.status = _status(p, "Failed")
-        return p.plan
 
+def _workers(p: _Planner) -> Plan | None:
+    """Account every worker; a configuration error fails the job."""
+    p.winner, p.active, p.ready = p.workers()
+    return _finish(p, "Failed") if p.finished() == "Failed" else None
+
+
+def _success(p: _Planner) -> Plan | None:
+    """Worker 0 exited 0: the job succeeded once its export is committed (when it exports)."""
+    winner, obs = p.winner, p.obs
+    if winner is None:
+        return None
+    if p.spec.export.enabled and obs.policy is not None:
+        export = obs.store.export_committed if obs.store else None
+        if export is None and obs.policy.storage.s3 is not None:
+            # The store could not be read just now: no verdict until it can be.
+            p.cond("Succeeded", False, "ExportUnverified",
+                   "worker 0 exited 0; the export's commit marker could not be read from the store yet")
+            p.plan.look_again(5.0)
+            return None
+        if export is False:  # None for a volume: worker 0 exits 0 only after committing it
+            p.end_life(0, _Outcome("ExportMissing", "worker 0 exited 0 but the export has no commit marker", False),
+                       winner)
+            return None
+    p.succeed(f"worker 0 exited 0 after {p.restarts['application']} application and "
+              f"{p.restarts['infrastructure']} infrastructure restarts")
+    return _finish(p, "Succeeded", {"desired": p.spec.workers.max_replicas, "active": 0, "ready": 0,
+                                    "failed": p.failed})
+
+
+def _restart_budget(p: _Planner) -> Plan | None:
+    fp = p.spec.failure_policy
+    if p.restarts["application"] <= fp.max_restarts:
+        return None
+    last = next((o.message for o in reversed(p.replaced) if not o.infrastructure), "")
+    p.fail("RestartBudgetExhausted", f"{p.restarts['application']} application failures exceed "
+           f"failurePolicy.maxRestarts={fp.max_restarts}; last: {last}")
+    return _finish(p, "Failed")
+
+
+def _running(p: _Planner) -> Plan:
+    """The job runs (or waits for workers): the rendezvous store, missing workers, conditions."""
     p.rendezvous()
-    p.create_missing(obs.policy)
+    p.create_missing(p.obs.policy)
     if p.replaced:
         first = p.replaced[0]
         p.cond("Restarting", True, first.reason, first.message)
         p.plan.look_again(SHORT_REQUEUE_S)
-    p.capacity(ready)
+    p.capacity(p.ready)
     running = (condition(p.conds, "Running") or {}).get("status") == "True"
     if running and not p.replaced:
         p.cond("Restarting", False, "WorkersRunning", "")
@@ -677,6 +749,27 @@ def plan(obs: Observed) -> Plan:
     p.cond("Ready", running, str(run.get("reason", "WaitingForWorkers")), str(run.get("message", "")))
     restarting = (condition(p.conds, "Restarting") or {}).get("status") == "True"
     phase = "Restarting" if restarting else "Running" if running else "Pending"
-    p.plan.status = _status(p, phase, {"desired": spec.workers.max_replicas, "active": active, "ready": ready,
+    p.plan.status = _status(p, phase, {"desired": p.spec.workers.max_replicas, "active": p.active, "ready": p.ready,
                                        "failed": p.failed})
     return p.plan
+
+
+PHASES = (_already_finished, _suspension, _policy_missing, _deadline, _workers, _success, _restart_budget)
+
+
+def plan(obs: Observed) -> Plan:
+    """Everything the controller does for one TrainingJob, from what it observed: the first
+    phase that decides the job's plan returns it; a job none of them ends is running."""
+    spec, error = parse_spec(TrainingJobSpec, obs.job.get("spec"))
+    if spec is not None and len(obs.job["metadata"]["name"]) > pods_.MAX_JOB_NAME:
+        spec, error = None, (f"metadata.name must be at most {pods_.MAX_JOB_NAME} characters "
+                             "(worker hostnames are DNS labels)")
+    if spec is None:
+        return _invalid(obs, error or "invalid spec")
+    p = _Planner(obs, spec)
+    p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
+    for phase in PHASES:
+        decided = phase(p)
+        if decided is not None:
+            return decided
+    return _running(p)

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import yaml
 from kubeforge.api import InferenceServiceSpec
-from kubeforge.controllers import inferenceservice as ctl
-from kubeforge.controllers import inferenceservice_children as ch
-from kubeforge.controllers.inferenceservice_children import Owner, ResolvedModel
+from kubeforge.controllers import workload
+from kubeforge.controllers.inferenceservice import manifests as ch
+from kubeforge.controllers.inferenceservice import plan as ctl
+from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
 from kubeforge.store import ExportMarker
 
 pytestmark = pytest.mark.unit
@@ -87,7 +88,7 @@ def test_gpus_toleration_and_product_affinity() -> None:
     c, pod = container(dep), dep["spec"]["template"]["spec"]
     assert c["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
     assert c["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
-    assert ch.GPU_TOLERATION in pod["tolerations"]
+    assert workload.GPU_TOLERATION in pod["tolerations"]
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
                                          "values": ["NVIDIA-H100-80GB-HBM3"]}]
@@ -168,15 +169,15 @@ def _deployment(replicas: int, ready: int, updated: int, gen: int = 1, seen: int
 
 def test_availability_and_ready() -> None:
     model_ok = (True, "ExportFound", "ok")
-    assert ch.ready_condition(model_ok, ch.availability(None, 1))[:2] == (False, "NoDeployment")
-    assert ch.ready_condition(model_ok, ch.availability(_deployment(1, 0, 1), 1))[:2] == (False, "NoReplicaReady")
-    assert ch.ready_condition(model_ok, ch.availability(_deployment(3, 2, 1), 2))[:2] == (False, "RollingOut")
-    assert ch.ready_condition(model_ok, ch.availability(_deployment(2, 2, 2, gen=2, seen=1), 2))[:2] == (
+    assert ctl.ready_condition(model_ok, ctl.availability(None, 1))[:2] == (False, "NoDeployment")
+    assert ctl.ready_condition(model_ok, ctl.availability(_deployment(1, 0, 1), 1))[:2] == (False, "NoReplicaReady")
+    assert ctl.ready_condition(model_ok, ctl.availability(_deployment(3, 2, 1), 2))[:2] == (False, "RollingOut")
+    assert ctl.ready_condition(model_ok, ctl.availability(_deployment(2, 2, 2, gen=2, seen=1), 2))[:2] == (
         False, "RollingOut")
-    assert ch.ready_condition(model_ok, ch.availability(_deployment(2, 2, 2), 2))[:2] == (True, "Serving")
-    assert ch.availability(_deployment(0, 0, 0), 0).available_reason == "ScaledToZero"
+    assert ctl.ready_condition(model_ok, ctl.availability(_deployment(2, 2, 2), 2))[:2] == (True, "Serving")
+    assert ctl.availability(_deployment(0, 0, 0), 0).available_reason == "ScaledToZero"
     waiting = (False, "WaitingForTrainingJob", "no export")
-    assert ch.ready_condition(waiting, ch.availability(_deployment(2, 2, 2), 2))[:2] == (False, "WaitingForTrainingJob")
+    assert ctl.ready_condition(waiting, ctl.availability(_deployment(2, 2, 2), 2))[:2] == (False, "WaitingForTrainingJob")
 
 
 def _marker(time: str, step: int) -> ExportMarker:
@@ -197,7 +198,7 @@ def test_model_read_back_from_the_deployment_rebuilds_the_same_template() -> Non
     dep = ch.build_deployment(OWNER, s, MODEL)
     assert ctl.model_of(dep) == MODEL
     assert ch.build_deployment(OWNER, s, ctl.model_of(dep) or MODEL) == dep
-    assert ch.model_of_status(dep) == {"uri": MODEL.uri, "revision": MODEL.revision, "step": 100}
+    assert ctl.model_of_status(dep) == {"uri": MODEL.uri, "revision": MODEL.revision, "step": 100}
 
 
 def test_status_patch_carries_scale_selector_url_and_conditions() -> None:

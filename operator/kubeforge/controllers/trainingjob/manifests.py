@@ -1,5 +1,6 @@
-"""The children of a TrainingJob as plain manifests: pure functions of the typed spec, the
-owner and the referenced CheckpointPolicy, tested without a cluster.
+"""The children of a TrainingJob as plain manifests (``build_*``): pure functions of the typed
+spec, the owner, the referenced CheckpointPolicy and the default image, tested without a
+cluster.
 
 Children (names are deterministic, so creating what exists is a harmless 409):
 
@@ -23,11 +24,11 @@ from typing import Any
 import yaml
 
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
-from kubeforge.api.common import API_VERSION
 from kubeforge.api.contract import (
     CHECKPOINT_MOUNT_DIR,
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_DIR,
+    DEFAULT_WORKLOAD_IMAGE,
     ENV_CHECKPOINT_POLICY,
     ENV_CHECKPOINT_URI,
     ENV_CONFIG_FILE,
@@ -39,7 +40,17 @@ from kubeforge.api.contract import (
     RENDEZVOUS_PORT,
     TRAINER_METRICS_PORT,
 )
-from kubeforge.settings import workload_image
+from kubeforge.api.trainingjob import TrainingJob
+from kubeforge.controllers import workload
+from kubeforge.controllers.workload import (
+    GPU_TOLERATION,
+    container_security,
+    gpu_product_affinity,
+    gpu_tolerations,
+    pod_security,
+    workload_image,
+)
+from kubeforge.store.policy import storage_uri
 
 JOB_LABEL = "kubeforge.dev/job-name"
 INDEX_LABEL = "kubeforge.dev/replica-index"
@@ -47,10 +58,6 @@ ROLE_LABEL = "kubeforge.dev/role"
 ATTEMPT_LABEL = "kubeforge.dev/attempt"
 ROLE_WORKER = "worker"
 ROLE_RENDEZVOUS = "rendezvous"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-#: The toleration the NVIDIA GPU Operator's nodes need (taint nvidia.com/gpu:NoSchedule).
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 #: Seconds between torchrun's SIGKILL of the workers and the kubelet's SIGKILL of the pod.
 SHUTDOWN_MARGIN_S = 15
 #: Hostnames are DNS labels: the longest suffix is "-worker-4095".
@@ -62,16 +69,10 @@ TORCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Owner:
+class Owner(workload.Owner):
     """The TrainingJob the children belong to."""
 
-    name: str
-    namespace: str
-    uid: str
-
-    def reference(self) -> dict[str, Any]:
-        return {"apiVersion": API_VERSION, "kind": "TrainingJob", "name": self.name, "uid": self.uid,
-                "controller": True, "blockOwnerDeletion": True}
+    kind: str = TrainingJob.kind
 
 
 def worker_name(job: str, index: int) -> str:
@@ -93,8 +94,6 @@ def rendezvous_endpoint(owner: Owner) -> str:
 
 def checkpoint_uri(policy: CheckpointPolicySpec) -> str:
     """The store root the workers write to (the CheckpointPolicy controller reads the same)."""
-    from kubeforge.controllers.checkpointpolicy import storage_uri
-
     return storage_uri(policy, CHECKPOINT_MOUNT_DIR)
 
 
@@ -112,27 +111,16 @@ def _meta(owner: Owner, name: str, role: str, extra: dict[str, str] | None = Non
     return {"name": name, "namespace": owner.namespace, "labels": labels, "ownerReferences": [owner.reference()]}
 
 
-def config_map(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
+def build_config_map(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_map_name(owner.name), "config"),
             "data": {CONFIG_FILE_NAME: yaml.safe_dump(trainer_config(spec), sort_keys=True)}}
 
 
-def headless_service(owner: Owner) -> dict[str, Any]:
+def build_headless_service(owner: Owner) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, owner.name, "service"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {JOB_LABEL: owner.name},
                      "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT},
                                {"name": "metrics", "port": TRAINER_METRICS_PORT}]}}
-
-
-def container_security() -> dict[str, Any]:
-    """What PodSecurity ``restricted`` asks of every container."""
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def pod_security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def node_failure_tolerations(seconds: int) -> list[dict[str, Any]]:
@@ -176,10 +164,7 @@ def _env(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | Non
             if policy.storage.s3.endpoint:
                 env[ENV_S3_ENDPOINT] = policy.storage.s3.endpoint
             env[ENV_S3_REGION] = policy.storage.s3.region
-    out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
-    out.append({"name": "KUBEFORGE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
-    out += [e.dump() for e in spec.pod.env]
-    return out
+    return [{"name": k, "value": v} for k, v in env.items()] + [e.dump() for e in spec.pod.env]
 
 
 def _volumes(owner: Owner, spec: TrainingJobSpec,
@@ -201,26 +186,6 @@ def _volumes(owner: Owner, spec: TrainingJobSpec,
     return volumes, mounts
 
 
-def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
-    r = spec.workers.resources
-    amounts: dict[str, str] = {}
-    if r.cpu:
-        amounts["cpu"] = r.cpu
-    if r.memory:
-        amounts["memory"] = r.memory
-    limits = dict(amounts)
-    if spec.workers.gpus_per_worker:
-        limits[GPU_RESOURCE] = str(spec.workers.gpus_per_worker)
-    return {"requests": amounts, "limits": limits} if amounts else {"limits": limits}
-
-
-def _affinity(spec: TrainingJobSpec) -> dict[str, Any] | None:
-    if not spec.workers.gpu_product:
-        return None
-    term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.workers.gpu_product]}]}
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
-
-
 def _pod_extras(spec: TrainingJobSpec) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     if spec.pod.node_selector:
@@ -233,18 +198,20 @@ def _pod_extras(spec: TrainingJobSpec) -> dict[str, Any]:
     return extras
 
 
-def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | None, index: int,
-               attempt: int) -> dict[str, Any]:
-    """Worker ``index`` of the job; ``attempt`` labels which replacement this is."""
+def build_worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | None, index: int,
+                     attempt: int, default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
+    """Worker ``index`` of the job; ``attempt`` labels which replacement this is;
+    ``default_image`` runs when the job names none (the operator's setting)."""
     volumes, mounts = _volumes(owner, spec, policy)
     container: dict[str, Any] = {
         "name": "trainer",
-        "image": workload_image(spec.trainer.image),
+        "image": workload_image(spec.trainer.image, default_image),
         "imagePullPolicy": spec.trainer.image_pull_policy,
         "command": worker_command(owner, spec),
         "env": _env(owner, spec, policy),
         "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
-        "resources": _resources(spec),
+        "resources": workload.resources(spec.workers.resources.cpu, spec.workers.resources.memory,
+                                        spec.workers.gpus_per_worker),
         "volumeMounts": mounts,
         "securityContext": container_security(),
         # the trainer's configuration error reaches the job's status through this
@@ -252,7 +219,7 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
     }
     if policy is not None and policy.storage.s3:
         container["envFrom"] = [{"secretRef": {"name": policy.storage.s3.credentials_secret_ref.name}}]
-    tolerations = [GPU_TOLERATION] if spec.workers.gpus_per_worker else []
+    tolerations = gpu_tolerations(spec.workers.gpus_per_worker)
     tolerations += node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds)
     tolerations += [t.dump() for t in spec.pod.tolerations]
     pod_spec: dict[str, Any] = {
@@ -267,7 +234,7 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
         "tolerations": tolerations,
         **_pod_extras(spec),
     }
-    affinity = _affinity(spec)
+    affinity = gpu_product_affinity(spec.workers.gpu_product)
     if affinity:
         pod_spec["affinity"] = affinity
     meta = _meta(owner, worker_name(owner.name, index), ROLE_WORKER,
@@ -275,14 +242,15 @@ def worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
-def rendezvous_pod(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
+def build_rendezvous_pod(owner: Owner, spec: TrainingJobSpec,
+                         default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
     """The rendezvous store: small, CPU only, kept off GPU nodes where it can be (preferred
     affinity), and allowed onto them (the GPU taint tolerated) where there is nothing else."""
     off_gpu = {"weight": 100, "preference": {"matchExpressions": [
         {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}
     container = {
         "name": "rendezvous",
-        "image": workload_image(spec.trainer.image),
+        "image": workload_image(spec.trainer.image, default_image),
         "imagePullPolicy": spec.trainer.image_pull_policy,
         "command": ["python", "-m", "kubeforge_runtime.rendezvous", "--port", str(RENDEZVOUS_PORT)],
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],

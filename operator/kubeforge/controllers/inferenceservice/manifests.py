@@ -1,9 +1,9 @@
-"""The children of an InferenceService, as pure functions: spec + the resolved model →
-Deployment, Service, PodDisruptionBudget, HorizontalPodAutoscaler (plain dicts for
-server-side apply), and the status the Deployment implies.
+"""The children of an InferenceService as plain manifests (``build_*``, for server-side
+apply): pure functions of the spec, the resolved model and the default image → Deployment,
+Service, PodDisruptionBudget, HorizontalPodAutoscaler.
 
-Nothing here talks to the API server or the store; the kopf handlers in
-``inferenceservice.py`` read, call these, apply and patch status.
+Nothing here talks to the API server or the store; ``handlers.py`` reads, calls ``plan`` and
+these, applies and patches status.
 """
 
 from __future__ import annotations
@@ -14,9 +14,22 @@ from typing import Any
 
 from kubeforge.api import InferenceService, InferenceServiceSpec
 from kubeforge.api.common import API_VERSION
-from kubeforge.api.contract import ENV_MODEL_REVISION, ENV_S3_ENDPOINT, ENV_S3_REGION, SERVING_PORT
+from kubeforge.api.contract import (
+    DEFAULT_WORKLOAD_IMAGE,
+    ENV_MODEL_REVISION,
+    ENV_S3_ENDPOINT,
+    ENV_S3_REGION,
+    SERVING_PORT,
+)
 from kubeforge.api.inferenceservice import Autoscaling, RatePolicy
-from kubeforge.settings import workload_image
+from kubeforge.controllers import workload
+from kubeforge.controllers.workload import (
+    container_security,
+    gpu_product_affinity,
+    gpu_tolerations,
+    pod_security,
+    workload_image,
+)
 
 #: Label every child carries; its value is the InferenceService's name. The pods' selector.
 SERVICE_LABEL = "kubeforge.dev/inferenceservice"
@@ -33,24 +46,16 @@ TMP_DIR = "/tmp"
 PVC_MOUNT_ROOT = "/mnt/models"
 #: vLLM's metric names, exposed per pod through the custom metrics API (see docs/autoscaling.md).
 POD_METRICS = {"WaitingRequests": "vllm:num_requests_waiting", "RunningRequests": "vllm:num_requests_running"}
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-#: The NVIDIA GPU Operator taints GPU nodes with this key.
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 #: Seconds between SIGKILL's deadline and the end of the engine's own drain.
 GRACE_MARGIN_S = 5
 STARTUP_PROBE_PERIOD_S = 10
-#: The non-root user of the image (restricted PodSecurity needs one).
-RUN_AS_USER = 1000
 
 
 @dataclasses.dataclass(frozen=True)
-class Owner:
+class Owner(workload.Owner):
     """The InferenceService the children belong to."""
 
-    name: str
-    namespace: str
-    uid: str
+    kind: str = InferenceService.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +98,7 @@ def url(owner: Owner) -> str:
 def _metadata(owner: Owner, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": child_name(owner.name), "namespace": owner.namespace, "labels": labels(owner.name),
-        "ownerReferences": [{"apiVersion": API_VERSION, "kind": InferenceService.kind, "name": owner.name,
-                             "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}],
+        "ownerReferences": [owner.reference()],
     }
     if annotations:
         meta["annotations"] = annotations
@@ -145,29 +149,13 @@ def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any
     return env + [v.dump() for v in spec.env]
 
 
-def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
-    amounts: dict[str, str] = {}
-    if spec.resources.cpu:
-        amounts["cpu"] = spec.resources.cpu
-    if spec.resources.memory:
-        amounts["memory"] = spec.resources.memory
-    limits = dict(amounts)
-    if spec.gpus:
-        limits[GPU_RESOURCE] = str(spec.gpus)
-    out: dict[str, Any] = {}
-    if amounts:
-        out["requests"] = amounts
-    if limits:
-        out["limits"] = limits
-    return out
-
-
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 5,
             "failureThreshold": failures, "successThreshold": 1}
 
 
-def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel) -> dict[str, Any]:
+def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel,
+                     default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
     """The serving Deployment. Replicas follow spec.replicas (which the HPA and `kubectl scale`
     write through the scale subresource); a rolling update surges one pod and never removes a
     ready one first, so no request is dropped while a new model revision rolls out."""
@@ -184,22 +172,20 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         mounts.append({"name": "model-pvc", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": workload_image(spec.image),
+        "image": workload_image(spec.image, default_image),
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "kubeforge_runtime.serve"],
         "args": server_args(owner.name, spec, model),
         "env": _env(spec, model),
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
-        "resources": _resources(spec),
+        "resources": workload.resources(spec.resources.cpu, spec.resources.memory, spec.gpus),
         # /health answers 200 only once the model is loaded and warmed, and 503 again while
         # draining. No livenessProbe: it would kill a pod in the middle of its drain.
         "startupProbe": _probe("/health", STARTUP_PROBE_PERIOD_S, startup_failures),
         "readinessProbe": _probe("/health", 5, 2),
         "lifecycle": {"preStop": {"sleep": {"seconds": spec.lifecycle.pre_stop_sleep_seconds}}},
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": container_security(read_only_root=True),
     }
     secret = model.credentials_secret
     if secret:
@@ -216,21 +202,19 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
-                            "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security(),
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
                                        "labelSelector": {"matchLabels": pod_labels(owner.name)}}],
     }
-    tolerations = ([GPU_TOLERATION] if spec.gpus else []) + [t.dump() for t in spec.tolerations]
+    tolerations = gpu_tolerations(spec.gpus) + [t.dump() for t in spec.tolerations]
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.gpu_product:
-        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [spec.gpu_product]}]}]}}}
+    affinity = gpu_product_affinity(spec.gpu_product)
+    if affinity:
+        pod_spec["affinity"] = affinity
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     return {
@@ -308,62 +292,3 @@ def build_hpa(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any] | None
             "behavior": hpa_behavior(a),
         },
     }
-
-
-# ---------------------------------------------------------------------------- status
-
-@dataclasses.dataclass(frozen=True)
-class Availability:
-    """What the Deployment says about serving, as conditions' inputs."""
-
-    replicas: int
-    ready_replicas: int
-    available: bool
-    available_reason: str
-    available_message: str
-    rolled_out: bool
-
-
-def availability(deployment: dict[str, Any] | None, wanted_replicas: int, stuck: str | None = None) -> Availability:
-    """``stuck``: why server pods cannot start (pod_state.not_starting), shown while none is ready."""
-    if deployment is None:
-        return Availability(0, 0, False, "NoDeployment", "the serving Deployment does not exist yet", False)
-    st = deployment.get("status") or {}
-    replicas, ready = int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0)
-    updated = int(st.get("updatedReplicas") or 0)
-    gen_seen = (st.get("observedGeneration") or 0) >= (deployment["metadata"].get("generation") or 0)
-    rolled_out = gen_seen and updated >= wanted_replicas and replicas == updated
-    if wanted_replicas == 0:
-        return Availability(replicas, ready, False, "ScaledToZero", "spec.replicas is 0", rolled_out)
-    if ready == 0 and stuck:
-        return Availability(replicas, ready, False, "ReplicasNotStarting", f"0/{wanted_replicas} replicas ready; {stuck}",
-                            rolled_out)
-    if ready == 0:
-        return Availability(replicas, ready, False, "NoReplicaReady",
-                            f"0/{wanted_replicas} replicas ready (loading the model or not scheduled)", rolled_out)
-    return Availability(replicas, ready, True, "ReplicasReady", f"{ready}/{wanted_replicas} replicas ready", rolled_out)
-
-
-def ready_condition(model_ready: tuple[bool, str, str], avail: Availability) -> tuple[bool, str, str]:
-    """Ready: the wanted model is resolved, a replica serves, and the Deployment has rolled out."""
-    ok, reason, message = model_ready
-    if not ok:
-        return False, reason, message
-    if not avail.available:
-        return False, avail.available_reason, avail.available_message
-    if not avail.rolled_out:
-        return False, "RollingOut", f"rolling out: {avail.available_message}"
-    return True, "Serving", avail.available_message
-
-
-def model_of_status(deployment: dict[str, Any]) -> dict[str, Any] | None:
-    """status.model as the Deployment's pod template says: the model rolled out (or rolling)."""
-    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
-    if MODEL_URI_ANNOTATION not in annotations:
-        return None
-    out: dict[str, Any] = {"uri": annotations[MODEL_URI_ANNOTATION]}
-    if REVISION_ANNOTATION in annotations:
-        out["revision"] = annotations[REVISION_ANNOTATION]
-    if MODEL_STEP_ANNOTATION in annotations:
-        out["step"] = int(annotations[MODEL_STEP_ANNOTATION])
-    return out

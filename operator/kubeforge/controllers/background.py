@@ -1,0 +1,113 @@
+"""The one way the controllers run work outside kopf's handlers: tasks owned by the
+operator's ``Background`` (``memo.background``), started by each kind's startup handler and
+all stopped by the operator's cleanup handler.
+
+- ``every(name, interval, fn)``: a periodic pass (CheckpointPolicy retention, the
+  InferenceService export poll). Not kopf timers: kopf puts a finalizer on every object a
+  timer runs for, and a finalizer left behind by a stopped operator blocks deleting the
+  object and its namespace.
+- ``spawn(name, coroutine)``: a long-running task (the TrainingJob queue's workers).
+- ``WorkQueue``: keys due at a time, one worker per key at a time (controller-runtime's
+  work queue), for a kind whose events only say "look at this object again".
+
+A failing pass is logged and the next one runs; a task that ends by an exception is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("kubeforge.background")
+K = TypeVar("K", bound=Hashable)
+
+
+class Background:
+    """The operator's background tasks and what must be closed with them."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closers: list[Callable[[], None]] = []
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(name for name, task in self._tasks.items() if not task.done())
+
+    def spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
+        if name in self._tasks and not self._tasks[name].done():
+            coroutine.close()
+            raise RuntimeError(f"background task {name} runs already")
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        task.add_done_callback(_report)
+        self._tasks[name] = task
+
+    def every(self, name: str, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
+        """``fn`` every ``interval_s`` (the first time after one interval)."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await fn()
+                except Exception:  # one failed pass must not end the loop
+                    log.exception("background pass %s failed", name)
+
+        self.spawn(name, loop())
+
+    def close_with(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` (a thread pool's shutdown...) once the tasks are stopped."""
+        self._closers.append(closer)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        while self._closers:
+            self._closers.pop()()
+
+
+def _report(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s ended: %r", task.get_name(), task.exception())
+
+
+class WorkQueue(Generic[K]):
+    """Keys due at a time; a key is handed to one worker at a time, and adding a key while
+    it is being worked on brings it back once that work is done."""
+
+    def __init__(self) -> None:
+        self._due: dict[K, float] = {}
+        self._busy: set[K] = set()
+        self._wake = asyncio.Event()
+
+    def add(self, key: K, delay: float = 0.0) -> None:
+        due = time.monotonic() + delay
+        self._due[key] = min(self._due.get(key, due), due)
+        self._wake.set()
+
+    async def get(self) -> K:
+        while True:
+            now = time.monotonic()
+            ready = [(due, k) for k, due in self._due.items() if k not in self._busy]
+            if ready:
+                due, key = min(ready, key=lambda dk: dk[0])
+                if due <= now:
+                    del self._due[key]
+                    self._busy.add(key)
+                    return key
+                timeout: float | None = due - now
+            else:
+                timeout = None
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def done(self, key: K) -> None:
+        self._busy.discard(key)
+        self._wake.set()

@@ -1,0 +1,299 @@
+"""InferenceService handlers: resolve the model (a URI, or the committed export of a
+TrainingJob), server-side apply the Deployment, Service, PodDisruptionBudget and HPA built by
+``manifests``, and write the status ``plan`` decides.
+
+Handlers:
+- create/update/resume of an InferenceService, and a periodic pass over those that follow a
+  TrainingJob's export (the store has no watch: the pass re-reads the commit marker);
+- events of the serving Deployments and pods, which refresh replicas and the Available/Ready
+  conditions of their owner.
+
+The operator writes ``spec.replicas`` of nothing: the HPA and ``kubectl scale`` write it
+through the scale subresource, and the Deployment follows it. State (the services that follow
+an export, which are Ready) is the operator's, in ``memo.inferenceservices``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from kubeforge import k8s
+from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, InferenceService, InferenceServiceSpec, TrainingJob
+from kubeforge.api.common import GROUP, VERSION, condition
+from kubeforge.controllers.background import Background
+from kubeforge.controllers.inferenceservice import manifests
+from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
+from kubeforge.controllers.inferenceservice.plan import (
+    ModelResolution,
+    choose_export,
+    model_of,
+    model_of_status,
+    status_patch,
+)
+from kubeforge.controllers.pod_state import not_starting
+from kubeforge.controllers.status import conditions_patch, parse_spec
+from kubeforge.metrics import INFERENCESERVICES_READY, reconciling
+from kubeforge.settings import OperatorSettings
+from kubeforge.store import StoreError, open_policy_store
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+class InferenceServices:
+    """The controller's state: the services that follow a TrainingJob's export (the export
+    poll goes over them) and whether each is Ready (the gauge)."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.following: set[Key] = set()
+        self.ready: dict[Key, bool] = {}
+
+    def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
+        ready = condition(status.get("conditions"), "Ready")
+        self.ready[(owner.namespace, owner.name)] = bool(ready and ready["status"] == "True")
+        INFERENCESERVICES_READY.set(sum(self.ready.values()))
+
+
+def _state(memo: kopf.Memo) -> InferenceServices:
+    return cast(InferenceServices, memo.inferenceservices)
+
+
+# ---------------------------------------------------------------------------- reads
+
+def read_deployment(owner: Owner) -> dict[str, Any] | None:
+    return k8s.get_or_none(k8s.apps().read_namespaced_deployment, manifests.child_name(owner.name), owner.namespace)
+
+
+def read_stuck(owner: Owner) -> str | None:
+    """Why the service's pods cannot start, if any cannot (image missing, crash loop...)."""
+    return not_starting(k8s.list_pods(owner.namespace, manifests.selector(owner.name)))
+
+
+def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
+                  served: dict[str, Any] | None) -> ModelResolution:
+    """Where the model is and whether it can be served; ``served`` is status.model as the
+    existing Deployment says (for Pinned)."""
+    m = spec.model
+    secret = m.credentials_secret_ref.name if m.credentials_secret_ref else None
+    if m.uri:
+        return ModelResolution(True, "ModelURI", f"serving {m.uri}",
+                               ResolvedModel(uri=m.uri, s3_endpoint=m.s3_endpoint, credentials_secret=secret))
+    assert m.training_job_ref is not None
+    job_name = m.training_job_ref.name
+    job = k8s.get_custom(owner.namespace, TrainingJob.plural, job_name)
+    if job is None:
+        return ModelResolution(False, "WaitingForTrainingJob", f"TrainingJob {job_name} does not exist")
+    policy_ref = (job.get("spec") or {}).get("checkpointPolicyRef")
+    if not policy_ref:
+        return ModelResolution(False, "NoExportStore",
+                               f"TrainingJob {job_name} has no checkpointPolicyRef, so its export has no store")
+    policy = k8s.get_custom(owner.namespace, CheckpointPolicy.plural, policy_ref["name"])
+    if policy is None:
+        return ModelResolution(False, "WaitingForTrainingJob",
+                               f"CheckpointPolicy {policy_ref['name']} of TrainingJob {job_name} does not exist")
+    pspec = CheckpointPolicySpec.model_validate(policy["spec"])
+    s3 = pspec.storage.s3
+    if s3 is None:
+        return ModelResolution(False, "UnsupportedStorage",
+                               f"CheckpointPolicy {policy_ref['name']} stores on a volume; "
+                               "serving an export needs S3 storage")
+    store = open_policy_store(pspec, k8s.read_secret(owner.namespace, s3.credentials_secret_ref.name),
+                              state.settings.inferenceservice.store_retry_deadline_s)
+    export_uri = store.export_uri(owner.namespace, job_name)
+    try:
+        marker = store.export_marker(owner.namespace, job_name)
+    except StoreError as e:
+        return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {e}")
+    if marker is None:
+        return ModelResolution(False, "WaitingForTrainingJob",
+                               f"TrainingJob {job_name} has no committed export at {export_uri} yet")
+    revision, step = choose_export(m.update_policy, served, marker)
+    model = ResolvedModel(uri=export_uri, revision=revision, step=step,
+                          s3_endpoint=m.s3_endpoint or s3.endpoint, s3_region=s3.region,
+                          credentials_secret=secret or s3.credentials_secret_ref.name)
+    message = f"export of TrainingJob {job_name} committed {marker.time} (step {marker.step})"
+    if revision != marker.time:
+        message = (f"Pinned to revision {revision}; a newer export committed {marker.time} is not served "
+                   "(pods started from now on refuse it: copy the pinned export and serve it by uri)")
+    return ModelResolution(True, "ExportFound", message, model)
+
+
+# ---------------------------------------------------------------------------- writes
+
+def sync_hpa(owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> None:
+    """Apply the HPA, or delete it when spec.autoscaling is gone; an Event for each change."""
+    name = manifests.child_name(owner.name)
+    existing = k8s.get_or_none(k8s.autoscaling().read_namespaced_horizontal_pod_autoscaler, name, owner.namespace)
+    desired = manifests.build_hpa(owner, spec)
+    if desired is None:
+        if existing is not None:
+            k8s.delete(k8s.autoscaling().delete_namespaced_horizontal_pod_autoscaler, name, owner.namespace)
+            k8s.record_event(body, "AutoscalerRemoved", f"spec.autoscaling removed: deleted HPA {name}")
+        return
+    k8s.apply(desired)
+    summary = (f"HPA {name}: {desired['spec']['minReplicas']}..{desired['spec']['maxReplicas']} replicas, "
+               f"behavior {json.dumps(desired['spec']['behavior'], separators=(',', ':'))}")
+    if existing is None:
+        k8s.record_event(body, "AutoscalerCreated", summary)
+    elif not _behavior_matches(existing["spec"].get("behavior") or {}, desired["spec"]["behavior"]) or (
+            existing["spec"].get("minReplicas"), existing["spec"]["maxReplicas"]) != (
+            desired["spec"]["minReplicas"], desired["spec"]["maxReplicas"]):
+        k8s.record_event(body, "AutoscalerUpdated", summary)
+
+
+def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """True when every field we set has that value (the API server fills in the rest)."""
+    for direction, rules in desired.items():
+        seen = observed.get(direction) or {}
+        if any(seen.get(k) != v for k, v in rules.items()):
+            return False
+    return True
+
+
+def _patch_status(owner: Owner, status: dict[str, Any]) -> None:
+    k8s.patch_status(InferenceService.plural, owner.namespace, owner.name, status)
+
+
+def _events_for_transition(body: dict[str, Any], old: Mapping[str, Any] | None, new: dict[str, Any],
+                           old_revision: str | None, new_model: ResolvedModel | None) -> None:
+    before = condition((old or {}).get("conditions"), "ModelReady") or {}
+    after = condition(new["conditions"], "ModelReady") or {}
+    if (before.get("status"), before.get("reason")) != (after["status"], after["reason"]):
+        k8s.record_event(body, after["reason"], after["message"], warning=after["status"] != "True")
+    if new_model is not None and new_model.revision and old_revision and new_model.revision != old_revision:
+        k8s.record_event(body, "ModelRolloutStarted",
+                         f"rolling out export revision {new_model.revision} (was {old_revision})")
+
+
+# ---------------------------------------------------------------------------- handlers
+
+def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """One reconciliation: resolve, apply the children, write the status (here, not through
+    kopf's patch after the handler: the Deployment's pods may have turned ready meanwhile, and
+    their events found no status to update; a re-read after the write leaves no such gap)."""
+    meta, status = body["metadata"], body.get("status") or {}
+    with reconciling(InferenceService.kind):
+        parsed, error = parse_spec(InferenceServiceSpec, body.get("spec"))
+        generation = meta.get("generation")
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        if parsed is None:
+            logger.warning("invalid spec: %s", error)
+            _patch_status(owner, conditions_patch(status, generation, [("Ready", False, "InvalidSpec", str(error))]))
+            return
+        deployment = read_deployment(owner)
+        served = model_of_status(deployment) if deployment is not None else None
+        resolution = resolve_model(state, owner, parsed, served)
+        model = resolution.model
+        if model is None and deployment is not None:
+            model = model_of(deployment)  # keep serving what runs, and keep following spec.replicas
+        if model is not None:
+            deployment = k8s.apply(manifests.build_deployment(owner, parsed, model, state.settings.images.workload))
+        k8s.apply(manifests.build_service(owner))
+        k8s.apply(manifests.build_pdb(owner, parsed))
+        sync_hpa(owner, parsed, body)
+        new = status_patch(owner, parsed, status, generation, resolution, deployment, read_stuck(owner))
+        _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
+        if not resolution.ready:
+            logger.info("model not ready: %s", resolution.message)
+        _patch_status(owner, new)
+        fresh = status_patch(owner, parsed, new, generation, resolution, read_deployment(owner), read_stuck(owner))
+        if fresh != new:
+            _patch_status(owner, fresh)
+        state.count_ready(owner, fresh)
+
+
+@kopf.on.resume(GROUP, VERSION, InferenceService.plural)
+@kopf.on.create(GROUP, VERSION, InferenceService.plural)
+@kopf.on.update(GROUP, VERSION, InferenceService.plural, field="spec")
+def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    reconcile_service(_state(memo), _plain(body), logger)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's live view of the object as the plain dict the reads give."""
+    return cast(dict[str, Any], json.loads(json.dumps(dict(body))))
+
+
+@kopf.on.event(GROUP, VERSION, InferenceService.plural)
+def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    key = (str(meta["namespace"]), str(meta["name"]))
+    following = _state(memo).following
+    if type != "DELETED" and (spec.get("model") or {}).get("trainingJobRef"):
+        following.add(key)
+    else:
+        following.discard(key)
+
+
+def repoll(state: InferenceServices, namespace: str, name: str) -> None:
+    """One reconciliation outside kopf's handlers: the same function."""
+    body = k8s.get_custom(namespace, InferenceService.plural, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    reconcile_service(state, body, log)
+
+
+async def _poll_exports(state: InferenceServices) -> None:
+    for namespace, name in sorted(state.following):
+        try:
+            await asyncio.to_thread(repoll, state, namespace, name)
+        except Exception:  # one service's failure must not stop the others' polls
+            log.exception("re-reconciling InferenceService %s/%s failed", namespace, name)
+
+
+@kopf.on.startup()
+async def start_export_poll(memo: kopf.Memo, **_: Any) -> None:
+    settings = cast(OperatorSettings, memo.settings)
+    state = memo.inferenceservices = InferenceServices(settings)
+    cast(Background, memo.background).every("inferenceservice-export-poll",
+                                            settings.inferenceservice.export_poll_interval_s,
+                                            lambda: _poll_exports(state))
+
+
+@kopf.on.event("apps", "v1", "deployments",
+               labels={"app.kubernetes.io/managed-by": "kubeforge", "app.kubernetes.io/component": manifests.COMPONENT})
+def deployment_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Replicas and availability follow the Deployment between reconciliations."""
+    name = body.metadata.labels.get(manifests.SERVICE_LABEL)
+    namespace = body.metadata.namespace
+    if not name or namespace is None:
+        return
+    refresh_availability(_state(memo), namespace, name, None if type == "DELETED" else _plain(body))
+
+
+@kopf.on.event("", "v1", "pods", labels={manifests.SERVICE_LABEL: kopf.PRESENT})
+def server_pod_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A server pod that cannot start changes no Deployment field: its reason reaches the
+    conditions from here."""
+    name = body.metadata.labels.get(manifests.SERVICE_LABEL)
+    namespace = body.metadata.namespace
+    if name and namespace is not None:
+        refresh_availability(_state(memo), namespace, name, read_deployment(Owner(name, namespace, "")))
+
+
+def refresh_availability(state: InferenceServices, namespace: str, name: str,
+                         deployment: dict[str, Any] | None) -> None:
+    """Rewrite the availability part of the status from ``deployment`` and the pods."""
+    isvc = k8s.get_custom(namespace, InferenceService.plural, name)
+    if isvc is None or isvc["metadata"].get("deletionTimestamp"):
+        return
+    parsed, _error = parse_spec(InferenceServiceSpec, isvc.get("spec"))
+    if parsed is None:
+        return
+    owner = Owner(name, namespace, isvc["metadata"]["uid"])
+    status = isvc.get("status") or {}
+    model_cond = condition(status.get("conditions"), "ModelReady")
+    if model_cond is None:
+        return  # not reconciled yet: the reconcile handler writes the first status
+    resolution = ModelResolution(model_cond["status"] == "True", model_cond["reason"], model_cond["message"])
+    new = status_patch(owner, parsed, status, status.get("observedGeneration"), resolution, deployment,
+                       read_stuck(owner))
+    if new != {k: status.get(k) for k in new}:
+        _patch_status(owner, new)
+        state.count_ready(owner, new)

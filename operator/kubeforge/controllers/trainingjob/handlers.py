@@ -1,0 +1,310 @@
+"""TrainingJob handlers: thin kopf handlers around ``plan.plan``.
+
+Events of TrainingJobs, of their pods and of Nodes only put the job's key on a work queue
+(deduplicated, with delays, like controller-runtime's); a few workers take keys off it and
+reconcile one job at a time: read the job, its pods, the nodes they run on, the policy
+and the store; ``plan()``; write status first, then create and delete pods, post Events.
+No per-job daemon and no finalizer: a job deleted while the operator is down goes away
+with its children through their ownerReferences.
+
+State (the queue, the caches, the thread pool) is the operator's, in ``memo.trainingjobs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections import Counter as Tally
+from typing import Any, cast
+
+import kopf
+
+from kubeforge import k8s
+from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, TrainingJob
+from kubeforge.api.common import GROUP, VERSION
+from kubeforge.controllers.background import Background, WorkQueue
+from kubeforge.controllers.trainingjob import manifests as pods_
+from kubeforge.controllers.trainingjob.plan import (
+    NodeHealth,
+    Observed,
+    Plan,
+    StoreView,
+    node_health,
+    plan,
+    volume_view,
+)
+from kubeforge.metrics import (
+    CHECKPOINT_INTERVAL,
+    LAST_CHECKPOINT_TIME,
+    TRAININGJOBS,
+    WORKER_REPLACEMENTS,
+    reconciling,
+)
+from kubeforge.settings import OperatorSettings
+from kubeforge.store import StoreError, open_policy_store
+
+log = logging.getLogger("kubeforge.trainingjob")
+Key = tuple[str, str]
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+
+@dataclasses.dataclass
+class Caches:
+    """What the watches taught us; rebuilt from the initial listings after a restart."""
+
+    nodes: dict[str, NodeHealth] = dataclasses.field(default_factory=dict)
+    pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
+    phases: dict[Key, str] = dataclasses.field(default_factory=dict)
+    applied: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (job uid, generation)
+    store: dict[Key, tuple[float, StoreView]] = dataclasses.field(default_factory=dict)
+
+
+class TrainingJobs:
+    """The controller's state: settings, work queue, caches, and the threads that reconcile."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.caches = Caches()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.trainingjob.workers,
+                                                          thread_name_prefix="trainingjob")
+
+    def enqueue(self, key: Key, delay: float = 0.0) -> None:
+        self.queue.add(key, delay)
+
+
+def _state(memo: kopf.Memo) -> TrainingJobs:
+    return cast(TrainingJobs, memo.trainingjobs)
+
+
+# ---- watches --------------------------------------------------------------------------
+
+@kopf.on.startup()
+async def start_queue(memo: kopf.Memo, **_: Any) -> None:
+    settings = cast(OperatorSettings, memo.settings)
+    background = cast(Background, memo.background)
+    state = memo.trainingjobs = TrainingJobs(settings)
+    for n in range(settings.trainingjob.workers):
+        background.spawn(f"trainingjob-worker-{n}", _work(state))
+    background.close_with(state.pool.shutdown)
+
+
+@kopf.on.event(GROUP, VERSION, TrainingJob.plural)
+async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    key = (str(meta["namespace"]), str(meta["name"]))
+    if type == "DELETED":
+        state.caches.phases.pop(key, None)
+        state.caches.store.pop(key, None)
+        for gauge in (LAST_CHECKPOINT_TIME, CHECKPOINT_INTERVAL):
+            try:
+                gauge.remove(*key)
+            except KeyError:
+                pass
+        _publish_phases(state.caches)
+        return
+    if type is None or type == "ADDED" or meta.get("generation") != status.get("observedGeneration"):
+        state.enqueue(key)
+
+
+@kopf.on.event("", "v1", "pods", labels={pods_.JOB_LABEL: kopf.PRESENT})
+async def pod_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    ns = str(meta["namespace"])
+    job = (ns, meta.labels[pods_.JOB_LABEL])
+    pod_key = (ns, str(meta["name"]))
+    node = body.spec.get("nodeName")
+    if type == "DELETED":
+        state.caches.pod_nodes.pop(pod_key, None)
+    elif node:
+        state.caches.pod_nodes[pod_key] = (job, node)
+    state.enqueue(job)
+
+
+@kopf.on.event(GROUP, VERSION, CheckpointPolicy.plural)
+async def policy_event(type: str | None, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
+                       **_: Any) -> None:
+    """For a volume store the policy's status (its inspector's report) is where a job's
+    lastCheckpoint comes from: look at the jobs it lists now, not at the next resync."""
+    if type == "DELETED" or not (spec.get("storage") or {}).get("volume"):
+        return
+    for entry in status.get("jobs") or []:
+        _state(memo).enqueue((str(meta["namespace"]), entry["name"]))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    caches, name = state.caches, str(meta["name"])
+    before = caches.nodes.get(name)
+    if type == "DELETED":
+        now = dt.datetime.now(dt.UTC)
+        caches.nodes[name] = NodeHealth("Missing", before.since if before and before.ready != "True" else now)
+    else:
+        caches.nodes[name] = node_health(dict(body), before, dt.datetime.now(dt.UTC))
+    after = caches.nodes[name]
+    if before is None or before.ready != after.ready:
+        for job, node in list(caches.pod_nodes.values()):
+            if node == name:
+                state.enqueue(job)
+
+
+# ---- the reconciliation ---------------------------------------------------------------
+
+async def _work(state: TrainingJobs) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await state.queue.get()
+        try:
+            again = await loop.run_in_executor(state.pool, reconcile_job, state, *key)
+        except Exception:
+            log.exception("reconciling TrainingJob %s/%s failed", *key)
+            again = state.settings.trainingjob.error_backoff_s
+        finally:
+            state.queue.done(key)
+        if again is not None:
+            state.queue.add(key, again)
+
+
+def _nodes_for(caches: Caches, pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
+    """Node health from the watch; a node the watch has not shown yet is read directly, so a
+    fresh operator never takes an unseen node for a lost one."""
+    out: dict[str, NodeHealth] = {}
+    for pod in pods:
+        name = (pod.get("spec") or {}).get("nodeName")
+        if not name or name in out:
+            continue
+        health = caches.nodes.get(name)
+        if health is None:
+            node = k8s.get_or_none(k8s.core().read_node, name)
+            now = dt.datetime.now(dt.UTC)
+            health = node_health(node, None, now) if node else NodeHealth("Missing", now)
+            caches.nodes[name] = health
+        out[name] = health
+    return out
+
+
+def _read_policy(namespace: str, name: str,
+                 job: str) -> tuple[CheckpointPolicySpec | None, str | None, dict[str, Any] | None]:
+    """The policy's spec (or why not) and its ``status.jobs`` entry for ``job``."""
+    body = k8s.get_custom(namespace, CheckpointPolicy.plural, name)
+    if body is None:
+        return None, f"CheckpointPolicy {name} does not exist", None
+    entry = next((j for j in (body.get("status") or {}).get("jobs") or [] if j.get("name") == job), None)
+    try:
+        return CheckpointPolicySpec.model_validate(body.get("spec") or {}), None, entry
+    except ValueError as e:
+        return None, f"CheckpointPolicy {name} is invalid: {e}", None
+
+
+def _store_view(state: TrainingJobs, key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreView | None:
+    """lastCheckpoint and the export marker read from the store (S3; a volume's come from the
+    policy status, see ``volume_view``). Cached for ``store_refresh_s`` unless ``fresh``."""
+    s3 = policy.storage.s3
+    if s3 is None:
+        return None
+    cached = state.caches.store.get(key)
+    if cached and not fresh and time.monotonic() - cached[0] < state.settings.trainingjob.store_refresh_s:
+        return cached[1]
+    ns, job = key
+    try:
+        store = open_policy_store(policy, k8s.read_secret(ns, s3.credentials_secret_ref.name),
+                                  state.settings.checkpointpolicy.store_retry_deadline_s)
+        newest = store.newest_committed(ns, job)
+        marker = store.export_marker(ns, job)
+    except StoreError as e:
+        log.warning("store of %s/%s unreadable: %s", ns, job, e)
+        return None
+    last = None
+    if newest is not None:
+        last = {"step": newest.step, "uri": store.checkpoint_uri(ns, job, newest.step)}
+        if newest.marker is not None and newest.marker.time:
+            last["time"] = newest.marker.time
+            LAST_CHECKPOINT_TIME.labels(ns, job).set(dt.datetime.fromisoformat(newest.marker.time).timestamp())
+    if policy.schedule.every_seconds:
+        CHECKPOINT_INTERVAL.labels(ns, job).set(policy.schedule.every_seconds)
+    view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
+    state.caches.store[key] = (time.monotonic(), view)
+    return view
+
+
+def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
+    job = k8s.get_custom(namespace, TrainingJob.plural, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return None
+    pods = k8s.list_pods(namespace, f"{pods_.JOB_LABEL}={name}")
+    spec = job.get("spec") or {}
+    policy, policy_error, store = None, None, None
+    ref = (spec.get("checkpointPolicyRef") or {}).get("name")
+    entry: dict[str, Any] | None = None
+    if ref:
+        policy, policy_error, entry = _read_policy(namespace, ref, name)
+    if policy is not None and policy.storage.volume is not None:
+        store = volume_view(entry)
+        if store and store.last_checkpoint and store.last_checkpoint.get("time"):
+            LAST_CHECKPOINT_TIME.labels(namespace, name).set(
+                dt.datetime.fromisoformat(store.last_checkpoint["time"]).timestamp())
+    elif policy is not None:
+        worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
+                           (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
+        store = _store_view(state, (namespace, name), policy, fresh=worker0_done)
+    return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
+                    policy_error=policy_error, store=store, default_image=state.settings.images.workload)
+
+
+def reconcile_job(state: TrainingJobs, namespace: str, name: str) -> float | None:
+    """One pass over one job; returns when to look again (None: only on events)."""
+    with reconciling(TrainingJob.kind):
+        obs = observe(state, namespace, name)
+        if obs is None:
+            return None
+        decided = plan(obs)
+        if not apply_status(obs, decided):
+            return 0.5  # someone wrote the job meanwhile: observe again
+        apply_children(state.caches, obs, decided)
+        state.caches.phases[(namespace, name)] = decided.status.get("phase") or "Pending"
+        _publish_phases(state.caches)
+        return decided.requeue_after
+
+
+def apply_status(obs: Observed, decided: Plan) -> bool:
+    """Write the new status (first, before any pod changes); False on a write conflict."""
+    old = obs.job.get("status") or {}
+    new = {k: v for k, v in decided.status.items() if v is not None}
+    if {k: v for k, v in old.items() if v is not None} == new:
+        return True
+    meta = obs.job["metadata"]
+    return k8s.patch_status(TrainingJob.plural, meta["namespace"], meta["name"],
+                            {**{k: None for k in old if k not in new}, **new},
+                            resource_version=meta["resourceVersion"])
+
+
+def apply_children(caches: Caches, obs: Observed, decided: Plan) -> None:
+    meta = obs.job["metadata"]
+    ns = meta["namespace"]
+    applied = (meta["uid"], int(meta.get("generation") or 0))
+    if decided.children and applied not in caches.applied:
+        for child in decided.children:
+            k8s.apply(child)
+        caches.applied.add(applied)
+    for d in decided.delete:
+        k8s.delete_pod(d.name, ns, uid=d.uid, force=d.force)
+    for manifest in decided.create:
+        k8s.create(k8s.core().create_namespaced_pod, ns, manifest)
+    for event in decided.events:
+        k8s.record_event(obs.job, event.reason, event.message, event.warning)
+    for reason, n in Tally(decided.replacements).items():
+        WORKER_REPLACEMENTS.labels(reason).inc(n)
+    if decided.delete_job:
+        k8s.delete(k8s.custom().delete_namespaced_custom_object, GROUP, VERSION, ns, TrainingJob.plural,
+                   meta["name"], propagation_policy="Background")
+
+
+def _publish_phases(caches: Caches) -> None:
+    counts = Tally(caches.phases.values())
+    for phase in PHASES:
+        TRAININGJOBS.labels(phase).set(counts.get(phase, 0))
