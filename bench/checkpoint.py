@@ -13,6 +13,9 @@ two torchrun workers (this file with ``--worker``) and writes bench/results/chec
   restore_s             restore of the S3 checkpoint into fresh ranks: download, sha256 check, load
 
 Each figure is the median of ``--repeat`` runs (default 3), after one warm-up save.
+
+``--smoke`` (run by tests/bench, so the script cannot rot): the same phases with the ``tiny``
+model, once, with the same keys, written to ``--out`` (default: a file in the system's tmp).
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "checkpoint.json"
+#: Where a smoke run writes unless ``--out`` says: never over the committed results.
+SMOKE_OUT = Path(tempfile.gettempdir()) / "kubeforge-bench-smoke" / "checkpoint.json"
 KEYS = ("sync_save_s", "async_blocking_s", "async_blocking_ratio", "save_mb_s", "disk_write_mb_s",
         "save_vs_disk", "s3_upload_mb_s", "restore_s")
+#: What ``--smoke`` changes in the defaults (a flag given on the command line still wins).
+SMOKE_DEFAULTS: dict[str, Any] = {"preset": "tiny", "repeat": 1, "out": str(SMOKE_OUT)}
 
 
 def _raw_write(path: Path, nbytes: int) -> float:
@@ -63,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     mesh = init_device_mesh("cpu", (world,))
 
     def build() -> tuple[Any, Any]:
-        model = Llama(preset("100m"))
+        model = Llama(preset(args.preset))
         model.init_weights(0)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
@@ -71,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         tokens = torch.randint(0, 259, (1, 33), generator=torch.Generator().manual_seed(rank))
         loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
+        torch.autograd.backward(loss)
         opt.step()  # optimizer state exists, as in a real run
         opt.zero_grad()
         return model, opt
@@ -103,7 +110,8 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     timed_sync(local)  # warm-up: first-touch allocations, group creation
-    marker = local.store.read_marker("bench", "m100", step)  # type: ignore[union-attr]
+    assert local.store is not None  # a file:// URI always opens a store
+    marker = local.store.read_marker("bench", "m100", step)
     ckpt_bytes = float(marker.bytes) if marker else 0.0
     shutil.rmtree(work / "store", ignore_errors=True)
     for _ in range(args.repeat):
@@ -123,9 +131,9 @@ def worker(args: argparse.Namespace) -> None:
         local.wait()
         shutil.rmtree(work / "store", ignore_errors=True)
         timed_sync(s3)
-        stats = [None] * world
+        stats: list[Any] = [None] * world
         dist.all_gather_object(stats, s3.last_save_stats)
-        out["s3_upload"].append(max(s["upload_s"] for s in stats))  # type: ignore[index]
+        out["s3_upload"].append(max(s["upload_s"] for s in stats))
         fresh_model, fresh_opt = build()
         dist.barrier()
         t0 = time.perf_counter()
@@ -146,12 +154,19 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir")
     p.add_argument("--s3-uri")
-    p.add_argument("--out")
+    p.add_argument("--out", help=f"where the results go (default {RESULTS}, {SMOKE_OUT} with --smoke; "
+                                 "a worker's: its raw figures)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--preset", default="100m", help="the model (kubeforge_runtime.model presets)")
+    p.add_argument("--smoke", action="store_true", help="checks the script runs (" +
+                   ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()) + ")")
+    if p.parse_known_args()[0].smoke:
+        p.set_defaults(**SMOKE_DEFAULTS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
+    results = Path(args.out) if args.out else RESULTS
 
     sys.path[:0] = [str(REPO), str(REPO / "hack" / "cluster")]
     from tests.fixtures.s3 import start_s3_server
@@ -163,7 +178,7 @@ def main() -> None:
         env = {**os.environ, **server.env(), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
                str(Path(__file__).resolve()), "--worker", "--workdir", str(work), "--s3-uri", server.uri("bench"),
-               "--out", str(raw_out), "--repeat", str(args.repeat)]
+               "--out", str(raw_out), "--repeat", str(args.repeat), "--preset", args.preset]
         subprocess.run(cmd, env=env, check=True)
         raw = json.loads(raw_out.read_text())
     finally:
@@ -183,14 +198,15 @@ def main() -> None:
         "restore_s": round(med["restore"], 3),
     }
     assert tuple(result) == KEYS
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result |= {"smoke": args.smoke, "preset": args.preset, "params": raw["params"], "repeat": args.repeat}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
     print(f"checkpoint benchmark: {raw['params'] / 1e6:.1f}M parameters, {mb:.0f} MB per checkpoint "
           f"(model + AdamW state), 2 ranks, CPU, median of {args.repeat}")
     goals = {"async_blocking_ratio": "<= 0.10", "save_vs_disk": ">= 0.5"}
     for key in KEYS:
         print(f"  {key:22s} {result[key]:>10}  {goals.get(key, '')}")
-    print(f"wrote {RESULTS.relative_to(REPO)}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ chart from our locally built images:
   (``node_loss_grace_s``: the node controller's, ``node_failure_grace_s``: the job's).
 
 ``--smoke`` (run by `make test`) trains a few steps, skips the node loss and the cold build,
-and writes where ``--out`` says, so the script cannot rot.
+and writes where ``--out`` says (by default a file in the system's tmp, never over the committed
+results), so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +45,8 @@ from devcluster import Cluster  # noqa: E402
 from tests.fixtures.realpods import REAL, ChartOperator, s3_secret  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "e2e.json"
+#: Where a smoke run writes unless ``--out`` says: never over the committed results.
+SMOKE_OUT = Path(tempfile.gettempdir()) / "kubeforge-bench-smoke" / "e2e.json"
 JOB = "tiny-llama"
 
 
@@ -121,7 +125,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few steps, no node loss, no cold build")
     p.add_argument("--cold", action="store_true", help="also time a build of the workload image with no cache")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS} ({SMOKE_OUT} with --smoke)")
+    if p.parse_known_args()[0].smoke:
+        p.set_defaults(out=SMOKE_OUT)
     args = p.parse_args()
     c = Cluster()
     c.up()

@@ -19,6 +19,13 @@ workers; Kubeflow: its Deployment's flags, i.e. 1 controller thread, controller-
 client rate limits). Both jobs are equivalent: min 2 / max 4 workers, 1 GPU each, c10d
 rendezvous, not-ready/unreachable tolerations of 30 s. One spare 8-GPU node is added before
 each node failure so that the lost workers have somewhere to go.
+
+``--smoke`` (run by tests/bench, so the script cannot rot) does the same on a smaller private
+control plane (kwok only, other ports): 4 jobs on 2 GPU nodes, the node failure included, and
+writes every key to ``--out`` (by default a file in the system's tmp, never over the committed
+results; the logs go beside it). Kubeflow's half runs in it only when the training operator is
+already built (building it from its Go module takes minutes); otherwise its figures are null
+and ``kubeflow_skipped`` says why. ``--no-kubeflow`` skips that half in any run.
 """
 
 from __future__ import annotations
@@ -44,12 +51,20 @@ sys.path[:0] = [str(REPO), str(REPO / "hack" / "cluster")]
 import tools  # noqa: E402
 import yaml  # noqa: E402
 from devcluster import GPU_TAINT, Cluster, ClusterConfig  # noqa: E402
-from kubeforge.api.trainingjob import DEFAULT_TRAINER_IMAGE  # noqa: E402
+from kubeforge.api.contract import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, DEFAULT_WORKLOAD_IMAGE  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tests.fixtures.cluster import OperatorProcess  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "operator.json"
+#: Where a smoke run writes unless ``--out`` says: never over the committed results.
+SMOKE_OUT = Path(tempfile.gettempdir()) / "kubeforge-bench-smoke" / "operator.json"
+#: Loopback port bases of the private control planes: clear of the shared cluster's (26000)
+#: and of the second cluster tests/cluster starts beside it (27000); a smoke can run beside a full run.
+PORT_BASE, SMOKE_PORT_BASE = 28000, 29000
+#: What ``--smoke`` changes in the defaults (a flag given on the command line still wins); Kubeflow
+#: never recovers from the node failure (see the note), so its wait is cut short too.
+SMOKE_DEFAULTS: dict[str, Any] = {"jobs": 4, "gpu_nodes": 2, "kubeflow_recovery_timeout": 45.0, "out": str(SMOKE_OUT)}
 OURS_NS, KUBEFLOW_NS, KUBEFLOW_SYSTEM_NS = "bench-kubeforge", "bench-kubeflow", "kubeflow"
 WORKERS, MIN_WORKERS, GRACE_S = 4, 2, 30
 RUNNING_TIMEOUT_S = 900
@@ -103,7 +118,7 @@ def tolerations() -> list[dict[str, Any]]:
 
 
 def training_job(i: int) -> dict[str, Any]:
-    job = yaml.safe_load((REPO / "examples/02-trainingjob-tiny.yaml").read_text())
+    job: dict[str, Any] = yaml.safe_load((REPO / "examples/02-trainingjob-tiny.yaml").read_text())
     job["metadata"] = {"name": f"job-{i:03d}", "namespace": OURS_NS}
     spec = job["spec"]
     spec.pop("checkpointPolicyRef")
@@ -233,7 +248,7 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
     established = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
     wait_for("the PyTorchJob CRD", lambda: c.kubectl("get", "crd", "pytorchjobs.kubeflow.org", "-o", established,
                                                      check=False).stdout == "True", 60)
-    command = ["torchrun", "-m", "kubeforge_runtime.train", "--config", "/etc/kubeforge/trainer.yaml"]
+    command = ["torchrun", "-m", "kubeforge_runtime.train", "--config", f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"]
     metrics_port, health_port, webhook_port = free_port(), free_port(), free_port()
     created = False
     log_file = open(work / "kubeflow-operator.log", "ab")  # noqa: SIM115 (closed in finally)
@@ -264,7 +279,8 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
         wait_for("the training operator's PyTorchJob controller", ready, 180)
         log(f"kubeflow: applying {jobs} PyTorchJobs")
         selector = "training.kubeflow.org/replica-type=worker"
-        all_running = time_all_running(c, KUBEFLOW_NS, selector, [pytorch_job(i, DEFAULT_TRAINER_IMAGE, command) for i in range(jobs)])
+        all_running = time_all_running(c, KUBEFLOW_NS, selector,
+                                       [pytorch_job(i, DEFAULT_WORKLOAD_IMAGE, command) for i in range(jobs)])
         log(f"kubeflow: all Running in {all_running:.1f}s; node failure")
         recovery = node_recovery(c, KUBEFLOW_NS, selector, "spare-kubeflow", recovery_timeout)
         note = None
@@ -294,6 +310,19 @@ def bench_kubeflow(c: Cluster, work: Path, jobs: int, recovery_timeout: float) -
     return out
 
 
+def kubeflow_skip_reason(args: argparse.Namespace) -> str | None:
+    """Why Kubeflow's half does not run (None: it runs, built first where it must be)."""
+    if args.no_kubeflow:
+        return "--no-kubeflow"
+    if args.smoke:
+        try:
+            tools.kubeflow_training_operator(build=False)
+        except FileNotFoundError:
+            return ("smoke: Kubeflow's training operator is not built (hack/cluster/build.sh kubeflow, or one "
+                    "`make bench-operator`, builds it)")
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=200)
@@ -301,35 +330,53 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--kubeflow-recovery-timeout", type=float, default=240,
                     help="seconds to wait for Kubeflow's node recovery (it may never come)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a small private control plane, Kubeflow only if already built: checks the script runs (" +
+                         ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()) + ")")
+    ap.add_argument("--no-kubeflow", action="store_true", help="skip the Kubeflow half (its figures are null)")
+    if ap.parse_known_args()[0].smoke:
+        ap.set_defaults(**SMOKE_DEFAULTS)
     args = ap.parse_args()
+    skip_kubeflow = kubeflow_skip_reason(args)
     # a SIGTERM (make, timeout) still runs the finally blocks that stop every process started here
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    work = Path(tempfile.mkdtemp(prefix="bench-operator-"))
-    cluster = Cluster(ClusterConfig(state_dir=work / "cluster", port_base=28000, gpu_nodes=args.gpu_nodes, cpu_nodes=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a smoke keeps its logs beside its results (a test's tmp_path), a full run in the system's tmp
+    work = Path(tempfile.mkdtemp(prefix="bench-operator-", dir=out.parent if args.smoke else None))
+    # the smoke's control plane is kwok only: real nodes would cost their start and stay unused
+    # (PodNodeSelector's cluster default sends every pod made here to kwok's nodes)
+    # kwok nodes only: PodNodeSelector sends every pod there, so real nodes would only load the CPU
+    shape: dict[str, Any] = {"port_base": SMOKE_PORT_BASE if args.smoke else PORT_BASE, "real_nodes": 0}
+    cluster = Cluster(ClusterConfig(state_dir=work / "cluster", gpu_nodes=args.gpu_nodes, cpu_nodes=2, **shape))
     result: dict[str, Any] = {"jobs": args.jobs, "workers_per_job": WORKERS, "gpu_nodes": args.gpu_nodes,
-                              "kubeflow_version": tools.versions()["KUBEFLOW_TRAINING_OPERATOR_VERSION"]}
+                              "kubeflow_version": tools.versions()["KUBEFLOW_TRAINING_OPERATOR_VERSION"],
+                              "smoke": args.smoke}
     log(f"starting a private control plane with {args.gpu_nodes} GPU nodes in {work}")
     try:
         cluster.up()
         result.update(bench_kubeforge(cluster, work, args.jobs))
-        try:
-            result.update(bench_kubeflow(cluster, work, args.jobs, args.kubeflow_recovery_timeout))
-        except Exception as e:  # noqa: BLE001 (the reason goes into the results)
-            result.update(kubeflow_all_running_s=None, kubeflow_node_recovery_s=None,
-                          kubeflow_error=f"{type(e).__name__}: {e}")
+        if skip_kubeflow:
+            log(f"kubeflow: skipped ({skip_kubeflow})")
+            result.update(kubeflow_all_running_s=None, kubeflow_node_recovery_s=None, kubeflow_skipped=skip_kubeflow)
+        else:
+            try:
+                result.update(bench_kubeflow(cluster, work, args.jobs, args.kubeflow_recovery_timeout))
+            except Exception as e:  # noqa: BLE001 (the reason goes into the results)
+                result.update(kubeflow_all_running_s=None, kubeflow_node_recovery_s=None,
+                              kubeflow_error=f"{type(e).__name__}: {e}")
     finally:
         cluster.down()
     theirs = result.get("kubeflow_all_running_s")
     result["ratio_vs_kubeflow"] = round(result["all_running_s"] / theirs, 3) if theirs else None
     result["load_avg"] = [round(x, 1) for x in os.getloadavg()]
-    out = Path(args.out)
     out.write_text(json.dumps({k: result.get(k) for k in KEYS} | {k: v for k, v in result.items() if k not in KEYS},
                               indent=2) + "\n")
     goals = {"ratio_vs_kubeflow": "goal <= 1.0"}
     print(f"operator benchmark: {args.jobs} jobs x {WORKERS} workers on {args.gpu_nodes} GPU nodes")
     for key in KEYS:
         print(f"  {key:26s} {result.get(key)!s:>10}  {goals.get(key, '')}")
-    for key in ("kubeflow_node_recovery_note", "kubeflow_error"):
+    for key in ("kubeflow_node_recovery_note", "kubeflow_error", "kubeflow_skipped"):
         if key in result:
             print(f"  {key}: {result[key]}")
     print(f"wrote {out}; logs in {work}")

@@ -19,7 +19,11 @@ requests sent one at a time after the prefix was seen once.
 
 Every system runs with the same number of torch threads (``--threads``, default 1: this
 machine's two cores are shared, and OpenMP spinning on a busy core makes small matmuls many
-times slower for everyone). Writes ``bench/results/serving.json`` and prints a table.
+times slower for everyone). Writes ``bench/results/serving.json`` (or ``--out``) and prints a table.
+
+``--smoke`` (run by tests/bench, so the script cannot rot): the same three systems and the prefix
+figure with a few short requests and one round, every key written to ``--out`` (by default a
+file in the system's tmp, never over the committed results).
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ from kubeforge_runtime.serve.sampling import SamplingParams
 from kubeforge_runtime.tokenizer import ByteTokenizer
 
 RESULTS = Path(__file__).parent / "results" / "serving.json"
+#: Where a smoke run writes unless ``--out`` says: never over the committed results.
+SMOKE_OUT = Path(tempfile.gettempdir()) / "kubeforge-bench-smoke" / "serving.json"
 
 # "small" preset narrowed so that the naive baseline finishes in minutes on two shared cores,
 # with room for the 1k-token prefix
 MODEL: dict[str, Any] = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
                          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 2048}
+#: What ``--smoke`` changes in the defaults (a flag given on the command line still wins).
+SMOKE_DEFAULTS: dict[str, Any] = {"requests": 4, "concurrency": 2, "new_tokens": 8, "prompt_max": 64,
+                                  "prefix_requests": 2, "rounds": 1, "out": SMOKE_OUT}
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -216,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the three systems (best kept)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "hf_cb", "prefix"])
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few short requests, one round: checks the script runs (" +
+                         ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()) + ")")
+    if ap.parse_known_args(argv)[0].smoke:
+        ap.set_defaults(**SMOKE_DEFAULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -259,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "prefix_ttft_ms": prefix and {"cache_on": round(prefix["ttft_cache_on_ms"], 1),
                                       "cache_off": round(prefix["ttft_cache_off_ms"], 1)},
         "goals": {"ratio_vs_naive": 8, "ratio_vs_hf_cb": 1.5, "prefix_ttft_reduction": 0.5},
+        "smoke": args.smoke,
         "setup": {
             "requests": args.requests, "concurrency": args.concurrency, "new_tokens_per_request": args.new_tokens,
             "prompt_tokens": [args.prompt_min + 1, args.prompt_max + 1], "greedy": True, "eos_ignored": True,
