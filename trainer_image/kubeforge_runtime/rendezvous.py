@@ -27,7 +27,8 @@ from kubeforge.api.contract import RENDEZVOUS_PORT
 
 def serve(host: str, port: int, stop: threading.Event) -> None:
     """Host a TCPStore on ``host:port`` until ``stop`` is set."""
-    from torch.distributed import TCPStore
+    # torch documents torch.distributed.TCPStore but re-exports it without `as`, which mypy reads as private
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
     store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=dt.timedelta(seconds=300))
     logging.getLogger("kubeforge.rendezvous").info("rendezvous store listening on %s:%d", host, store.port)

@@ -26,6 +26,7 @@ import torch
 from aiohttp import web
 from kubeforge.api.contract import ENV_MODEL_REVISION
 
+from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.model.hf import eos_token_ids, load_hf
 from kubeforge_runtime.serve.api import OpenAIServer, ServerSettings, ServerState
 from kubeforge_runtime.serve.async_engine import AsyncEngine
@@ -221,7 +222,7 @@ def cgroup_cpu_limit() -> int | None:
         return None
     if quota == "max":
         return None
-    return max(1, -(-int(quota) // int(period)))
+    return max(1, cdiv(int(quota), int(period)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.model.llama import Llama
 from kubeforge_runtime.serve.kv_cache import KVBlockPool, KVCacheTensors
 from kubeforge_runtime.serve.metrics import ServingMetrics
@@ -107,7 +108,7 @@ def resolve_num_blocks(cfg: EngineConfig, model: Llama, max_model_len: int) -> i
     """
     p = next(model.parameters())
     bs = cfg.block_size
-    per_seq = -(-max_model_len // bs)
+    per_seq = cdiv(max_model_len, bs)
     if cfg.num_blocks is not None:
         n = cfg.num_blocks
     else:
@@ -233,7 +234,7 @@ class LLMEngine:
             bt = seq.block_ids
             slot_mapping += [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
             ctx = start + n
-            nb = -(-ctx // bs)
+            nb = cdiv(ctx, bs)
             if use_kernel and kernel_takes(n, ctx):
                 kernel_tables.append(bt[:nb])
                 for column, value in zip(kernel_meta, (t0, n, ctx), strict=True):

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from kubeforge_runtime.intmath import cdiv
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
@@ -267,7 +269,7 @@ class PagedAttentionKernel:
         """An (in, out) weight packed for ``gemm``: panels of ``panel`` columns, each an (in,
         panel) row-major block, the last padded with zero columns."""
         k, n = w_t.shape
-        padded = -(-n // self.panel) * self.panel
+        padded = cdiv(n, self.panel) * self.panel
         wp = w_t.new_zeros((k, padded))
         wp[:, :n] = w_t
         return wp.view(k, padded // self.panel, self.panel).transpose(0, 1).contiguous()

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.serve.kv_cache import BlockHash, KVBlockPool, hash_block
 from kubeforge_runtime.serve.sampling import SamplingParams
 
@@ -103,7 +104,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _blocks_needed(self, seq: Sequence, upto_tokens: int) -> int:
-        return max(0, -(-upto_tokens // self.block_size) - len(seq.block_ids))
+        return max(0, cdiv(upto_tokens, self.block_size) - len(seq.block_ids))
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
@@ -153,7 +154,7 @@ class Scheduler:
             hit = self.pool.lookup_prefix(cacheable)
             num_cached = len(hit) * self.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
-            need = -(-(num_cached + num_new) // self.block_size) - len(hit)
+            need = cdiv(num_cached + num_new, self.block_size) - len(hit)
             if need + self.pool.num_needed_to_touch(hit) > self.pool.num_free_blocks:
                 break
             self.waiting.popleft()

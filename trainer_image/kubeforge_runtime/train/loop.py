@@ -15,6 +15,8 @@ rank enters the same collectives.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -25,7 +27,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,7 @@ from kubeforge.api.contract import (
 from torch import nn
 
 from kubeforge_runtime.config import TrainerConfig, check_runtime
-from kubeforge_runtime.data import BatchLoader, DataState, SourceFile, TokenStream, list_files
+from kubeforge_runtime.data import BatchLoader, DataState, SourceFile, StepBatch, TokenStream, list_files
 from kubeforge_runtime.metrics import TrainerMetrics, log_event, peak_flops
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama
@@ -50,10 +52,12 @@ from kubeforge_runtime.train.parallel import (
     init_process_group,
     pick_device,
     set_gradient_sync,
-    unwrap,
     wrap_model,
 )
 from kubeforge_runtime.train.schedule import lr_at
+
+if TYPE_CHECKING:  # imported at run time: the launcher imports this module for preflight, without DCP
+    from kubeforge_runtime.checkpoint import CheckpointManager
 
 log = logging.getLogger("kubeforge.train")
 
@@ -99,7 +103,7 @@ def param_dtype_for(cfg: TrainerConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _checkpoint_manager(topo: Topology, env: Mapping[str, str]) -> Any:
+def _checkpoint_manager(topo: Topology, env: Mapping[str, str]) -> CheckpointManager:
     """The checkpoint module's manager from the pod contract (disabled without a URI)."""
     import json
 
@@ -127,8 +131,36 @@ def preflight(cfg: TrainerConfig, topo: Topology, on_gpu: bool) -> tuple[ByteTok
     return tokenizer, list_files(cfg.data.paths, cfg.data.format)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports to the driver."""
+
+    loss: float  # the global mean token loss
+    lr: float
+    grad_norm: torch.Tensor  # read on rank 0 only (a device sync)
+    stop: bool  # any rank was told to stop (SIGTERM)
+
+
 class Trainer:
-    """One worker's run; ``run()`` returns the exit code."""
+    """One worker's run; ``run()`` returns the exit code.
+
+    The constructor does what can fail on a bad config; ``run()`` creates the process group
+    and everything that needs it, so those attributes exist only from then on."""
+
+    distributed: bool
+    model: nn.Module  # the wrapped model that steps run (DDP, FSDP2 or the Llama itself)
+    llama: Llama  # the Llama inside it (the same object under FSDP2), for its config and the export
+    params: list[nn.Parameter]
+    amp: torch.autocast | None
+    optimizer: torch.optim.Optimizer
+    ckpt: CheckpointManager
+    metrics: TrainerMetrics | None  # rank 0 only
+    flops_per_token: float
+    peak: float
+    #: the last completed step, the tokens trained on so far and the checkpoint ``extra`` of that step
+    step: int
+    tokens_seen: int
+    extra: dict[str, Any]
 
     def __init__(self, cfg: TrainerConfig, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
@@ -138,6 +170,47 @@ class Trainer:
         # everything that can be wrong with the config fails here, before any rendezvous
         self.tokenizer, self.files = preflight(cfg, self.topo, on_gpu=self.device.type == "cuda")
         self.stop = StopFlag()
+        self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.loss_scale = self.topo.world_size / self.tokens_per_step
+        self.clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else math.inf
+
+    def run(self) -> ExitCode:
+        self.stop.install()
+        self._setup()
+        restored_step, data_state = self.restore()
+        loader = self._build_loader(data_state)
+        self.metrics = self._start_metrics(restored_step, data_state)
+        try:
+            while self.step < self.cfg.train.steps:
+                t0 = time.perf_counter()
+                result = self.train_step(next(loader))
+                if result.stop:
+                    return self._stop_preempted()
+                self.ckpt.maybe_save(self.step, self.model, self.optimizer, self.extra)
+                if self.metrics is not None:
+                    self._report(self.metrics, result, time.perf_counter() - t0)
+            self.save()
+            self.export()
+            if self.metrics is not None:
+                log_event("finished", step=self.step, tokens_seen=self.tokens_seen)
+            return ExitCode.SUCCESS
+        finally:
+            loader.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _setup(self) -> None:
+        """Process group, model (same seed on every rank, then sharded), optimizer, checkpoints."""
+        cfg = self.cfg
+        init_process_group(self.topo, self.device, cfg.parallelism.collective_timeout_s)
+        self.distributed = dist.is_initialized() and self.topo.world_size > 1
+        self.model, self.llama = self._build_model()
+        self.params = list(self.model.parameters())
+        self.amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if param_dtype_for(cfg, self.device) == torch.bfloat16
+                    and not distributed_fsdp(cfg, self.distributed) else None)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.ckpt = _checkpoint_manager(self.topo, self.env)
 
     def _build_model(self) -> tuple[nn.Module, Llama]:
         cfg = self.cfg
@@ -151,160 +224,155 @@ class Trainer:
         model = wrap_model(llama, cfg.parallelism, self.topo, self.device, param_dtype_for(cfg, self.device))
         return model, llama
 
-    def run(self) -> ExitCode:
-        cfg, topo = self.cfg, self.topo
-        self.stop.install()
-        init_process_group(topo, self.device, cfg.parallelism.collective_timeout_s)
-        distributed = dist.is_initialized() and topo.world_size > 1
-        model, llama = self._build_model()
-        optimizer = build_optimizer(model, cfg, self.device)
-        ckpt = _checkpoint_manager(topo, self.env)
+    def restore(self) -> tuple[int | None, DataState]:
+        """Load the newest committed checkpoint (at any world size) into the model and the
+        optimizer; returns its step (None when starting fresh) and the data cursor to resume at."""
+        self.extra = {}
+        restored = self.ckpt.restore(self.model, self.optimizer, self.extra)
+        if restored is None:
+            self.step = self.tokens_seen = 0
+            return None, DataState()
+        self.step = int(self.extra.get("step", 0))
+        self.tokens_seen = int(self.extra.get("tokens_seen", 0))
+        return restored, DataState.from_dict(self.extra["data"])
 
-        extra: dict[str, Any] = {}
-        restored = ckpt.restore(model, optimizer, extra)
-        step = int(extra.get("step", 0)) if restored is not None else 0
-        tokens_seen = int(extra.get("tokens_seen", 0)) if restored is not None else 0
-        data_state = DataState.from_dict(extra["data"]) if restored is not None else DataState()
-
-        seq_len, G = cfg.data.seq_len, cfg.train.global_batch
-        tokens_per_step = G * seq_len
-        stream = TokenStream(self.files, self.tokenizer, seq_len + 1, cfg.train.seed, cfg.data.shuffle,
+    def _build_loader(self, data_state: DataState) -> BatchLoader:
+        cfg = self.cfg
+        stream = TokenStream(self.files, self.tokenizer, cfg.data.seq_len + 1, cfg.train.seed, cfg.data.shuffle,
                              cfg.data.text_field, data_state)
-        loader = BatchLoader(stream, global_batch=G, micro_batch=cfg.train.micro_batch, rank=topo.rank,
-                             world_size=topo.world_size, prefetch=cfg.data.prefetch,
-                             pin_memory=self.device.type == "cuda")
+        return BatchLoader(stream, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                           rank=self.topo.rank, world_size=self.topo.world_size, prefetch=cfg.data.prefetch,
+                           pin_memory=self.device.type == "cuda")
 
+    def _start_metrics(self, restored_step: int | None, data_state: DataState) -> TrainerMetrics | None:
+        """Rank 0 serves the gauges and logs the start; other ranks report nothing."""
+        cfg, topo = self.cfg, self.topo
         metrics = TrainerMetrics() if topo.rank == 0 else None
         port = _metrics_port(cfg, self.env)
         if metrics is not None and port:
             metrics.serve(port)
-        flops_per_token = llama.cfg.flops_per_token(seq_len)
-        peak = (cfg.metrics.peak_flops or peak_flops(self.device)) * topo.world_size if metrics else 1.0
+        self.flops_per_token = self.llama.cfg.flops_per_token(cfg.data.seq_len)
+        self.peak = (cfg.metrics.peak_flops or peak_flops(self.device)) * topo.world_size if metrics else 1.0
         if metrics is not None:
             metrics.world_size.set(topo.world_size)
-            log_event("start", rank=topo.rank, world_size=topo.world_size, restored_step=restored, step=step,
-                      data_sample=data_state.sample, params=llama.cfg.num_params(), device=str(self.device),
-                      sharding=cfg.parallelism.sharding if distributed else "none")
+            log_event("start", rank=topo.rank, world_size=topo.world_size, restored_step=restored_step,
+                      step=self.step, data_sample=data_state.sample, params=self.llama.cfg.num_params(),
+                      device=str(self.device), sharding=cfg.parallelism.sharding if self.distributed else "none")
+        return metrics
 
-        loss_scale = topo.world_size / (tokens_per_step)
-        amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-               if param_dtype_for(cfg, self.device) == torch.bfloat16 and not distributed_fsdp(cfg, distributed)
-               else None)
-        params = [p for p in model.parameters()]
-        clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else math.inf
-        preempted = False
-        try:
-            while step < cfg.train.steps:
-                t0 = time.perf_counter()
-                batch = next(loader)
-                step += 1
-                torch.manual_seed(step_seed(cfg.train.seed, step))
-                lr = lr_at(step, cfg.train.steps, cfg.optimizer, cfg.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                local_loss = torch.zeros((), device=self.device)
-                n_micro = len(batch.micro_batches)
-                for i, mb in enumerate(batch.micro_batches):
-                    tokens = mb.tokens.to(self.device, non_blocking=True)
-                    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-                    set_gradient_sync(model, i == n_micro - 1)
-                    if amp is not None:
-                        with amp:
-                            logits = model(inputs)
-                    else:
-                        logits = model(inputs)
-                    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               reduction="sum") * mb.weight
-                    (loss_sum * loss_scale).backward()
-                    local_loss += loss_sum.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                # one collective per step: the global loss and whether any rank was told to stop
-                report = torch.stack([local_loss / tokens_per_step,
-                                      torch.tensor(float(self.stop.set), device=self.device)])
-                if distributed:
-                    dist.all_reduce(report)
-                loss, stop_votes = report.tolist()
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                tokens_seen += tokens_per_step
-                extra = {"step": step, "tokens_seen": tokens_seen, "data": batch.state_after.as_dict(),
-                         "schedule": {"kind": cfg.schedule.kind, "step": step}, "seed": cfg.train.seed}
-                if stop_votes > 0:
-                    preempted = True
-                    break
-                ckpt.maybe_save(step, model, optimizer, extra)
-                dt_step = time.perf_counter() - t0
-                if metrics is not None:
-                    self._report(metrics, step, loss, lr, float(grad_norm), dt_step, tokens_per_step,
-                                 flops_per_token, peak, ckpt)
-            if preempted:
-                t_save = time.perf_counter()
-                if ckpt.settings.on_preemption:  # the policy's schedule.onPreemption
-                    ckpt.save(step, model, optimizer, extra, blocking=True)
-                ckpt.close()
-                if metrics is not None:
-                    log_event("preempted", step=step, checkpoint_step=ckpt.last_committed_step,
-                              save_s=round(time.perf_counter() - t_save, 3))
-                return ExitCode.PREEMPTED
-            if step and ckpt.enabled and ckpt.settings.at_end and ckpt.last_committed_step != step:
-                ckpt.save(step, model, optimizer, extra, blocking=True)
-            ckpt.close()
-            self._export(model, llama, ckpt, step)
-            if metrics is not None:
-                log_event("finished", step=step, tokens_seen=tokens_seen)
-            return ExitCode.SUCCESS
-        finally:
-            loader.close()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    def train_step(self, batch: StepBatch) -> StepResult:
+        """One optimizer step over this rank's share of the global batch."""
+        cfg = self.cfg
+        self.step += 1
+        step = self.step
+        torch.manual_seed(step_seed(cfg.train.seed, step))
+        lr = lr_at(step, cfg.train.steps, cfg.optimizer, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local_loss = torch.zeros((), device=self.device)
+        n_micro = len(batch.micro_batches)
+        for i, mb in enumerate(batch.micro_batches):
+            tokens = mb.tokens.to(self.device, non_blocking=True)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            set_gradient_sync(self.model, i == n_micro - 1)
+            with self.amp if self.amp is not None else contextlib.nullcontext():
+                logits = self.model(inputs)
+            loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       reduction="sum") * mb.weight
+            torch.autograd.backward(loss_sum * self.loss_scale)
+            local_loss += loss_sum.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # one collective per step: the global loss and whether any rank was told to stop
+        report = torch.stack([local_loss / self.tokens_per_step,
+                              torch.tensor(float(self.stop.set), device=self.device)])
+        if self.distributed:
+            dist.all_reduce(report)
+        loss, stop_votes = report.tolist()
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.tokens_seen += self.tokens_per_step
+        self.extra = {"step": step, "tokens_seen": self.tokens_seen, "data": batch.state_after.as_dict(),
+                      "schedule": {"kind": cfg.schedule.kind, "step": step}, "seed": cfg.train.seed}
+        return StepResult(loss=loss, lr=lr, grad_norm=grad_norm, stop=stop_votes > 0)
 
-    def _report(self, m: TrainerMetrics, step: int, loss: float, lr: float, grad_norm: float, dt_step: float,
-                tokens: int, flops_per_token: float, peak: float, ckpt: Any) -> None:
+    def _report(self, m: TrainerMetrics, result: StepResult, dt_step: float) -> None:
+        step, tokens, grad_norm = self.step, self.tokens_per_step, float(result.grad_norm)
         tps = tokens / dt_step
-        mfu = tps * flops_per_token / peak
+        mfu = tps * self.flops_per_token / self.peak
         m.step.set(step)
-        m.loss.set(loss)
-        m.lr.set(lr)
+        m.loss.set(result.loss)
+        m.lr.set(result.lr)
         m.grad_norm.set(grad_norm)
         m.step_seconds.set(dt_step)
         m.tokens_per_second.set(tps)
         m.mfu.set(mfu)
         m.tokens.inc(tokens)
-        m.checkpoint_save_seconds.set(getattr(ckpt, "last_save_blocking_s", 0.0))
+        m.checkpoint_save_seconds.set(self.ckpt.last_save_blocking_s)
         if step % self.cfg.metrics.log_every == 0 or step == self.cfg.train.steps:
-            log_event("train_step", step=step, loss=round(loss, 6), lr=lr, grad_norm=round(grad_norm, 6),
-                      step_s=round(dt_step, 4), tokens_per_s=round(tps, 1), mfu=round(mfu, 6))
+            log_event("train_step", step=step, loss=round(result.loss, 6), lr=result.lr,
+                      grad_norm=round(grad_norm, 6), step_s=round(dt_step, 4), tokens_per_s=round(tps, 1),
+                      mfu=round(mfu, 6))
 
-    def _export(self, model: nn.Module, llama: Llama, ckpt: Any, step: int) -> None:
+    def save(self, *, preempted: bool = False) -> None:
+        """The last checkpoint of this process, then wait for every save in flight. On SIGTERM
+        when the policy's ``schedule.onPreemption`` asks for one; at the end when ``atEnd`` does
+        and the last step is not committed yet (the periodic save may have taken it)."""
+        ckpt = self.ckpt
+        if preempted:
+            if ckpt.settings.on_preemption:
+                ckpt.save(self.step, self.model, self.optimizer, self.extra, blocking=True)
+        elif self.step and ckpt.enabled and ckpt.settings.at_end and ckpt.last_committed_step != self.step:
+            ckpt.save(self.step, self.model, self.optimizer, self.extra, blocking=True)
+        ckpt.close()
+
+    def _stop_preempted(self) -> ExitCode:
+        t_save = time.perf_counter()
+        self.save(preempted=True)
+        if self.metrics is not None:
+            log_event("preempted", step=self.step, checkpoint_step=self.ckpt.last_committed_step,
+                      save_s=round(time.perf_counter() - t_save, 3))
+        return ExitCode.PREEMPTED
+
+    def export(self) -> None:
         """Rank 0 writes the Hugging Face layout: to ``export.path`` when set, else to the
         checkpoint store's export location. Gathering the full state dict is a collective,
         so every rank takes part."""
-        cfg = self.cfg
+        cfg, ckpt = self.cfg, self.ckpt
         if not cfg.export.enabled or (cfg.export.path is None and not ckpt.enabled):
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.topo.rank != 0:
             return
+        state = _tensors(full)
         t0 = time.perf_counter()
         if cfg.export.path is not None:
             out = Path(cfg.export.path)
-            self._write_export(llama, full, out)
+            self._write_export(state, out)
             where = str(out)
         else:
             with tempfile.TemporaryDirectory(prefix="kubeforge-export-") as tmp:
-                self._write_export(llama, full, Path(tmp))
-                ckpt.export(Path(tmp), step)
+                self._write_export(state, Path(tmp))
+                ckpt.export(Path(tmp), self.step)
             where = str(ckpt.export_uri)
-        log_event("exported", step=step, uri=where, seconds=round(time.perf_counter() - t0, 3))
+        log_event("exported", step=self.step, uri=where, seconds=round(time.perf_counter() - t0, 3))
 
-    def _write_export(self, llama: Llama, state: dict[str, torch.Tensor], out: Path) -> None:
-        save_hf(unwrap(llama), out, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+    def _write_export(self, state: dict[str, torch.Tensor], out: Path) -> None:
+        save_hf(self.llama, out, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
                 state_dict={k: v.float() for k, v in state.items()})
         self.tokenizer.save(out)
+
+
+def _tensors(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """DCP types a model state dict like an optimizer's (any nesting); a model's holds only tensors."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(state):
+        odd = next(k for k in state if k not in tensors)
+        raise TypeError(f"model state {odd!r} is a {type(state[odd]).__name__}, not a tensor")
+    return tensors
 
 
 def distributed_fsdp(cfg: TrainerConfig, distributed: bool) -> bool:

@@ -100,15 +100,12 @@ def wrap_model(model: nn.Module, par: ParallelismConfig, topo: Topology, device:
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Llama inside a DDP wrapper (FSDP2 modifies the module in place, nothing to undo)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the gradient reduction on all but the last micro-batch of a step."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
-    elif hasattr(model, "require_backward_grad_sync"):  # DDP
+    elif isinstance(model, DistributedDataParallel):
         model.require_backward_grad_sync = enabled
