@@ -90,7 +90,13 @@ for p in $parts; do
     coredns) build_part coredns "$COREDNS_VERSION" "-s -w" coredns=github.com/coredns/coredns ;;
     etcd) build_part etcd "$ETCD_VERSION" "-s -w" etcd=go.etcd.io/etcd/server/v3 ;;
     kwok) build_part kwok "$KWOK_VERSION" "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" kwok=sigs.k8s.io/kwok/cmd/kwok ;;
-    helm) build_part helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm=helm.sh/helm/v3/cmd/helm ;;
+    # stamped with its Kubernetes version, as helm's Makefile does: unstamped it claims v1.20
+    # and refuses every chart with a kubeVersion (ours: >=1.30) unless given --kube-version
+    helm) kube=${HELM_KUBE_VERSION#v}; kube_major=${kube%%.*}; kube_minor=${kube#*.}; kube_minor=${kube_minor%%.*}
+      build_part helm "$HELM_VERSION-kube$HELM_KUBE_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION \
+-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$kube_major -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kube_minor \
+-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=$kube_major -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kube_minor" \
+        helm=helm.sh/helm/v3/cmd/helm ;;
     minio) build_part minio "$MINIO_VERSION" "-s -w" minio=github.com/minio/minio ;;
     kind) build_part kind "$KIND_VERSION" "-s -w" kind=sigs.k8s.io/kind ;;
     prometheus-operator-crds) build_prometheus_operator_crds ;;

@@ -41,7 +41,10 @@ _VERSION_OF = {"node": "KUBERNETES_VERSION"}
 def binary(name: str, build: bool = True) -> Path:
     """Path of a tool binary; builds its part first when missing and ``build`` is set."""
     part = _PART_OF[name]
-    version = versions()[_VERSION_OF.get(part, f"{part.upper()}_VERSION")]
+    v = versions()
+    version = v[_VERSION_OF.get(part, f"{part.upper()}_VERSION")]
+    if part == "helm":  # build.sh stamps helm with a Kubernetes version: another build, another folder
+        version += f"-kube{v['HELM_KUBE_VERSION']}"
     path = cache_root() / "bin" / f"{part}-{version}" / name
     if not (path.parent / ".complete").exists():
         if not build:
