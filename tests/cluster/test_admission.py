@@ -68,6 +68,14 @@ INVALID = [
     ("InferenceService", "spec.autoscaling", {"minReplicas": 1}, "spec.autoscaling.maxReplicas"),
     ("InferenceService", "spec.autoscaling.scaleUpPolicies", [{"type": "Nodes", "value": 1, "periodSeconds": 60}],
      "spec.autoscaling.scaleUpPolicies[0].type"),
+    # names the children cannot carry (a Service name is a DNS-1035 label): once accepted, such a
+    # job retried a 422 forever while showing WaitingForWorkers
+    ("TrainingJob", "metadata.name", "llama3.1-8b", "metadata.name of a TrainingJob must be a DNS-1035 label"),
+    ("TrainingJob", "metadata.name", "7b-chat", "metadata.name of a TrainingJob must be a DNS-1035 label"),
+    ("TrainingJob", "metadata.name", "j" * 52, "metadata.name of a TrainingJob must be at most 51 characters"),
+    ("InferenceService", "metadata.name", "llama3.1-8b", "metadata.name of an InferenceService must be a DNS-1035"),
+    ("InferenceService", "metadata.name", "7b-chat", "metadata.name of an InferenceService must be a DNS-1035 label"),
+    ("InferenceService", "metadata.name", "s" * 57, "metadata.name of an InferenceService must be at most 56"),
 ]
 
 
@@ -91,6 +99,14 @@ def test_invalid_spec_is_rejected_naming_the_field(crds: Cluster, admission_ns: 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_are_admitted(crds: Cluster, admission_ns: str, path: Path) -> None:
     out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", str(path), check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("kind,name", [("TrainingJob", "j" * 51), ("TrainingJob", "llama3-8b"),
+                                       ("InferenceService", "s" * 56), ("InferenceService", "chat-7b")])
+def test_names_the_children_can_carry_are_admitted(crds: Cluster, admission_ns: str, kind: str, name: str) -> None:
+    obj = _set(example(kind), "metadata.name", name)
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", "-", input=json.dumps(obj), check=False)
     assert out.returncode == 0, out.stderr
 
 

@@ -53,6 +53,24 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+#: A DNS-1035 label (what a Service name must be): lowercase letters, digits and '-', starting
+#: with a letter and ending with a letter or digit; no '.'.
+DNS_1035_LABEL = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+def dns_label_name_rules(kind: str, max_length: int, why: str) -> tuple[Rule, ...]:
+    """``metadata.name`` of a kind whose children are named ``<name><suffix>`` Services or
+    hostnames: a DNS-1035 label, at most ``max_length`` characters."""
+    a = "an" if kind[0] in "AEIOU" else "a"
+    return (
+        Rule(f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+             f"metadata.name of {a} {kind} must be a DNS-1035 label (lowercase letters, digits and '-', "
+             f"starting with a letter, no '.'): {why}", reason="FieldValueInvalid"),
+        Rule(f"size(self.metadata.name) <= {max_length}",
+             f"metadata.name of {a} {kind} must be at most {max_length} characters: {why}", reason="FieldValueInvalid"),
+    )
+
+
 class Kind:
     """A custom resource kind: its names and the models of its spec and status.
 
@@ -65,6 +83,8 @@ class Kind:
     status_model: ClassVar[type[ApiModel]]
     printer_columns: ClassVar[tuple[dict[str, str], ...]]
     scale: ClassVar[dict[str, str] | None] = None
+    #: Rules on ``self.metadata.name`` (the names the children derive from it must be valid).
+    name_rules: ClassVar[tuple[Rule, ...]] = ()
 
     @classmethod
     def singular(cls) -> str:

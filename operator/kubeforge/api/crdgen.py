@@ -172,6 +172,7 @@ def crd(kind: type[Kind]) -> dict[str, Any]:
                         "spec": spec,
                         "status": status,
                     },
+                    **({"x-kubernetes-validations": [r.render() for r in kind.name_rules]} if kind.name_rules else {}),
                 }},
             }],
         },
@@ -232,6 +233,8 @@ def render_reference() -> str:
         out += [f"## {kind.kind}", "", root["description"], "",
                 f"Plural `{names['plural']}`, short names {', '.join(f'`{n}`' for n in names['shortNames'])}, "
                 f"category `{CATEGORY}`.", ""]
+        if root.get("x-kubernetes-validations"):
+            out += ["Name rules: " + "; ".join(r["message"] for r in root["x-kubernetes-validations"]) + ".", ""]
         _reference_tables(f"{kind.singular()}.spec", root["properties"]["spec"], out)
         _reference_tables(f"{kind.singular()}.status", root["properties"]["status"], out)
     return "\n".join(out).rstrip() + "\n"

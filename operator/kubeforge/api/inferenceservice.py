@@ -15,6 +15,7 @@ from kubeforge.api.common import (
     Rule,
     StatusBase,
     Toleration,
+    dns_label_name_rules,
 )
 
 
@@ -175,6 +176,10 @@ class InferenceServiceStatus(StatusBase):
     model: ServedModel | None = Field(default=None, description="The model being served.")
 
 
+#: The children are named "<name>-server", and a Service name is a DNS label (63 characters).
+MAX_NAME = 63 - len("-server")
+
+
 class InferenceService(Kind):
     """An OpenAI-compatible, continuously batching model server with a paged KV cache,
     scaled by an HPA with cooldowns.
@@ -184,6 +189,8 @@ class InferenceService(Kind):
 
     kind: ClassVar[str] = "InferenceService"
     plural: ClassVar[str] = "inferenceservices"
+    name_rules: ClassVar[tuple[Rule, ...]] = dns_label_name_rules(
+        "InferenceService", MAX_NAME, "it names the Service <name>-server that clients call")
     short_names: ClassVar[tuple[str, ...]] = ("infsvc",)
     spec_model: ClassVar[type[ApiModel]] = InferenceServiceSpec
     status_model: ClassVar[type[ApiModel]] = InferenceServiceStatus

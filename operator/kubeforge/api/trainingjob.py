@@ -17,6 +17,7 @@ from kubeforge.api.common import (
     Toleration,
     Volume,
     VolumeMount,
+    dns_label_name_rules,
 )
 
 
@@ -167,6 +168,10 @@ class TrainingJobStatus(StatusBase):
         "noticed later explains (a node whose heartbeats had already stopped) is recounted as infrastructure."))
 
 
+#: Worker hostnames are DNS labels (63 characters) and the longest suffix is "-worker-4095".
+MAX_NAME = 63 - len("-worker-4095")
+
+
 class TrainingJob(Kind):
     """Elastic, fault-tolerant training across N..M GPU nodes with the in-image FSDP trainer.
 
@@ -176,6 +181,8 @@ class TrainingJob(Kind):
 
     kind: ClassVar[str] = "TrainingJob"
     plural: ClassVar[str] = "trainingjobs"
+    name_rules: ClassVar[tuple[Rule, ...]] = dns_label_name_rules(
+        "TrainingJob", MAX_NAME, "it names the job's headless Service, and its workers' hostnames <name>-worker-<i>")
     short_names: ClassVar[tuple[str, ...]] = ("tjob",)
     spec_model: ClassVar[type[ApiModel]] = TrainingJobSpec
     status_model: ClassVar[type[ApiModel]] = TrainingJobStatus

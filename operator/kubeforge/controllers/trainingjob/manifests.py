@@ -40,7 +40,7 @@ from kubeforge.api.contract import (
     RENDEZVOUS_PORT,
     TRAINER_METRICS_PORT,
 )
-from kubeforge.api.trainingjob import TrainingJob
+from kubeforge.api.trainingjob import MAX_NAME, TrainingJob
 from kubeforge.controllers import workload
 from kubeforge.controllers.workload import (
     GPU_TOLERATION,
@@ -60,8 +60,8 @@ ROLE_WORKER = "worker"
 ROLE_RENDEZVOUS = "rendezvous"
 #: Seconds between torchrun's SIGKILL of the workers and the kubelet's SIGKILL of the pod.
 SHUTDOWN_MARGIN_S = 15
-#: Hostnames are DNS labels: the longest suffix is "-worker-4095".
-MAX_JOB_NAME = 63 - len("-worker-4095")
+#: Hostnames are DNS labels: the longest suffix is "-worker-4095" (admission checks it too).
+MAX_JOB_NAME = MAX_NAME
 #: Environment of every worker. Measured by the trainer's engineer on torch 2.15: scale-up
 #: (an agent joining a running job) hangs unless agents stop sharing the rendezvous store
 #: with the worker processes.
