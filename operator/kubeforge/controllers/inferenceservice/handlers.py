@@ -60,6 +60,12 @@ class InferenceServices:
         self.ready[(owner.namespace, owner.name)] = bool(ready and ready["status"] == "True")
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
 
+    def forget(self, key: Key) -> None:
+        """A deleted service neither follows an export nor counts as Ready any more."""
+        self.following.discard(key)
+        self.ready.pop(key, None)
+        INFERENCESERVICES_READY.set(sum(self.ready.values()))
+
 
 def _state(memo: kopf.Memo) -> InferenceServices:
     return cast(InferenceServices, memo.inferenceservices)
@@ -224,11 +230,13 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 @kopf.on.event(GROUP, VERSION, InferenceService.plural)
 def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     key = (str(meta["namespace"]), str(meta["name"]))
-    following = _state(memo).following
-    if type != "DELETED" and (spec.get("model") or {}).get("trainingJobRef"):
-        following.add(key)
+    state = _state(memo)
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        state.forget(key)
+    elif (spec.get("model") or {}).get("trainingJobRef"):
+        state.following.add(key)
     else:
-        following.discard(key)
+        state.following.discard(key)
 
 
 def repoll(state: InferenceServices, namespace: str, name: str) -> None:

@@ -100,11 +100,7 @@ async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo
     if type == "DELETED":
         state.caches.phases.pop(key, None)
         state.caches.store.pop(key, None)
-        for gauge in (LAST_CHECKPOINT_TIME, CHECKPOINT_INTERVAL):
-            try:
-                gauge.remove(*key)
-            except KeyError:
-                pass
+        _remove_checkpoint_gauges(key)
         _publish_phases(state.caches)
         return
     if type is None or type == "ADDED" or meta.get("generation") != status.get("observedGeneration"):
@@ -224,9 +220,6 @@ def _store_view(state: TrainingJobs, key: Key, policy: CheckpointPolicySpec, fre
         last = {"step": newest.step, "uri": store.checkpoint_uri(ns, job, newest.step)}
         if newest.marker is not None and newest.marker.time:
             last["time"] = newest.marker.time
-            LAST_CHECKPOINT_TIME.labels(ns, job).set(dt.datetime.fromisoformat(newest.marker.time).timestamp())
-    if policy.schedule.every_seconds:
-        CHECKPOINT_INTERVAL.labels(ns, job).set(policy.schedule.every_seconds)
     view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
     state.caches.store[key] = (time.monotonic(), view)
     return view
@@ -245,9 +238,6 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
         policy, policy_error, entry = _read_policy(namespace, ref, name)
     if policy is not None and policy.storage.volume is not None:
         store = volume_view(entry)
-        if store and store.last_checkpoint and store.last_checkpoint.get("time"):
-            LAST_CHECKPOINT_TIME.labels(namespace, name).set(
-                dt.datetime.fromisoformat(store.last_checkpoint["time"]).timestamp())
     elif policy is not None:
         worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
                            (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
@@ -266,9 +256,37 @@ def reconcile_job(state: TrainingJobs, namespace: str, name: str) -> float | Non
         if not apply_status(obs, decided):
             return 0.5  # someone wrote the job meanwhile: observe again
         apply_children(state.caches, obs, decided)
-        state.caches.phases[(namespace, name)] = decided.status.get("phase") or "Pending"
+        phase = decided.status.get("phase") or "Pending"
+        state.caches.phases[(namespace, name)] = phase
+        _publish_checkpoint_gauges((namespace, name), phase, obs)
         _publish_phases(state.caches)
         return decided.requeue_after
+
+
+#: Phases in which a job writes no checkpoint: its checkpoint gauges go, so that
+#: KubeforgeCheckpointStale does not fire for a job that finished or is suspended.
+NOT_CHECKPOINTING = frozenset({"Succeeded", "Failed", "Suspended"})
+
+
+def _publish_checkpoint_gauges(key: Key, phase: str, obs: Observed) -> None:
+    """The newest checkpoint's time and the policy's interval, for KubeforgeCheckpointStale;
+    removed while the job writes none."""
+    if phase in NOT_CHECKPOINTING or obs.policy is None:
+        _remove_checkpoint_gauges(key)
+        return
+    last = (obs.store.last_checkpoint if obs.store else None) or {}
+    if last.get("time"):
+        LAST_CHECKPOINT_TIME.labels(*key).set(dt.datetime.fromisoformat(last["time"]).timestamp())
+    if obs.policy.schedule.every_seconds:
+        CHECKPOINT_INTERVAL.labels(*key).set(obs.policy.schedule.every_seconds)
+
+
+def _remove_checkpoint_gauges(key: Key) -> None:
+    for gauge in (LAST_CHECKPOINT_TIME, CHECKPOINT_INTERVAL):
+        try:
+            gauge.remove(*key)
+        except KeyError:
+            pass
 
 
 def apply_status(obs: Observed, decided: Plan) -> bool:
