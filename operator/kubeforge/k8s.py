@@ -156,6 +156,24 @@ def patch_status(plural: str, namespace: str, name: str, status: Mapping[str, An
     return True
 
 
+def update_status(plural: str, namespace: str, name: str,
+                  compute: Callable[[dict[str, Any]], dict[str, Any] | None], attempts: int = 5) -> dict[str, Any] | None:
+    """Read the object, ``compute`` its new status from what is stored (None: nothing to
+    write), write it only onto that version; on a conflict read and compute again. A write
+    never reverts one made in between (by another handler or thread). Returns what was
+    written, or None (nothing to write, or the object is gone)."""
+    for _ in range(attempts):
+        obj = get_custom(namespace, plural, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return None
+        status = compute(dict(obj.get("status") or {}))
+        if status is None:
+            return None
+        if patch_status(plural, namespace, name, status, resource_version=obj["metadata"]["resourceVersion"]):
+            return status
+    raise RuntimeError(f"status of {plural}/{namespace}/{name} kept changing under {attempts} writes")
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     """The Secret's data, decoded; None when it does not exist."""
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -163,8 +163,9 @@ def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool
     return True
 
 
-def _patch_status(owner: Owner, status: dict[str, Any]) -> None:
-    k8s.patch_status(InferenceService.plural, owner.namespace, owner.name, status)
+def _write_status(owner: Owner, compute: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Conflict-safe: ``compute`` gets the stored status, and runs again if it changed before the write."""
+    return k8s.update_status(InferenceService.plural, owner.namespace, owner.name, compute)
 
 
 def _events_for_transition(body: dict[str, Any], old: Mapping[str, Any] | None, new: dict[str, Any],
@@ -191,7 +192,7 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         if parsed is None:
             logger.warning("invalid spec: %s", error)
-            _patch_status(owner, conditions_patch(status, generation, [("Ready", False, "InvalidSpec", str(error))]))
+            _write_status(owner, lambda st: conditions_patch(st, generation, [("Ready", False, "InvalidSpec", str(error))]))
             return
         deployment = read_deployment(owner)
         served = model_of_status(deployment) if deployment is not None else None
@@ -204,15 +205,19 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
         k8s.apply(manifests.build_service(owner))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
-        new = status_patch(owner, parsed, status, generation, resolution, deployment, read_stuck(owner))
+        stuck = read_stuck(owner)
+        new = status_patch(owner, parsed, status, generation, resolution, deployment, stuck)
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
         if not resolution.ready:
             logger.info("model not ready: %s", resolution.message)
-        _patch_status(owner, new)
-        fresh = status_patch(owner, parsed, new, generation, resolution, read_deployment(owner), read_stuck(owner))
-        if fresh != new:
-            _patch_status(owner, fresh)
-        state.count_ready(owner, fresh)
+        written = _write_status(owner, lambda st: status_patch(owner, parsed, st, generation, resolution,
+                                                                 deployment, stuck)) or new
+        deployment, stuck = read_deployment(owner), read_stuck(owner)
+
+        def fresh(st: dict[str, Any]) -> dict[str, Any] | None:
+            out = status_patch(owner, parsed, st, generation, resolution, deployment, stuck)
+            return out if out != {k: st.get(k) for k in out} else None
+        state.count_ready(owner, _write_status(owner, fresh) or written)
 
 
 @kopf.on.resume(GROUP, VERSION, InferenceService.plural)
@@ -295,13 +300,16 @@ def refresh_availability(state: InferenceServices, namespace: str, name: str,
     if parsed is None:
         return
     owner = Owner(name, namespace, isvc["metadata"]["uid"])
-    status = isvc.get("status") or {}
-    model_cond = condition(status.get("conditions"), "ModelReady")
-    if model_cond is None:
-        return  # not reconciled yet: the reconcile handler writes the first status
-    resolution = ModelResolution(model_cond["status"] == "True", model_cond["reason"], model_cond["message"])
-    new = status_patch(owner, parsed, status, status.get("observedGeneration"), resolution, deployment,
-                       read_stuck(owner))
-    if new != {k: status.get(k) for k in new}:
-        _patch_status(owner, new)
-        state.count_ready(owner, new)
+    stuck = read_stuck(owner)
+
+    def availability(status: dict[str, Any]) -> dict[str, Any] | None:
+        model_cond = condition(status.get("conditions"), "ModelReady")
+        if model_cond is None:
+            return None  # not reconciled yet: the reconcile handler writes the first status
+        resolution = ModelResolution(model_cond["status"] == "True", model_cond["reason"], model_cond["message"])
+        new = status_patch(owner, parsed, status, status.get("observedGeneration"), resolution, deployment, stuck)
+        return new if new != {k: status.get(k) for k in new} else None
+
+    written = _write_status(owner, availability)
+    if written is not None:
+        state.count_ready(owner, written)
