@@ -43,8 +43,6 @@ def _local_env(c: Any, ns: str, pod: dict[str, Any], config_dir: Path) -> dict[s
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
-        elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
-            env[e["name"]] = pod["metadata"]["name"]
         else:
             raise AssertionError(f"unexpected env source {e}")
     return {k: v.replace(CONFIG_MOUNT_DIR, str(config_dir)) for k, v in env.items()}

@@ -269,15 +269,41 @@ async def start_export_poll(memo: kopf.Memo, **_: Any) -> None:
                                             lambda: _poll_exports(state))
 
 
-@kopf.on.event("apps", "v1", "deployments",
-               labels={"app.kubernetes.io/managed-by": "kubeforge", "app.kubernetes.io/component": manifests.COMPONENT})
+CHILD_LABELS = {"app.kubernetes.io/managed-by": "kubeforge", "app.kubernetes.io/component": manifests.COMPONENT}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 def deployment_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Replicas and availability follow the Deployment between reconciliations."""
+    """Replicas and availability follow the Deployment between reconciliations; a deleted one
+    is made again."""
     name = body.metadata.labels.get(manifests.SERVICE_LABEL)
     namespace = body.metadata.namespace
     if not name or namespace is None:
         return
-    refresh_availability(_state(memo), namespace, name, None if type == "DELETED" else _plain(body))
+    if type == "DELETED":
+        recreate(_state(memo), namespace, name, "Deployment")
+        return
+    refresh_availability(_state(memo), namespace, name, _plain(body))
+
+
+@kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
+def child_deleted(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted Service, PodDisruptionBudget or HPA of a service is applied again."""
+    name = body.metadata.labels.get(manifests.SERVICE_LABEL)
+    if type == "DELETED" and name and body.metadata.namespace is not None:
+        recreate(_state(memo), body.metadata.namespace, name, str(body.get("kind", "child")))
+
+
+def recreate(state: InferenceServices, namespace: str, name: str, kind: str) -> None:
+    """Converge after a child was deleted (by anyone): reconcile the service again; nothing
+    happens when the service itself is going away (its children go with it)."""
+    body = k8s.get_custom(namespace, InferenceService.plural, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    log.info("%s of InferenceService %s/%s was deleted: applying it again", kind, namespace, name)
+    reconcile_service(state, body, log)
 
 
 @kopf.on.event("", "v1", "pods", labels={manifests.SERVICE_LABEL: kopf.PRESENT})

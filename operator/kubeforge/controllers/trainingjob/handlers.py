@@ -90,7 +90,8 @@ async def start_queue(memo: kopf.Memo, **_: Any) -> None:
     state = memo.trainingjobs = TrainingJobs(settings)
     for n in range(settings.trainingjob.workers):
         background.spawn(f"trainingjob-worker-{n}", _work(state))
-    background.close_with(state.pool.shutdown)
+    # no wait for a reconciliation blocked on a slow API or store call: the process is ending
+    background.close_with(lambda: state.pool.shutdown(wait=False, cancel_futures=True))
 
 
 @kopf.on.event(GROUP, VERSION, TrainingJob.plural)
@@ -119,6 +120,21 @@ async def pod_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: ko
     elif node:
         state.caches.pod_nodes[pod_key] = (job, node)
     state.enqueue(job)
+
+
+@kopf.on.event("", "v1", "services", labels={pods_.JOB_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "configmaps", labels={pods_.JOB_LABEL: kopf.PRESENT})
+async def child_event(type: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted ConfigMap or headless Service of a job is applied again: without the Service
+    the workers lose their rendezvous DNS and restart forever."""
+    if type != "DELETED":
+        return
+    state = _state(memo)
+    owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+    state.caches.applied = {a for a in state.caches.applied if a[0] not in owners}
+    log.info("%s %s/%s of TrainingJob %s was deleted: applying it again", meta.get("kind", "child"),
+             meta["namespace"], meta["name"], meta.labels[pods_.JOB_LABEL])
+    state.enqueue((str(meta["namespace"]), meta.labels[pods_.JOB_LABEL]))
 
 
 @kopf.on.event(GROUP, VERSION, CheckpointPolicy.plural)
