@@ -216,3 +216,15 @@ def test_examples_parse(path: Path) -> None:
     doc = yaml.safe_load(path.read_text())
     s = InferenceServiceSpec.model_validate(doc["spec"])
     assert ch.build_deployment(OWNER, s, MODEL)["kind"] == "Deployment"
+
+
+def test_an_exports_s3_addressing_reaches_the_servers_and_reads_back() -> None:
+    import dataclasses
+
+    virtual = dataclasses.replace(MODEL, s3_force_path_style=False)
+    dep = ch.build_deployment(OWNER, spec(), virtual)
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEFORGE_S3_FORCE_PATH_STYLE"] == "false"
+    assert ctl.model_of(dep) == virtual
+    plain = ch.build_deployment(OWNER, spec(), MODEL)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "KUBEFORGE_S3_FORCE_PATH_STYLE" not in {e["name"] for e in plain}

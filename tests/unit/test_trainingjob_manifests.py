@@ -160,3 +160,16 @@ def test_workload_image_is_the_resources_own_else_the_operators_setting() -> Non
     assert tp.build_rendezvous_pod(OWNER, spec(), default)["spec"]["containers"][0]["image"] == (
         "mirror.example/kf/trainer:0.1.0-cpu")
     assert image(spec(trainer={"image": "own/image:1"}), mirror) == "own/image:1"
+
+
+def test_the_policys_s3_addressing_reaches_the_workers() -> None:
+    def path_style(policy: CheckpointPolicySpec | None) -> str | None:
+        env = tp.build_worker_pod(OWNER, spec(), policy, 0, 0)["spec"]["containers"][0]["env"]
+        return next((e["value"] for e in env if e["name"] == "KUBEFORGE_S3_FORCE_PATH_STYLE"), None)
+
+    assert path_style(S3_POLICY) == "true"
+    virtual = S3_POLICY.model_copy(deep=True)
+    assert virtual.storage.s3 is not None
+    virtual.storage.s3.force_path_style = False
+    assert path_style(virtual) == "false"
+    assert path_style(VOLUME_POLICY) is None and path_style(None) is None

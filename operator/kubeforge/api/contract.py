@@ -44,6 +44,14 @@ ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_REGION"
 ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+#: "false" for virtual-hosted-style addressing (a CheckpointPolicy's ``forcePathStyle: false``);
+#: unset or anything else: path style, which most S3-compatible servers need.
+ENV_S3_FORCE_PATH_STYLE = "KUBEFORGE_S3_FORCE_PATH_STYLE"
+
+
+def s3_force_path_style(value: str | None) -> bool:
+    """How a pod reads ``ENV_S3_FORCE_PATH_STYLE``."""
+    return (value or "").strip().lower() != "false"
 
 #: The workload image (trainer and server) when a resource names none; the operator's
 #: ``KUBEFORGE_WORKLOAD_IMAGE`` (Helm value ``workloadImage``) overrides it.

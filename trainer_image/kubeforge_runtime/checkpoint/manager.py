@@ -301,6 +301,7 @@ class CheckpointManager:
                            region=env.get(contract.ENV_S3_REGION) or None,
                            access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
                            secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
+                           force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE)),
                            ) if root_uri else None
         return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings))
 

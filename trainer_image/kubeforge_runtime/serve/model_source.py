@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from kubeforge.api.contract import ENV_S3_FORCE_PATH_STYLE, s3_force_path_style
+
 if TYPE_CHECKING:
     from kubeforge.store import ExportMarker, S3Options
 
@@ -35,6 +37,7 @@ def _s3_options() -> S3Options:
     # are passed explicitly so older botocore versions honour them too
     return S3Options(endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
                      region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+                     force_path_style=s3_force_path_style(os.environ.get(ENV_S3_FORCE_PATH_STYLE)),
                      retry_deadline_s=float(os.environ.get("KUBEFORGE_S3_RETRY_DEADLINE_S", "120")))
 
 

@@ -123,6 +123,7 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
     revision, step = choose_export(m.update_policy, served, marker)
     model = ResolvedModel(uri=export_uri, revision=revision, step=step,
                           s3_endpoint=m.s3_endpoint or s3.endpoint, s3_region=s3.region,
+                          s3_force_path_style=s3.force_path_style,
                           credentials_secret=secret or s3.credentials_secret_ref.name)
     message = f"export of TrainingJob {job_name} committed {marker.time} (step {marker.step})"
     if revision != marker.time:

@@ -18,6 +18,7 @@ from kubeforge.api.contract import (
     DEFAULT_WORKLOAD_IMAGE,
     ENV_MODEL_REVISION,
     ENV_S3_ENDPOINT,
+    ENV_S3_FORCE_PATH_STYLE,
     ENV_S3_REGION,
     SERVING_PORT,
 )
@@ -67,6 +68,8 @@ class ResolvedModel:
     step: int | None = None
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    #: the store's addressing (a TrainingJob's export: its policy's forcePathStyle); None: the default
+    s3_force_path_style: bool | None = None
     credentials_secret: str | None = None
 
 
@@ -143,6 +146,8 @@ def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any
         env.append({"name": ENV_S3_ENDPOINT, "value": model.s3_endpoint})
     if model.s3_region:
         env.append({"name": ENV_S3_REGION, "value": model.s3_region})
+    if model.s3_force_path_style is not None:
+        env.append({"name": ENV_S3_FORCE_PATH_STYLE, "value": "true" if model.s3_force_path_style else "false"})
     if spec.api_key_secret_ref:
         env.append({"name": "KUBEFORGE_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": spec.api_key_secret_ref.name, "key": "api-key"}}})

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from kubeforge.api import InferenceServiceSpec
-from kubeforge.api.contract import ENV_S3_ENDPOINT, ENV_S3_REGION
+from kubeforge.api.contract import ENV_S3_ENDPOINT, ENV_S3_FORCE_PATH_STYLE, ENV_S3_REGION, s3_force_path_style
 from kubeforge.controllers.inferenceservice import manifests
 from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
 from kubeforge.controllers.status import conditions_patch
@@ -50,6 +50,8 @@ def model_of(deployment: dict[str, Any]) -> ResolvedModel | None:
     return ResolvedModel(uri=uri, revision=annotations.get(manifests.REVISION_ANNOTATION),
                          step=int(step) if step is not None else None,
                          s3_endpoint=env.get(ENV_S3_ENDPOINT), s3_region=env.get(ENV_S3_REGION),
+                         s3_force_path_style=s3_force_path_style(env[ENV_S3_FORCE_PATH_STYLE])
+                         if env.get(ENV_S3_FORCE_PATH_STYLE) is not None else None,
                          credentials_secret=secret)
 
 

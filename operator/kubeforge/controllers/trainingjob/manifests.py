@@ -36,6 +36,7 @@ from kubeforge.api.contract import (
     ENV_JOB_NAMESPACE,
     ENV_METRICS_PORT,
     ENV_S3_ENDPOINT,
+    ENV_S3_FORCE_PATH_STYLE,
     ENV_S3_REGION,
     RENDEZVOUS_PORT,
     TRAINER_METRICS_PORT,
@@ -164,6 +165,7 @@ def _env(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | Non
             if policy.storage.s3.endpoint:
                 env[ENV_S3_ENDPOINT] = policy.storage.s3.endpoint
             env[ENV_S3_REGION] = policy.storage.s3.region
+            env[ENV_S3_FORCE_PATH_STYLE] = "true" if policy.storage.s3.force_path_style else "false"
     return [{"name": k, "value": v} for k, v in env.items()] + [e.dump() for e in spec.pod.env]
 
 
