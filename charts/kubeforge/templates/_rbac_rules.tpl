@@ -10,12 +10,14 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
                      CheckpointPolicy on a volume: create, get and delete its store inspector pod.
   services, configmaps   server-side apply of job and InferenceService children: patch, and
-                     create for an apply that creates the object.
+                     create for an apply that creates the object; list and watch, so that a
+                     deleted child is made again.
   secrets, persistentvolumeclaims   get: S3 credentials and checkpoint claims are checked.
   events             create: Events on every decision (kopf.event and the TrainingJob controller).
   deployments        InferenceService: get, apply (create, patch), and watch the ones it manages.
-  horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes.
-  poddisruptionbudgets   apply (create, patch).
+  horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes;
+                     list and watch (a deleted one is made again).
+  poddisruptionbudgets   apply (create, patch); list and watch (a deleted one is made again).
   nodes              TrainingJob: watch node health, get a node not seen yet (cluster-scoped).
   namespaces, customresourcedefinitions   kopf's own scanning (list, watch).
   kopf.dev           peering (only with replicaCount > 1): clusterkopfpeerings, or kopfpeerings
@@ -39,7 +41,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]
@@ -51,10 +53,10 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 {{- end }}
 {{- define "kubeforge.rules.cluster" }}
 - apiGroups: [""]
