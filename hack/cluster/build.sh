@@ -8,6 +8,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 cache=${KUBEFORGE_CACHE:-$HOME/.cache/kubeforge}
 export CGO_ENABLED=0 GOFLAGS="-mod=mod -trimpath" GOTOOLCHAIN=local
+# Go's build and module caches of our own, dropped after a build (the binaries are what is
+# cached; together the caches are ~10 GB, which CI's disk does not spare). Set
+# KUBEFORGE_KEEP_GO_CACHE=1 to keep them while changing versions.env.
+export GOCACHE="$cache/go/build" GOMODCACHE="$cache/go/mod"
+built=0
 
 k8s_ldflags() {
   local v=$KUBERNETES_VERSION minor
@@ -34,6 +39,7 @@ build_part_in() { # $1 wrapper module folder, then as build_part
       go build -ldflags "$ldflags" -o "$out/${spec%%=*}" "${spec#*=}"
     done)
   touch "$out/.complete"
+  built=1
   echo ">> built $part $ver in $((SECONDS - t0))s" >&2
 }
 
@@ -51,6 +57,7 @@ build_prometheus_operator_crds() {
   (cd "$here/prometheus-operator" && "$gen" crd:crdVersions=v1,maxDescLen=0 \
       paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 output:crd:dir="$out")
   touch "$out/.complete"
+  built=1
 }
 
 # Kubeflow's training operator v1 and its PyTorchJob CRD (from the module's manifests), for
@@ -66,6 +73,7 @@ build_kubeflow() {
   src=$(cd "$here/kubeflow" && go list -m -f '{{.Dir}}' github.com/kubeflow/training-operator)
   install -m 0644 "$src/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$out/"
   touch "$out/.complete"
+  built=1
   echo ">> built kubeflow in $((SECONDS - t0))s" >&2
 }
 
@@ -104,3 +112,9 @@ for p in $parts; do
     *) echo "unknown part: $p" >&2; exit 2 ;;
   esac
 done
+
+if [ "$built" = 1 ] && [ "${KUBEFORGE_KEEP_GO_CACHE:-0}" != 1 ] && [ -d "$cache/go" ]; then
+  echo ">> dropping Go's build and module caches ($(du -sh "$cache/go" | cut -f1)); the binaries stay in $cache/bin" >&2
+  go clean -cache -modcache
+  rm -rf "$cache/go"
+fi

@@ -459,14 +459,17 @@ class Cluster:
         import images
 
         tags = {spec.name: images.build(spec) for spec in images.ALL}
-        for i in range(self.cfg.real_nodes):
-            for tag in tags.values():
-                t0 = time.monotonic()
-                if self.nodes.import_image(i, tag):
-                    print(f">> images: {tag} imported into {self.nodes.node_name(i)} in {time.monotonic() - t0:.0f}s",
-                          file=sys.stderr, flush=True)
-            self.nodes.remove_images_except(i, set(tags.values()))
         images.prune(set(tags.values()))  # older builds: several GB each
+        for i in range(self.cfg.real_nodes):
+            self.nodes.remove_images_except(i, set(tags.values()))
+            for tag in tags.values():
+                if self.nodes.has_image(i, tag):
+                    continue
+                self.nodes.check_space_for(i, tag, images.size(tag))
+                t0 = time.monotonic()
+                self.nodes.import_image(i, tag)
+                print(f">> images: {tag} imported into {self.nodes.node_name(i)} in {time.monotonic() - t0:.0f}s",
+                      file=sys.stderr, flush=True)
         return tags
 
     def _make_bucket(self) -> None:

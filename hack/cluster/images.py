@@ -200,6 +200,13 @@ def build(spec: ImageSpec, log: Path | None = None, cold_tag: str | None = None)
     return tag
 
 
+def size(tag: str) -> int:
+    """The image's unpacked size in bytes (what a node's snapshots take)."""
+    out = subprocess.run(podman("image", "inspect", "--format", "{{.Size}}", tag), capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip())
+
+
 def stage_tag(tag: str, stage: str) -> str:
     """``localhost/kubeforge/trainer:abc`` → ``localhost/kubeforge/trainer-deps:abc``."""
     repo, version = tag.rsplit(":", 1)
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         tags = [build(spec) for spec in ALL]
         prune(set(tags))
         print("\n".join(tags))
+        print(f"images: {tools.disk_report()}", file=sys.stderr)
     except (ImageBuildError, subprocess.CalledProcessError, RuntimeError) as e:
         print(f"image build failed: {e}", file=sys.stderr)
         return 1

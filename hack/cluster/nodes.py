@@ -422,11 +422,24 @@ state = "{run / 'containerd'}"
         return True
 
     def remove_images_except(self, i: int, keep: set[str]) -> None:
-        """Drop older builds of our images from node ``i`` (containerd collects their layers)."""
+        """Drop older builds of our images from node ``i``, waiting until containerd has
+        collected their snapshots (``--sync``): called before an import, so that an older
+        build and the new one are never on the disk together."""
         for tag in self.ctr(i, "images", "ls", "-q").stdout.split():
             repo = tag.rsplit(":", 1)[0]
             if repo in {k.rsplit(":", 1)[0] for k in keep} and tag not in keep:
-                self.ctr(i, "images", "rm", tag, check=False)
+                self.ctr(i, "images", "rm", "--sync", tag, check=False)
+
+    def check_space_for(self, i: int, tag: str, size: int) -> None:
+        """Fail before importing ``tag`` (``size`` bytes unpacked) into node ``i`` when the disk
+        cannot hold it: the import holds the layer blobs until they are unpacked, so about twice
+        the size, and a full disk midway fails every later test with ENOSPC."""
+        need = 2 * size + (1 << 30)
+        free = shutil.disk_usage(self.persist_dir).free
+        if free < need:
+            raise RuntimeError(f"importing {tag} into {self.node_name(i)} needs about {need / 2**30:.1f} GiB free on "
+                               f"the disk of {self.persist_dir}, which has {free / 2**30:.1f} GiB; "
+                               f"{tools.disk_report()}")
 
     def running(self) -> dict[str, bool]:
         return {f"node-{i}-{p}": self.cluster._pid(f"node-{i}-{p}") is not None

@@ -14,6 +14,23 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 
+def disk_report() -> str:
+    """Free space on the cache's disk and what each part of the cache takes, largest first (a
+    test run needs tens of GB: the workload image in podman and in each real node)."""
+    import shutil
+
+    root = cache_root()
+    free = shutil.disk_usage(root if root.exists() else Path.home()).free
+    du = subprocess.run(["du", "-s", "-B1", "--max-depth=1", str(root)], capture_output=True, text=True)
+    sizes = []
+    for line in du.stdout.splitlines():
+        n, _, path = line.partition("\t")
+        if n.isdigit() and Path(path) != root:
+            sizes.append((int(n), Path(path).name))
+    parts = ", ".join(f"{name} {n / 2**30:.1f} GiB" for n, name in sorted(sizes, reverse=True) if n >= 2**27)
+    return f"{free / 2**30:.1f} GiB free; the cache {root}: {parts or 'small'}"
+
+
 def versions() -> dict[str, str]:
     out = {}
     for line in (HERE / "versions.env").read_text().splitlines():

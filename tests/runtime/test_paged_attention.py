@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kubeforge_runtime.serve.paged_attention import (
-    PagedAttentionKernel,
-    build,
-    load_kernel,
-    prebuild,
-)
+from kubeforge_runtime.serve.kernel_build import build, prebuild
+from kubeforge_runtime.serve.paged_attention import PagedAttentionKernel, load_kernel
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(300)]
 
