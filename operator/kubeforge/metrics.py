@@ -13,6 +13,9 @@ RECONCILE_DURATION = Histogram("kubeforge_reconcile_duration_seconds", "Time spe
 TRAININGJOBS = Gauge("kubeforge_trainingjobs", "TrainingJobs by phase.", ["phase"])
 WORKER_REPLACEMENTS = Counter("kubeforge_worker_replacements_total", "Worker pods replaced, by reason.", ["reason"])
 INFERENCESERVICES_READY = Gauge("kubeforge_inferenceservices_ready", "InferenceServices whose Ready condition is True.")
+INFERENCESERVICE_READY = Gauge("kubeforge_inferenceservice_ready",
+                               "1 while an InferenceService's Ready condition is True, else 0; gone once it is deleted.",
+                               ["namespace", "inferenceservice"])
 
 
 @contextlib.contextmanager

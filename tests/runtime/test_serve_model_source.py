@@ -1,6 +1,8 @@
 """Model URIs: an S3 export is fetched file by file from a real S3 server (MinIO) against its
-commit marker, a corrupt or uncommitted export is refused; a volume export (``file://``) is
-used in place once its marker exists (its files are not re-hashed on every start)."""
+commit marker, a corrupt or half-written export is refused; a volume export (``file://``) is
+used in place once its marker exists (its files are not re-hashed on every start). Export-ness
+is in the files (marker, pending file), never in the folder's name: a plain model directory
+named ``export`` is served, and so is the trainer's own local export."""
 
 from __future__ import annotations
 
@@ -65,13 +67,42 @@ def test_corrupt_export_is_refused(exported: Exported, tmp_path: Path) -> None:
         fetch_model(exported.uri, tmp_path / "dl")
 
 
-def test_uncommitted_export_is_refused(exported: Exported, tmp_path: Path) -> None:
-    exported.s3.backend.delete([f"{EXPORT}/commit.json"])
-    (exported.root / EXPORT / "commit.json").unlink()
-    with pytest.raises(ModelSourceError, match="commit marker"):
-        fetch_model(exported.uri, tmp_path / "dl")
-    with pytest.raises(ModelSourceError, match="commit marker"):
+def test_an_export_whose_writer_died_midway_is_refused_until_the_next_export(
+        exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = tmp_path / "model"
+    volume = open_store(f"file://{exported.root}")
+    for store, uri in ((exported.s3, exported.uri), (volume, f"file://{exported.root}/{EXPORT}")):
+        put_file, calls = store.backend.put_file, []
+
+        def dies_after_one(key: str, path: Path, put_file=put_file, calls=calls) -> None:  # type: ignore[no-untyped-def]
+            if calls:
+                raise OSError("the writer's pod was killed")
+            calls.append(key)
+            put_file(key, path)
+
+        monkeypatch.setattr(store.backend, "put_file", dies_after_one)
+        with pytest.raises(OSError, match="killed"):
+            store.write_export("team-a", "ft", model_dir, step=43)
+        with pytest.raises(ModelSourceError, match="being written"):
+            fetch_model(uri, tmp_path / "dl")
+        monkeypatch.setattr(store.backend, "put_file", put_file)
+        store.write_export("team-a", "ft", model_dir, step=44)
+        assert (fetch_model(uri, tmp_path / "dl") / "config.json").is_file()
+
+
+def test_a_local_export_missing_a_listed_file_is_refused(exported: Exported, tmp_path: Path) -> None:
+    (exported.root / EXPORT / "model.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="model.safetensors"):
         fetch_model(f"file://{exported.root}/{EXPORT}", tmp_path / "dl")
+
+
+def test_a_plain_model_directory_named_export_is_served(tmp_path: Path) -> None:
+    # meaning comes from the files: no marker and no pending file is a Hugging Face directory
+    plain = tmp_path / "export"
+    m = Llama(preset("tiny"))
+    m.init_weights(0)
+    save_hf(m, plain, bos_token_id=1, eos_token_id=2)
+    assert fetch_model(str(plain), tmp_path / "dl") == plain
 
 
 def test_plain_directory_and_missing_config(tmp_path: Path) -> None:

@@ -240,3 +240,19 @@ def test_time_based_saves_are_agreed_by_every_rank(tmp_path: Path) -> None:
         # killing the launcher's group would leave them training)
         os.kill(run.proc.pid, signal.SIGTERM)
         assert run.wait(60) == ExitCode.PREEMPTED
+
+
+def test_a_local_export_is_servable_as_it_is(tmp_path: Path) -> None:
+    # `export.path` follows the store's protocol (marker last), so the server takes the folder
+    # whatever its name, and it holds the trained weights
+    from kubeforge_runtime.model.hf import load_hf
+    from kubeforge_runtime.serve.model_source import fetch_model
+
+    out = tmp_path / "export"
+    cfg = write_config(tmp_path / "c.yaml", train={"steps": 3}, export={"enabled": True, "path": str(out)})
+    subprocess.run(trainer_cmd(cfg, None), env=job_env(), check=True, timeout=240, capture_output=True)
+    marker = json.loads((out / "commit.json").read_text())
+    assert marker["step"] == 3 and "model.safetensors" in marker["files"]
+    assert not (out / "export-pending.json").exists()
+    assert fetch_model(str(out), tmp_path / "dl") == out
+    assert load_hf(out) is not None

@@ -41,12 +41,15 @@ Errors: ``StoreError`` (unreachable after retries, access denied), ``NotFound``,
 
 from kubeforge.store.backends import NotFound, ObjectInfo, S3Options, StoreError, open_backend
 from kubeforge.store.layout import (
+    EXPORT_PENDING_NAME,
     MARKER_NAME,
     CheckpointInfo,
     CommitMarker,
     ExportMarker,
     FileDigest,
+    begin_local_export,
     checkpoint_prefix,
+    commit_local_export,
     export_prefix,
     job_prefix,
     step_dir_name,
@@ -57,8 +60,8 @@ from kubeforge.store.retention import RetentionPlan, plan_retention
 from kubeforge.store.store import CheckpointSummary, CorruptCheckpoint, Store, open_store
 
 __all__ = [
-    "CREDENTIAL_KEYS", "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
+    "CREDENTIAL_KEYS", "EXPORT_PENDING_NAME", "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
     "FileDigest", "NotFound", "ObjectInfo", "RetentionPlan", "S3Options", "Store", "StoreError",
-    "checkpoint_prefix", "export_prefix", "job_prefix", "open_backend", "open_policy_store", "open_store", "plan_retention",
+    "begin_local_export", "checkpoint_prefix", "commit_local_export", "export_prefix", "job_prefix", "open_backend", "open_policy_store", "open_store", "plan_retention",
     "step_dir_name", "storage_uri", "utc_now",
 ]

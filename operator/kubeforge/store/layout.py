@@ -6,10 +6,14 @@ Every key is relative to the store root (``s3://bucket/prefix`` or ``file:///pat
     <namespace>/<job>/checkpoints/step-<0000000042>/commit.json     written last
     <namespace>/<job>/export/<config.json, *.safetensors, tokenizer.json...>
     <namespace>/<job>/export/commit.json                             written last
+    <namespace>/<job>/export/export-pending.json                     while it is written
 
 A directory counts only once its ``commit.json`` exists: writers upload every file first and
 the marker last, readers never look at a directory without one, and deleters remove the
-marker first. The marker carries each file's size and sha256 so a reader can prove what it
+marker first. An export writer also puts ``export-pending.json`` before anything else and
+removes it after the marker, so a reader that sees neither file is looking at a plain model
+directory, not at an export on its way (the trainer's local ``export.path`` follows the same
+protocol: whether a directory is an export is in its files, never in its name). The marker carries each file's size and sha256 so a reader can prove what it
 got is what was written.
 """
 
@@ -28,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 MARKER_NAME = "commit.json"
 #: ``<job>/restoring.json``: the step a job's rank 0 is loading right now (retention keeps it)
 RESTORE_LEASE_NAME = "restoring.json"
+#: ``export/export-pending.json``: an export being written (or one whose writer died midway)
+EXPORT_PENDING_NAME = "export-pending.json"
 STEP_DIGITS = 10
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER_VERSION = 1
@@ -129,6 +135,31 @@ def file_digest(path: Path) -> FileDigest:
     with open(path, "rb") as f:
         sha, size = sha256_stream(f)
     return FileDigest(size=size, sha256=sha)
+
+
+def model_files(local_dir: Path) -> dict[str, FileDigest]:
+    """The files of a model directory by relative name, the export protocol's own files left out."""
+    return {p.relative_to(local_dir).as_posix(): file_digest(p) for p in sorted(Path(local_dir).rglob("*"))
+            if p.is_file() and p.relative_to(local_dir).as_posix() not in (MARKER_NAME, EXPORT_PENDING_NAME)}
+
+
+def begin_local_export(out: Path) -> None:
+    """Before writing a model into ``out``: mark it pending, un-commit an earlier export."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORT_PENDING_NAME).write_text(utc_now() + "\n")
+    (out / MARKER_NAME).unlink(missing_ok=True)
+
+
+def commit_local_export(out: Path, step: int | None) -> ExportMarker:
+    """After writing a model into ``out``: its marker (written whole, then renamed), then the
+    pending file removed."""
+    files = model_files(out)
+    marker = ExportMarker(step=step, time=utc_now(), bytes=sum(f.size for f in files.values()), files=files)
+    tmp = out / f".{MARKER_NAME}.tmp"
+    tmp.write_bytes(marker.to_json())
+    tmp.replace(out / MARKER_NAME)
+    (out / EXPORT_PENDING_NAME).unlink(missing_ok=True)
+    return marker
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,21 +233,23 @@ class Store:
             return None
 
     def write_export(self, namespace: str, job: str, local_dir: Path, step: int | None) -> ExportMarker:
-        """Upload a model directory as the job's export; the marker goes last. An earlier export
-        is un-committed first, so a reader never pairs the old marker with new files."""
+        """Upload a model directory as the job's export: the pending file first, then the
+        earlier export un-committed (a reader never pairs the old marker with new files), the
+        files, the marker, and the pending file removed."""
         prefix = layout.export_prefix(namespace, job)
-        self.backend.delete([f"{prefix}/{layout.MARKER_NAME}"])
-        files: dict[str, FileDigest] = {}
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            name = path.relative_to(local_dir).as_posix()
-            files[name] = layout.file_digest(path)
-            self.backend.put_file(f"{prefix}/{name}", path)
+        pending, marker_key = f"{prefix}/{layout.EXPORT_PENDING_NAME}", f"{prefix}/{layout.MARKER_NAME}"
+        self.backend.put_bytes(pending, layout.utc_now().encode())
+        self.backend.delete([marker_key])
+        files = layout.model_files(Path(local_dir))
+        for name in files:
+            self.backend.put_file(f"{prefix}/{name}", Path(local_dir) / name)
         stale = [o.key for o in self.backend.list(prefix) if o.key[len(prefix) + 1:] not in files
-                 and not o.key.endswith(f"/{layout.MARKER_NAME}")]
+                 and o.key not in (marker_key, pending)]
         self.backend.delete(stale)
         marker = ExportMarker(step=step, time=layout.utc_now(), bytes=sum(f.size for f in files.values()),
                               files=files)
-        self.backend.put_bytes(f"{prefix}/{layout.MARKER_NAME}", marker.to_json())
+        self.backend.put_bytes(marker_key, marker.to_json())
+        self.backend.delete([pending])
         return marker
 
     def download_export(self, namespace: str, job: str, dest: Path) -> ExportMarker:

@@ -1,12 +1,15 @@
 """Where the weights come from: a local directory, ``file://`` or ``s3://``.
 
-A local export (a directory named ``export``) is served only once its commit marker exists.
-An S3 prefix is read through ``kubeforge.store``'s backend (same retries, same credentials
-from the environment as the trainer). When the prefix holds an export commit marker
-(``commit.json``, what a TrainingJob writes last), exactly the files it lists are fetched and
-checked against their sha256; a prefix named ``export`` without a marker is an export still
-being written and is refused. Any other prefix is taken as a plain Hugging Face directory and
-copied whole.
+Whether a source is an export is in its files, never in its name (``kubeforge.store.layout``):
+- ``export-pending.json`` present: an export being written (or whose writer died midway),
+  refused;
+- ``commit.json`` present: an export; a local one must hold every file its marker lists, at
+  its size, and from S3 exactly those files are fetched and checked against their sha256;
+- neither: a plain Hugging Face directory, served as it is (local) or copied whole (S3).
+
+A TrainingJob's store export and the trainer's local ``export.path`` both follow that
+protocol. An S3 prefix is read through ``kubeforge.store``'s backend (same retries, same
+credentials from the environment as the trainer).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ if TYPE_CHECKING:
     from kubeforge.store import ExportMarker, S3Options
 
 log = logging.getLogger(__name__)
+
+
+_PENDING = ("{uri}: an export is being written there (export-pending.json, no commit marker yet), or its "
+            "writer stopped midway; the next export replaces it")
 
 
 class ModelSourceError(RuntimeError):
@@ -59,18 +66,22 @@ def _check_revision(uri: str, marker: ExportMarker | None, expect_revision: str 
 def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None) -> Path:
     """A local directory holding config.json and the safetensors for ``uri``. With
     ``expect_revision``, an export whose commit marker has another time is refused."""
-    from kubeforge.store import ExportMarker, NotFound, open_backend
+    from kubeforge.store import EXPORT_PENDING_NAME, MARKER_NAME, ExportMarker, NotFound, open_backend
 
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else uri)
-        if path.name == "export" and not (path / "commit.json").is_file():
-            # a volume-backed store: same rule as S3 (files are not re-hashed on every start)
-            raise ModelSourceError(f"{uri}: export has no commit marker yet (still being written?)")
-        if expect_revision:
-            marker_file = path / "commit.json"
-            _check_revision(uri, ExportMarker.model_validate_json(marker_file.read_bytes())
-                            if marker_file.is_file() else None, expect_revision)
+        if (path / EXPORT_PENDING_NAME).is_file():
+            raise ModelSourceError(_PENDING.format(uri=uri))
+        marker_file = path / MARKER_NAME
+        local = ExportMarker.model_validate_json(marker_file.read_bytes()) if marker_file.is_file() else None
+        _check_revision(uri, local, expect_revision)
+        if local is not None:
+            # files are checked by size, not re-hashed on every start (a volume is ours)
+            bad = [n for n, d in local.files.items() if not (path / n).is_file() or (path / n).stat().st_size != d.size]
+            if bad:
+                raise ModelSourceError(f"{uri}: the export's commit marker lists {', '.join(sorted(bad)[:3])}, "
+                                       "missing or of another size")
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{uri}: no config.json (expected a Hugging Face Llama directory)")
         return path
@@ -80,9 +91,16 @@ def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None
     dest = download_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        marker: ExportMarker | None = ExportMarker.model_validate_json(backend.get_bytes("commit.json"))
+        marker: ExportMarker | None = ExportMarker.model_validate_json(backend.get_bytes(MARKER_NAME))
     except NotFound:
         marker = None
+    if marker is None:
+        try:
+            backend.get_bytes(EXPORT_PENDING_NAME)
+        except NotFound:
+            pass
+        else:
+            raise ModelSourceError(_PENDING.format(uri=uri))
     _check_revision(uri, marker, expect_revision)
     if marker is not None:
         for name, digest in marker.files.items():
@@ -94,8 +112,6 @@ def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None
                     raise ModelSourceError(f"{uri}/{name}: sha256 does not match the export's commit marker")
         log.info("fetched export %s (%d files, %d bytes, step %s)", uri, len(marker.files), marker.bytes,
                  marker.step)
-    elif parsed.path.rstrip("/").endswith("/export"):
-        raise ModelSourceError(f"{uri}: export has no commit marker yet (still being written?)")
     else:
         n = 0
         for obj in backend.list(""):

@@ -350,8 +350,14 @@ class Trainer:
         state = _tensors(full)
         t0 = time.perf_counter()
         if cfg.export.path is not None:
+            # the store's export protocol on a local directory: servable as it is, and never
+            # while half-written (kubeforge.store.layout)
+            from kubeforge.store import begin_local_export, commit_local_export
+
             out = Path(cfg.export.path)
+            begin_local_export(out)
             self._write_export(state, out)
+            commit_local_export(out, self.step)
             where = str(out)
         else:
             with tempfile.TemporaryDirectory(prefix="kubeforge-export-") as tmp:

@@ -38,7 +38,7 @@ from kubeforge.controllers.inferenceservice.plan import (
 )
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec
-from kubeforge.metrics import INFERENCESERVICES_READY, reconciling
+from kubeforge.metrics import INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import StoreError, open_policy_store
 
@@ -57,13 +57,16 @@ class InferenceServices:
 
     def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
         ready = condition(status.get("conditions"), "Ready")
-        self.ready[(owner.namespace, owner.name)] = bool(ready and ready["status"] == "True")
+        is_ready = bool(ready and ready["status"] == "True")
+        self.ready[(owner.namespace, owner.name)] = is_ready
+        INFERENCESERVICE_READY.labels(owner.namespace, owner.name).set(1 if is_ready else 0)
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
 
     def forget(self, key: Key) -> None:
         """A deleted service neither follows an export nor counts as Ready any more."""
         self.following.discard(key)
-        self.ready.pop(key, None)
+        if self.ready.pop(key, None) is not None:
+            INFERENCESERVICE_READY.remove(*key)
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
 
 
