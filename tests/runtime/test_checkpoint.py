@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kubeforge.store import open_store
+from kubeforge.store import open_store, plan_retention
 from kubeforge.store.layout import checkpoint_prefix
 
 NS, JOB = "ckpt-tests", "tiny"
@@ -302,11 +302,27 @@ def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert mgr.restore(model, opt, extra) == 9
     assert extra["step"] == 9
-    # leased while each candidate loads; after a fallback the lease stays until this run commits
-    # (the corrupt step 12 still counts for keep_last: only the lease keeps 9 from retention)
+    # leased while each candidate loads; after a fallback the lease stays for the whole run
     assert leased == [12, 9] and dst.restoring_step(NS, JOB) == 9
+    # 12 is recorded as unloadable: lastCheckpoint names 9, and retention does not count 12
+    listed = {c.step: c for c in dst.list_checkpoints(NS, JOB)}
+    assert listed[12].committed and not listed[12].loadable and "__1_0.distcp" in str(listed[12].unloadable)
+    newest = dst.newest_committed(NS, JOB)
+    assert newest is not None and newest.step == 9
     mgr.save(13, model, opt, {**extra, "step": 13}, blocking=True)
-    assert mgr.last_committed_step == 13 and dst.restoring_step(NS, JOB) is None
+    assert mgr.last_committed_step == 13 and dst.restoring_step(NS, JOB) == 9
+    # the operator's retention with keepLast=1 (issue 16 item 3: it used to keep only 12)
+    plan = plan_retention(dst.list_checkpoints(NS, JOB), keep_last=1,
+                          protected_steps={dst.restoring_step(NS, JOB) or -1})
+    assert plan.keep == (9, 13) and plan.delete == () and plan.unloadable == (12,)
+    mgr.close()
+    assert dst.restoring_step(NS, JOB) is None
+    plan = plan_retention(dst.list_checkpoints(NS, JOB), keep_last=1)
+    assert plan.keep == (13,) and plan.delete == (9,) and plan.unloadable == (12,)
+    # a later run resumes from 13 first, never from the step that failed
+    again = CheckpointManager.from_env(uri, None, 0, 1, namespace=NS, job=JOB, env=s3_server.env())
+    fresh = Llama(preset("tiny"))
+    assert again.restore(fresh, torch.optim.AdamW(fresh.parameters(), lr=3e-3), {}) == 13
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 12" in w and "__1_0.distcp" in w and "falling back" in w for w in warnings), warnings
 

@@ -147,6 +147,42 @@ def test_a_fresh_restore_lease_protects_its_step_from_the_operators_retention(st
     assert store.restoring_step(NS, JOB) is None
 
 
+def test_the_issues_example_keeps_a_loadable_step_after_a_fallback(store: Store, tmp_path: Path) -> None:
+    # keepLast=1, committed [100, 200 broken], restore 100, commit 150: the operator's retention
+    # used to keep only 200 (status.lastCheckpoint, the numerically newest) and delete 100 and 150
+    from kubeforge.store.report import JobRef, job_summary, protected_steps
+
+    for step in (100, 200):
+        write_checkpoint(store, tmp_path, step)
+    broken = store.read_marker(NS, JOB, 200)
+    assert broken is not None
+    store.mark_unloadable(NS, JOB, 200, broken.time, "rank 0: CorruptCheckpoint: sha256 mismatch")
+    store.write_restore_lease(NS, JOB, 100)
+    newest = store.newest_committed(NS, JOB)
+    assert newest is not None and newest.step == 100  # what lastCheckpoint reports
+    write_checkpoint(store, tmp_path, 150)
+    newest = store.newest_committed(NS, JOB)
+    assert newest is not None and newest.step == 150
+    job = JobRef.from_job({"metadata": {"namespace": NS, "name": JOB},
+                           "status": {"lastCheckpoint": {"step": newest.step}}})
+    plan = plan_retention(store.list_checkpoints(NS, JOB), keep_last=1, protected_steps=protected_steps(store, NS, job))
+    assert plan.keep == (100, 150) and plan.delete == () and plan.unloadable == (200,)
+    summary = job_summary(store, NS, JOB)
+    assert summary["newestStep"] == 150 and summary["unloadable"] == 1
+
+
+def test_a_step_committed_again_after_it_failed_to_load_counts_again(store: Store, tmp_path: Path) -> None:
+    write_checkpoint(store, tmp_path, 5)
+    first = store.read_marker(NS, JOB, 5)
+    assert first is not None
+    store.mark_unloadable(NS, JOB, 5, first.time, "torn")
+    assert [c.loadable for c in store.list_checkpoints(NS, JOB)] == [False]
+    store.delete(NS, JOB, 5)
+    write_checkpoint(store, tmp_path, 5, commit=False)  # a rerun writes step 5 anew
+    store.write_marker(NS, JOB, first.model_copy(update={"time": "2026-01-02T00:00:00.000Z"}))
+    assert [c.loadable for c in store.list_checkpoints(NS, JOB)] == [True]
+
+
 def test_export_is_committed_by_its_own_marker(store: Store, tmp_path: Path) -> None:
     assert store.export_marker(NS, JOB) is None
     src = tmp_path / "hf"

@@ -83,10 +83,14 @@ class JobCheckpoints(ApiModel):
     name: str = Field(description="TrainingJob name.")
     committed: int = Field(default=0, description="Number of committed checkpoints.")
     bytes: int = Field(default=0, description="Total bytes of committed checkpoints.")
-    newest_step: int | None = Field(default=None, description="Step of the newest committed checkpoint.")
-    newest_time: str | None = Field(default=None, description="When the newest committed checkpoint was written.")
+    newest_step: int | None = Field(default=None, description=(
+        "Step of the newest committed checkpoint a restore has not failed on (what the job resumes from)."))
+    newest_time: str | None = Field(default=None, description="When that checkpoint was written.")
     newest_uri: str | None = Field(default=None, description=(
-        "Where the newest committed checkpoint is, as the workers see the store (s3://... or file:///mnt/...)."))
+        "Where that checkpoint is, as the workers see the store (s3://... or file:///mnt/...)."))
+    unloadable: int | None = Field(default=None, description=(
+        "Committed checkpoints a restore could not load (recorded in <job>/unloadable.json); retention "
+        "neither counts nor deletes them. Absent when none."))
     export_uri: str | None = Field(default=None, description="The job's committed export, once there is one.")
     export_time: str | None = Field(default=None, description="When the export was committed (its revision).")
 

@@ -32,6 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 MARKER_NAME = "commit.json"
 #: ``<job>/restoring.json``: the step a job's rank 0 is loading right now (retention keeps it)
 RESTORE_LEASE_NAME = "restoring.json"
+#: ``<job>/unloadable.json``: committed steps a restore could not load, each bound to its
+#: marker's time (a step committed again is judged afresh); retention does not count them
+UNLOADABLE_NAME = "unloadable.json"
 #: ``export/export-pending.json``: an export being written (or one whose writer died midway)
 EXPORT_PENDING_NAME = "export-pending.json"
 STEP_DIGITS = 10
@@ -116,6 +119,10 @@ def restore_lease_key(namespace: str, job: str) -> str:
     return f"{job_prefix(namespace, job)}/{RESTORE_LEASE_NAME}"
 
 
+def unloadable_key(namespace: str, job: str) -> str:
+    return f"{job_prefix(namespace, job)}/{UNLOADABLE_NAME}"
+
+
 def export_prefix(namespace: str, job: str) -> str:
     return f"{job_prefix(namespace, job)}/export"
 
@@ -175,3 +182,10 @@ class CheckpointInfo:
     bytes: int
     modified: dt.datetime
     marker: CommitMarker | None = None
+    #: why a restore could not load this committed step (None: never failed to load)
+    unloadable: str | None = None
+
+    @property
+    def loadable(self) -> bool:
+        """Committed, and no restore has failed on it: what retention counts and a job resumes from."""
+        return self.committed and self.unloadable is None

@@ -57,6 +57,8 @@ def job_summary(store: Store, namespace: str, job: str) -> dict[str, Any]:
         entry["newestUri"] = store.checkpoint_uri(namespace, job, s.newest_step)
     if s.newest_time:
         entry["newestTime"] = s.newest_time
+    if s.unloadable:
+        entry["unloadable"] = s.unloadable
     export = store.export_marker(namespace, job)
     if export is not None:
         entry["exportUri"] = store.export_uri(namespace, job)

@@ -33,13 +33,15 @@ class CorruptCheckpoint(StoreError):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSummary:
-    """What the operator reports per job: committed count and bytes, the newest one."""
+    """What the operator reports per job: committed count and bytes, the newest loadable one."""
 
     committed: int
     bytes: int
     newest_step: int | None
     newest_time: str | None
     incomplete: int
+    #: committed steps a restore could not load (counted in ``committed``)
+    unloadable: int = 0
 
 
 class Store:
@@ -82,14 +84,41 @@ class Store:
             out.append(CheckpointInfo(step=step, prefix=prefix, committed=marker is not None,
                                       bytes=marker.bytes if marker else sum(o.size for o in objs),
                                       modified=max(o.modified for o in objs), marker=marker))
-        return out
+        failed = self.unloadable_steps(namespace, job) if out else {}
+        return [dataclasses.replace(c, unloadable=failed[c.step][1]) if c.marker is not None and c.step in failed
+                and failed[c.step][0] == c.marker.time else c for c in out]
 
     def committed_checkpoints(self, namespace: str, job: str) -> list[CheckpointInfo]:
         return [c for c in self.list_checkpoints(namespace, job) if c.committed]
 
     def newest_committed(self, namespace: str, job: str) -> CheckpointInfo | None:
-        committed = self.committed_checkpoints(namespace, job)
-        return committed[-1] if committed else None
+        """The newest committed step a restore has not failed on (what the job resumes from)."""
+        loadable = [c for c in self.list_checkpoints(namespace, job) if c.loadable]
+        return loadable[-1] if loadable else None
+
+    # ------------------------------------------------------------------ unloadable steps
+
+    def mark_unloadable(self, namespace: str, job: str, step: int, marker_time: str, reason: str) -> None:
+        """Record that committed ``step`` (its marker written at ``marker_time``) failed to load."""
+        key = layout.unloadable_key(namespace, job)
+        try:
+            doc = json.loads(self.backend.get_bytes(key))
+        except (NotFound, ValueError):
+            doc = {}
+        steps = doc.get("steps") if isinstance(doc.get("steps"), dict) else {}
+        steps[str(step)] = {"markerTime": marker_time, "reason": reason[:500], "time": layout.utc_now()}
+        self.backend.put_bytes(key, json.dumps({"steps": steps}, indent=1).encode())
+
+    def unloadable_steps(self, namespace: str, job: str) -> dict[int, tuple[str, str]]:
+        """step → (marker time, reason) of the steps a restore could not load."""
+        try:
+            doc = json.loads(self.backend.get_bytes(layout.unloadable_key(namespace, job)))
+            return {int(k): (str(v["markerTime"]), str(v.get("reason", ""))) for k, v in doc["steps"].items()}
+        except NotFound:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("store: unreadable %s of %s/%s: %s", layout.UNLOADABLE_NAME, namespace, job, e)
+            return {}
 
     def _read_commit_marker(self, prefix: str) -> CommitMarker | None:
         try:
@@ -205,12 +234,13 @@ class Store:
     def summary(self, namespace: str, job: str) -> CheckpointSummary:
         listed = self.list_checkpoints(namespace, job)
         committed = [c for c in listed if c.committed]
-        newest = committed[-1] if committed else None
+        loadable = [c for c in committed if c.loadable]
+        newest = loadable[-1] if loadable else None
         return CheckpointSummary(
             committed=len(committed), bytes=sum(c.bytes for c in committed),
             newest_step=newest.step if newest else None,
             newest_time=newest.marker.time if newest and newest.marker else None,
-            incomplete=len(listed) - len(committed))
+            incomplete=len(listed) - len(committed), unloadable=len(committed) - len(loadable))
 
     def apply_retention(self, namespace: str, job: str, plan: RetentionPlan) -> list[int]:
         """Delete what a ``RetentionPlan`` says; returns the deleted steps."""

@@ -414,6 +414,8 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.wait()
+        if self._lease_written is not None:
+            self._release_lease()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -501,8 +503,6 @@ class CheckpointManager:
                 except StoreError as exc:
                     log.error("checkpoint: step %d not committed, marker write failed: %s", step, exc)
                 if decision[0]:
-                    if self._lease_written is not None:
-                        self._release_lease()  # a newer checkpoint exists: nothing left to protect
                     self._apply_retention(step)
         if self._io_group is not None:
             dist.broadcast_object_list(decision, src=0, group=self._io_group)
@@ -553,7 +553,11 @@ class CheckpointManager:
                     candidates[0] = f"step {step} has no committed checkpoint under " \
                                     f"{self.store.uri}/{self.namespace}/{self.job}"
             if candidates[0] is None:
-                candidates[0] = [(c.step, c.prefix, c.marker) for c in reversed(committed)]
+                # the loadable ones newest first; the ones a restore failed on last (a read
+                # error may have been transient)
+                ordered = [c for c in reversed(committed) if c.loadable] + \
+                          [c for c in reversed(committed) if not c.loadable]
+                candidates[0] = [(c.step, c.prefix, c.marker) for c in ordered]
         if self._control_group is not None:
             dist.broadcast_object_list(candidates, src=0, group=self._control_group)
         if isinstance(candidates[0], str):
@@ -566,8 +570,8 @@ class CheckpointManager:
             try:
                 error = self._load(prefix, marker, model, optimizer, extra)
             finally:
-                # kept after a fallback: newer (corrupt) committed steps count for keep_last, so
-                # the step loaded is protected only by this lease until this run commits
+                # kept after a fallback, for the whole run: the step loaded is what this run can
+                # go back to while its own newer commits are unproven (close() clears it)
                 if self.rank == 0 and (error is not None or not tried):
                     self.store.clear_restore_lease(self.namespace, self.job)
             if error is None:
@@ -583,6 +587,11 @@ class CheckpointManager:
             log.warning("checkpoint: step %d cannot be restored (%s); falling back to the previous one",
                         ckpt_step, error)
             tried.append(f"step {ckpt_step}")
+            if self.rank == 0:  # retention stops counting it; lastCheckpoint stops naming it
+                try:
+                    self.store.mark_unloadable(self.namespace, self.job, ckpt_step, marker.time, error or "")
+                except StoreError as exc:
+                    log.warning("checkpoint: could not record step %d as unloadable: %s", ckpt_step, exc)
         if tried:
             raise StoreError(f"no committed checkpoint could be restored ({', '.join(tried)} failed)")
         return None
