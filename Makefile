@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-operator bench-e2e lint kind-up kind-down
+.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-serving-text bench-operator bench-e2e lint kind-up kind-down
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ host-packages: ## runc, CNI plugins, iptables, conntrack, podman, debootstrap (D
 	@hack/cluster/host-packages.sh
 
 tools: host-packages ## build the control plane, kubelet, containerd, CoreDNS, kwok, MinIO, kubectl and helm from Go modules (cached)
-	@t0=$$SECONDS; hack/cluster/build.sh; echo "tools: $$((SECONDS - t0))s"
+	@t0=$$SECONDS; hack/cluster/build.sh && echo "tools: $$((SECONDS - t0))s"
 
 images: install tools ## build our images with podman (cached by input hash) and import them into the real nodes
 	@t0=$$SECONDS; $(PY) hack/cluster/devcluster.py images && echo "images: $$((SECONDS - t0))s"
@@ -91,6 +91,9 @@ bench-checkpoint: install tools ## DCP save/restore, async blocking, disk and S3
 
 bench-serving: install ## engine vs naive generate and transformers' continuous batching -> bench/results/serving.json
 	$(PY) bench/serving.py
+
+bench-serving-text: install ## the engine thread's text work per token, before/after incremental detokenization -> bench/results/serving_text.json
+	$(PY) bench/serving_text.py
 
 bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench/results/operator.json
 	$(PY) bench/operator_scale.py

@@ -45,6 +45,18 @@ def test_bench_serving_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert result["setup"]["requests"] < want["setup"]["requests"], "the smoke must be smaller than the full run"
 
 
+def test_bench_serving_text_smoke_writes_every_figure(tmp_path: Path) -> None:
+    result, output = run_smoke("serving_text.py", tmp_path / "serving_text.json", timeout=300)
+    want = committed("serving_text")
+    assert not shape_mismatches(want, result), shape_mismatches(want, result)
+    for tok in ("byte", "bpe"):
+        rows = result["per_token_us"][tok]
+        assert not positive(rows, "stops_16x256.before", "stops_16x256.after", "stops_16x60k.before",
+                            "long_output.before", "long_output.after"), (rows, output)
+        assert rows["stops_16x60k"]["after"] is None, "the API refuses 60 KB stops: no after figure"
+        assert not positive(result["speedup"][tok], "stops_16x256", "long_output"), result["speedup"]
+
+
 def test_bench_trainer_gpu_smoke_runs_without_a_gpu(tmp_path: Path) -> None:
     """No trainer_gpu.json is committed (it needs a GPU): the keys are those the script has always
     written. Without CUDA the smoke runs the same trainer on the CPU and says so. No ``--out``

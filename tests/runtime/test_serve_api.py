@@ -301,6 +301,16 @@ def test_bad_input_is_answered_with_the_field(server: Server) -> None:
     assert (s, e["param"]) == (400, "max_tokens") and "256" in e["message"] and "300" in e["message"]
     s, e, _ = err(c, {"prompt": [999]})
     assert (s, e["param"]) == (400, "prompt")
+    # stop strings are bounded: 16 of at most 256 characters (unbounded, they stalled the engine)
+    s, e, _ = err(c, {"prompt": "hi", "stop": ["x" * 257]})
+    assert s == 400 and e["param"].startswith("stop") and "256" in e["message"], e
+    s, e, _ = err(c, {"prompt": "hi", "stop": "x" * 60_000})
+    assert s == 400 and e["param"] == "stop" and "256" in e["message"], e
+    s, e, _ = err(c, {"prompt": "hi", "stop": [f"s{i}" for i in range(17)]})
+    assert s == 400 and e["param"] == "stop" and "16" in e["message"], e
+    # a body near the 8 MB limit is parsed and tokenized off the event loop, then refused
+    s, e, _ = err(c, {"prompt": "y" * 7_000_000})
+    assert s == 400 and "maximum context length" in e["message"], e
     s, e, _ = err(c, {"prompt": "hi", "model": "gpt-4"})
     assert (s, e["param"]) == (404, "model")
     s, e, _ = err(c, {"prompt": "hi"}, headers={"Content-Type": "application/json"})

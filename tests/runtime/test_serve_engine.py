@@ -382,3 +382,48 @@ def test_the_kv_pool_leaves_room_for_the_prepacked_weights() -> None:
     sizes = {b: resolve_num_blocks(EngineConfig(kv_cache_memory_fraction=0.05, attention_backend=b), m, 256)
              for b in ("auto", "torch")}
     assert abs((sizes["torch"] - sizes["auto"]) - weights * 1.1 / per_block) <= 1, sizes
+
+
+def test_steps_failing_in_a_row_break_the_engine_so_liveness_fails(model: Llama) -> None:
+    # one failed step fails its requests and the engine goes on; a run of them (a sticky CUDA
+    # error) stops the engine thread, so /livez answers 503 and the kubelet restarts the pod
+    import asyncio
+
+    from kubeforge_runtime.serve.async_engine import AsyncEngine, EngineDeadError, EngineStepError
+
+    engine = LLMEngine(model, TOK, EngineConfig(num_blocks=64))
+    real_step, failures = engine.step, {"left": 1}
+
+    def flaky() -> list[RequestOutput]:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_step()
+
+    engine.step = flaky  # type: ignore[method-assign]
+
+    async def one(ae: AsyncEngine, rid: str) -> str:
+        try:
+            async for _ in ae.generate(rid, [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0)):
+                pass
+        except (EngineStepError, EngineDeadError) as e:
+            return type(e).__name__
+        return "ok"
+
+    async def go() -> tuple[list[str], int, BaseException | None, list[str], BaseException | None]:
+        ae = AsyncEngine(engine, max_step_failures=3)
+        ae.start()
+        try:
+            first = [await one(ae, "a"), await one(ae, "b")]  # one failure, then served again
+            reset = ae.step_failures
+            healthy = ae.dead
+            failures["left"] = 10
+            later = [await one(ae, f"c{i}") for i in range(4)]
+            return first, reset, healthy, later, ae.dead
+        finally:
+            ae.stop()
+
+    first, reset, healthy, later, dead = asyncio.run(go())
+    assert first == ["EngineStepError", "ok"] and reset == 0 and healthy is None
+    assert later == ["EngineStepError", "EngineStepError", "EngineStepError", "EngineDeadError"], later
+    assert isinstance(dead, EngineStepError) and "3 engine steps failed in a row" in str(dead)

@@ -59,7 +59,8 @@ def test_deployment_probes_drain_and_grace() -> None:
     assert startup["httpGet"] == {"path": "/health", "port": "http"}
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert "livenessProbe" not in c
+    # liveness on /livez, which stays 200 while loading and draining (a drain is never killed)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez" and c["livenessProbe"]["failureThreshold"] >= 3
     assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 15}}
     assert pod["terminationGracePeriodSeconds"] >= 15 + 60
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 from aiohttp import web
@@ -88,6 +88,33 @@ def _param_of(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}" if out else part
     return out
+
+
+#: Bodies and prompts larger than this are parsed and tokenized on a worker thread: a body
+#: may be 8 MB, and the event loop serves every other client (and the probes) meanwhile.
+OFF_LOOP_BYTES = 32 * 1024
+
+T = TypeVar("T")
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a thread when ``size`` (bytes or characters) is large, else inline."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _decode_body(raw: bytes, model: type[SamplingFields]) -> Any:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", "body") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", "body")
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise _validation_error(e) from None
 
 
 def _validation_error(e: pydantic.ValidationError) -> APIError:
@@ -248,16 +275,7 @@ class OpenAIServer:
 
     async def _parse(self, request: web.Request, model: type[SamplingFields]) -> Any:
         raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", "body") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", "body")
-        try:
-            req = model.model_validate(body)
-        except pydantic.ValidationError as e:
-            raise _validation_error(e) from None
+        req = await _off_loop(len(raw), _decode_body, raw, model)
         if req.model is not None and req.model != self.settings.model_name:
             raise APIError(404, f"the model `{req.model}` does not exist; this server serves "
                                 f"`{self.settings.model_name}`", "model", err_type="not_found_error")
@@ -270,13 +288,13 @@ class OpenAIServer:
         vocab = self.engine.engine.model.cfg.vocab_size
         if not ids:
             raise APIError(400, "the prompt is empty", param)
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is out of the vocabulary (size {vocab})", param)
-        if len(ids) >= limit:
+        if len(ids) >= limit:  # before the vocabulary scan: a prompt may have millions of ids
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
                                 f"{len(ids)} tokens; it must be at most {limit - 1} to leave room for one "
                                 f"generated token.", param)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of the vocabulary (size {vocab})", param)
         if max_tokens is None:
             return limit - len(ids)
         if len(ids) + max_tokens > limit:
@@ -341,15 +359,8 @@ class OpenAIServer:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         assert self.tokenizer is not None
         p = req.prompt
-        prompts: list[list[int]] = []
-        if isinstance(p, str):
-            prompts = [self._encode_text(p)]
-        else:
-            for item in p:  # validated: all ints, all strings, or all id lists
-                if isinstance(item, int):
-                    prompts = [[int(t) for t in p if isinstance(t, int)]]
-                    break
-                prompts.append(self._encode_text(item) if isinstance(item, str) else list(item))
+        texts_len = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
+        prompts = await _off_loop(texts_len, self._encode_prompts, p)
         jobs = []
         for pi, ids in enumerate(prompts):
             mt = self._check_prompt(ids, req.max_tokens, "prompt" if len(prompts) == 1 else f"prompt[{pi}]")
@@ -379,13 +390,8 @@ class OpenAIServer:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         assert self.tokenizer is not None and self.chat_template is not None
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.chat_template.render(messages, req.add_generation_prompt)
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            raise APIError(400, f"chat template failed: {e}", "messages") from None
-        ids = self.tokenizer.encode(text)
+        ids = await _off_loop(sum(len(m["content"]) for m in messages), self._encode_chat, messages,
+                              req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         mt = self._check_prompt(ids, max_tokens, "messages")
         jobs = [(ids, self._sampling(req, mt, j)) for j in range(req.n)]
@@ -414,6 +420,26 @@ class OpenAIServer:
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                          "finish_reason": finishes[i]} for i in range(len(jobs))],
             "usage": _usage(len(ids) * req.n, completion, cached)})
+
+    def _encode_prompts(self, p: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+        if isinstance(p, str):
+            return [self._encode_text(p)]
+        prompts: list[list[int]] = []
+        for item in p:  # validated: all ints, all strings, or all id lists
+            if isinstance(item, int):
+                return [[int(t) for t in p if isinstance(t, int)]]
+            prompts.append(self._encode_text(item) if isinstance(item, str) else list(item))
+        return prompts
+
+    def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        assert self.tokenizer is not None and self.chat_template is not None
+        try:
+            text = self.chat_template.render(messages, add_generation_prompt)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            raise APIError(400, f"chat template failed: {e}", "messages") from None
+        return self.tokenizer.encode(text)
 
     def _encode_text(self, text: str) -> list[int]:
         assert self.tokenizer is not None

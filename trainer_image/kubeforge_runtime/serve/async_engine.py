@@ -30,9 +30,18 @@ class EngineStepError(RuntimeError):
     """A step failed; the requests in it were aborted (the engine keeps serving)."""
 
 
+#: Steps that may fail in a row before the engine counts as broken: one failure is a bad
+#: request (aborted, the engine goes on); a run of them is a sticky fault (a CUDA error, a
+#: corrupted allocator) that would answer 500 forever. Broken, the engine thread stops, so
+#: /livez answers 503 and the kubelet restarts the container.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, max_step_failures: int = MAX_CONSECUTIVE_STEP_FAILURES) -> None:
         self.engine = engine
+        self.max_step_failures = max_step_failures
+        self.step_failures = 0  # in a row
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -89,10 +98,16 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
-                    log.exception("engine step failed; failing the requests in flight")
+                    self.step_failures += 1
+                    log.exception("engine step failed (%d in a row); failing the requests in flight",
+                                  self.step_failures)
                     for request_id in self.engine.abort_all():
                         self._post([EngineStepError(f"generation failed: {e!r}")], request_id)
+                    if self.step_failures >= self.max_step_failures:
+                        raise EngineStepError(f"{self.step_failures} engine steps failed in a row, the last "
+                                              f"with {e!r}: the engine is broken") from e
                     continue
+                self.step_failures = 0
                 if outputs:
                     self._post(outputs)
         except BaseException as e:

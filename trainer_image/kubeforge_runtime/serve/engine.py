@@ -20,6 +20,7 @@ import torch
 
 from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.model.llama import Llama
+from kubeforge_runtime.serve.detokenize import Detokenizer, find_stop, stable_length
 from kubeforge_runtime.serve.kv_cache import KVBlockPool, KVCacheTensors
 from kubeforge_runtime.serve.metrics import ServingMetrics
 from kubeforge_runtime.serve.runner import DecodeGroup, KernelSeqs, PagedRunner, PrefillChunk, StepBatch, kernel_takes
@@ -304,25 +305,19 @@ class LLMEngine:
         reason: str | None = None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        if isinstance(self.tokenizer, ByteTokenizer):
-            # byte-level: the text is the output bytes decoded, so keep the bytes rather than
-            # re-deriving them from every output id at every token (ByteTokenizer.decode)
-            if 0 <= token < 256:
-                seq.output_bytes.append(token)
-            text = seq.output_bytes.decode("utf-8", errors="replace")
-        else:
-            text = self.tokenizer.decode(seq.output_ids)
-        for s in p.stop:
-            idx = text.find(s)
-            if idx >= 0:
-                text, reason = text[:idx], "stop"
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        at_length = seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        if seq.detokenizer is None:
+            seq.detokenizer = Detokenizer(self.tokenizer)
+        searched = len(seq.detokenizer.text)
+        seq.detokenizer.add(token, final=reason is not None or at_length)
+        text = seq.detokenizer.text
+        idx = find_stop(text, p.stop, searched)
+        if idx >= 0:
+            text, reason = text[:idx], "stop"
+        if reason is None and at_length:
             reason = "length"
         seq.text = text
-        if reason is None:
-            safe = _stable_length(text, p.stop)
-        else:
-            safe = len(text)
+        safe = stable_length(text, p.stop) if reason is None else len(text)
         delta = text[seq.num_sent_chars:safe] if safe > seq.num_sent_chars else ""
         seq.num_sent_chars = max(seq.num_sent_chars, safe)
         if reason is not None:
@@ -356,19 +351,3 @@ def _decode_groups(block_tables: list[list[int]], context_lens: list[int], max_w
                                                    dtype=torch.long),
                                torch.tensor(context_lens[start:end], dtype=torch.long)))
     return out
-
-
-def _stable_length(text: str, stops: tuple[str, ...]) -> int:
-    """How much of an unfinished output may be streamed: not a trailing incomplete UTF-8
-    character (decoded as U+FFFD and changed by the next token), nor a tail that could still
-    grow into a stop string (it would have to be taken back)."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:k], 0, end):
-                hold = max(hold, k)
-                break
-    return end - hold

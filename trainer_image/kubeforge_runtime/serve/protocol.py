@@ -16,6 +16,12 @@ Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+#: Stop strings: at most MAX_STOPS of at most MAX_STOP_CHARS characters each. The engine
+#: checks every stop at every token; unbounded, 16 stops of 60 KB cost 0.095 s per token on
+#: the engine thread, for every sequence in the batch.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -36,7 +42,7 @@ class SamplingFields(_Strict):
     top_p: TopP = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1)] = -1
     seed: Seed | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: StrictBool = False
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1

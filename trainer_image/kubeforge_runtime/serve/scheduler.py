@@ -19,12 +19,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.serve.kv_cache import BlockHash, KVBlockPool, hash_block
 from kubeforge_runtime.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from kubeforge_runtime.serve.detokenize import Detokenizer
 
 
 class Sequence:
@@ -53,8 +57,8 @@ class Sequence:
         self.finish_reason: str | None = None
         #: detokenized output (stop strings already cut) and how much of it was streamed
         self.text = ""
-        #: the output's bytes, kept by the engine when the tokenizer is byte-level
-        self.output_bytes = bytearray()
+        #: the output's incremental detokenizer (``serve.detokenize``), made by the engine
+        self.detokenizer: Detokenizer | None = None
         self.num_sent_chars = 0
         self.admitted_once = False
 

@@ -185,9 +185,12 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": workload.resources(spec.resources.cpu, spec.resources.memory, spec.gpus),
         # /health answers 200 only once the model is loaded and warmed, and 503 again while
-        # draining. No livenessProbe: it would kill a pod in the middle of its drain.
+        # draining. Liveness is /livez: 200 while loading and draining, 503 only once the
+        # engine is broken (its thread died, or steps kept failing: a sticky CUDA error), so
+        # the kubelet restarts a server that would otherwise answer 500 forever.
         "startupProbe": _probe("/health", STARTUP_PROBE_PERIOD_S, startup_failures),
         "readinessProbe": _probe("/health", 5, 2),
+        "livenessProbe": _probe("/livez", 10, 3),
         "lifecycle": {"preStop": {"sleep": {"seconds": spec.lifecycle.pre_stop_sleep_seconds}}},
         "volumeMounts": mounts,
         "securityContext": container_security(read_only_root=True),
