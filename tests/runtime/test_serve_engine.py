@@ -427,3 +427,15 @@ def test_steps_failing_in_a_row_break_the_engine_so_liveness_fails(model: Llama)
     assert first == ["EngineStepError", "ok"] and reset == 0 and healthy is None
     assert later == ["EngineStepError", "EngineStepError", "EngineStepError", "EngineDeadError"], later
     assert isinstance(dead, EngineStepError) and "3 engine steps failed in a row" in str(dead)
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token() -> None:
+    # found by the native-path fuzz: top_p=2.2e-308 rounds to 0 in float32, every token was
+    # dropped, and multinomial raised for the whole batch (three such requests broke the engine)
+    from kubeforge_runtime.serve.sampling import sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0], [1.0, 0.0, 0.0, 0.0]])
+    tiny = SamplingParams(temperature=1.0, top_p=2.2250738585072014e-308)
+    assert sample(logits, [tiny, tiny], [None, None]) == [1, 0]
+    nan = torch.tensor([[float("nan"), 1.0, 5.0, float("nan")]])
+    assert sample(nan, [SamplingParams(temperature=0.7)], [None]) == [2]  # one row never fails the step

@@ -103,9 +103,10 @@ def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, B
     engine = LLMEngine(model, tokenizer, cfg, ServingMetrics(model_name), eos_token_ids(directory))
     warm_up(engine)
     log.info("process settings: %s", "; ".join(settle_process()))
-    log.info("model %s loaded in %.1fs: %s on %s %s, %d KV blocks of %d tokens, max_model_len %d", args.model,
-             time.monotonic() - t0, type(tokenizer).__name__, device, dtype, engine.num_blocks, cfg.block_size,
-             engine.max_model_len)
+    log.info("model %s loaded in %.1fs: %s on %s %s, %d KV blocks of %d tokens, max_model_len %d, attention %s",
+             args.model, time.monotonic() - t0, type(tokenizer).__name__, device, dtype, engine.num_blocks,
+             cfg.block_size, engine.max_model_len,
+             "native CPU ops (paged-attention kernel)" if engine.runner.kernel is not None else "torch")
     return engine, tokenizer, str(directory)
 
 

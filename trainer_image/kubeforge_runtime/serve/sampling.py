@@ -8,8 +8,11 @@ seed in a continuously batched server).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Temperatures below this sample greedily (vLLM's ``_SAMPLING_EPS``).
 GREEDY_TEMPERATURE = 1e-5
@@ -61,11 +64,18 @@ def _sample_row(logits_V: torch.Tensor, params: SamplingParams, generator: torch
     if params.top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
+        # drop a token when the mass before it already reaches top_p; the first always stays,
+        # also when top_p rounds to 0 in float32 (a top_p of 1e-308 passes validation)
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        # never fail the whole step for one row: a request's parameters (or non-finite logits)
+        # must not abort the batch, nor count toward breaking the engine
+        log.warning("sampling: non-finite probabilities for %s; taking the argmax", params)
+        return int(torch.nan_to_num(logits_V.float(), nan=float("-inf")).argmax().item())
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
