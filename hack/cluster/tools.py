@@ -21,7 +21,7 @@ def disk_report() -> str:
 
     root = cache_root()
     free = shutil.disk_usage(root if root.exists() else Path.home()).free
-    du = subprocess.run(["du", "-s", "-B1", "--max-depth=1", str(root)], capture_output=True, text=True)
+    du = subprocess.run(["du", "-B1", "--max-depth=1", str(root)], capture_output=True, text=True)
     sizes = []
     for line in du.stdout.splitlines():
         n, _, path = line.partition("\t")
