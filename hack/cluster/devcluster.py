@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -347,8 +348,8 @@ class Cluster:
             "--bind-address", "127.0.0.1", "--secure-port", str(c.port_base + 259),
             "--leader-elect=false", "--kube-api-qps", "200", "--kube-api-burst", "400", "--v=1"])
         stages = self.dir / "kwok-stages.yaml"
-        root = _kwok_module_dir()
-        stages.write_text("\n---\n".join((root / STAGES_DIR / f).read_text() for f in STAGE_FILES))
+        root = _kwok_stages()
+        stages.write_text("\n---\n".join((root / f).read_text() for f in STAGE_FILES))
         self._start("kwok", [
             bins["kwok"], "--kubeconfig", str(c.kubeconfig), "--config", str(stages),
             f"--manage-nodes-with-label-selector={MANAGED}=fake",
@@ -460,16 +461,22 @@ class Cluster:
 
         tags = {spec.name: images.build(spec) for spec in images.ALL}
         images.prune(set(tags.values()))  # older builds: several GB each
+        keep = set(tags.values())
         for i in range(self.cfg.real_nodes):
-            self.nodes.remove_images_except(i, set(tags.values()))
             for tag in tags.values():
                 if self.nodes.has_image(i, tag):
                     continue
-                self.nodes.check_space_for(i, tag, images.size(tag))
+                size = images.size(tag)
+                # older builds go after the import, so the layers they share with it (torch)
+                # are not unpacked again; first only when the disk cannot hold both
+                if not self.nodes.space_for(i, size):
+                    self.nodes.remove_images_except(i, keep)
+                self.nodes.check_space_for(i, tag, size)
                 t0 = time.monotonic()
                 self.nodes.import_image(i, tag)
                 print(f">> images: {tag} imported into {self.nodes.node_name(i)} in {time.monotonic() - t0:.0f}s",
                       file=sys.stderr, flush=True)
+            self.nodes.remove_images_except(i, keep)
         return tags
 
     def _make_bucket(self) -> None:
@@ -553,11 +560,22 @@ class Cluster:
         self.nodes.kill_node(self.nodes.names().index(name), timeout=5)
 
 
-def _kwok_module_dir() -> Path:
+def _kwok_stages() -> Path:
+    """kwok's stage files of the pinned version, kept beside its binary: fetched once from its
+    module into a throw-away module cache (build.sh drops Go's caches after a build)."""
     version = tools.versions()["KWOK_VERSION"]
-    out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{version}"], check=True,
-                         capture_output=True, text=True, cwd=tools.HERE / "kwok")
-    return Path(json.loads(out.stdout)["Dir"])
+    dest = tools.cache_root() / "bin" / f"kwok-{version}" / "stages"
+    if all((dest / f).is_file() for f in STAGE_FILES):
+        return dest
+    with tempfile.TemporaryDirectory(prefix="kwok-mod-") as mod:
+        env = {**os.environ, "GOMODCACHE": mod, "GOFLAGS": "-modcacherw"}
+        out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{version}"], check=True,
+                             capture_output=True, text=True, cwd=tools.HERE / "kwok", env=env)
+        src = Path(json.loads(out.stdout)["Dir"]) / STAGES_DIR
+        for f in STAGE_FILES:
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / f, dest / f)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -423,17 +423,21 @@ state = "{run / 'containerd'}"
 
     def remove_images_except(self, i: int, keep: set[str]) -> None:
         """Drop older builds of our images from node ``i``, waiting until containerd has
-        collected their snapshots (``--sync``): called before an import, so that an older
-        build and the new one are never on the disk together."""
+        collected their snapshots (``--sync``)."""
         for tag in self.ctr(i, "images", "ls", "-q").stdout.split():
             repo = tag.rsplit(":", 1)[0]
             if repo in {k.rsplit(":", 1)[0] for k in keep} and tag not in keep:
                 self.ctr(i, "images", "rm", "--sync", tag, check=False)
 
+    def space_for(self, i: int, size: int) -> bool:
+        """Whether node ``i``'s disk can take an import of ``size`` bytes (unpacked): the import
+        holds the layer blobs until they are unpacked, so about twice the size (an upper bound:
+        layers the node has already are not unpacked again)."""
+        return shutil.disk_usage(self.persist_dir).free >= 2 * size + (1 << 30)
+
     def check_space_for(self, i: int, tag: str, size: int) -> None:
-        """Fail before importing ``tag`` (``size`` bytes unpacked) into node ``i`` when the disk
-        cannot hold it: the import holds the layer blobs until they are unpacked, so about twice
-        the size, and a full disk midway fails every later test with ENOSPC."""
+        """Fail before importing ``tag`` into node ``i`` when the disk cannot hold it: a full
+        disk midway fails every later test with ENOSPC, far from the cause."""
         need = 2 * size + (1 << 30)
         free = shutil.disk_usage(self.persist_dir).free
         if free < need:

@@ -90,6 +90,15 @@ def test_an_export_whose_writer_died_midway_is_refused_until_the_next_export(
         assert (fetch_model(uri, tmp_path / "dl") / "config.json").is_file()
 
 
+def test_a_pending_file_refuses_even_beside_a_marker(exported: Exported, tmp_path: Path) -> None:
+    # the moment a writer has put the pending file and not yet removed the old marker
+    (exported.root / EXPORT / "export-pending.json").write_text("2026-01-01T00:00:00Z")
+    exported.s3.backend.put_bytes(f"{EXPORT}/export-pending.json", b"2026-01-01T00:00:00Z")
+    for uri in (exported.uri, f"file://{exported.root}/{EXPORT}"):
+        with pytest.raises(ModelSourceError, match="being written"):
+            fetch_model(uri, tmp_path / "dl")
+
+
 def test_a_local_export_missing_a_listed_file_is_refused(exported: Exported, tmp_path: Path) -> None:
     (exported.root / EXPORT / "model.safetensors").unlink()
     with pytest.raises(ModelSourceError, match="model.safetensors"):

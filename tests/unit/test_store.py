@@ -183,6 +183,20 @@ def test_a_step_committed_again_after_it_failed_to_load_counts_again(store: Stor
     assert [c.loadable for c in store.list_checkpoints(NS, JOB)] == [True]
 
 
+def test_a_step_that_loads_after_all_is_loadable_again(store: Store, tmp_path: Path) -> None:
+    marker = write_checkpoint(store, tmp_path, 7)
+    assert marker is not None
+    store.mark_unloadable(NS, JOB, 7, marker.time, "a read timed out")
+    assert store.newest_committed(NS, JOB) is None
+    store.clear_unloadable(NS, JOB, 7)  # what a restore does when the step loads on a later try
+    newest = store.newest_committed(NS, JOB)
+    assert newest is not None and newest.step == 7 and store.unloadable_steps(NS, JOB) == {}
+    store.backend.put_bytes(f"{NS}/{JOB}/unloadable.json", b"[1, 2]")  # not ours: ignored, not fatal
+    assert store.unloadable_steps(NS, JOB) == {}
+    store.mark_unloadable(NS, JOB, 7, marker.time, "again")
+    assert list(store.unloadable_steps(NS, JOB)) == [7]
+
+
 def test_export_is_committed_by_its_own_marker(store: Store, tmp_path: Path) -> None:
     assert store.export_marker(NS, JOB) is None
     src = tmp_path / "hf"

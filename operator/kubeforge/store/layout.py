@@ -147,7 +147,8 @@ def file_digest(path: Path) -> FileDigest:
 def model_files(local_dir: Path) -> dict[str, FileDigest]:
     """The files of a model directory by relative name, the export protocol's own files left out."""
     return {p.relative_to(local_dir).as_posix(): file_digest(p) for p in sorted(Path(local_dir).rglob("*"))
-            if p.is_file() and p.relative_to(local_dir).as_posix() not in (MARKER_NAME, EXPORT_PENDING_NAME)}
+            if p.is_file() and p.relative_to(local_dir).as_posix() not in (MARKER_NAME, EXPORT_PENDING_NAME,
+                                                                            f".{MARKER_NAME}.tmp")}
 
 
 def begin_local_export(out: Path) -> None:

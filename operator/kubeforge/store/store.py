@@ -100,14 +100,24 @@ class Store:
 
     def mark_unloadable(self, namespace: str, job: str, step: int, marker_time: str, reason: str) -> None:
         """Record that committed ``step`` (its marker written at ``marker_time``) failed to load."""
-        key = layout.unloadable_key(namespace, job)
-        try:
-            doc = json.loads(self.backend.get_bytes(key))
-        except (NotFound, ValueError):
-            doc = {}
-        steps = doc.get("steps") if isinstance(doc.get("steps"), dict) else {}
+        steps = self._unloadable_doc(namespace, job)
         steps[str(step)] = {"markerTime": marker_time, "reason": reason[:500], "time": layout.utc_now()}
-        self.backend.put_bytes(key, json.dumps({"steps": steps}, indent=1).encode())
+        self.backend.put_bytes(layout.unloadable_key(namespace, job), json.dumps({"steps": steps}, indent=1).encode())
+
+    def clear_unloadable(self, namespace: str, job: str, step: int) -> None:
+        """A step recorded as unloadable loaded after all (the failure was transient)."""
+        steps = self._unloadable_doc(namespace, job)
+        if steps.pop(str(step), None) is not None:
+            self.backend.put_bytes(layout.unloadable_key(namespace, job),
+                                   json.dumps({"steps": steps}, indent=1).encode())
+
+    def _unloadable_doc(self, namespace: str, job: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.backend.get_bytes(layout.unloadable_key(namespace, job)))
+        except (NotFound, ValueError):
+            return {}
+        steps = doc.get("steps") if isinstance(doc, dict) else None
+        return dict(steps) if isinstance(steps, dict) else {}
 
     def unloadable_steps(self, namespace: str, job: str) -> dict[int, tuple[str, str]]:
         """step → (marker time, reason) of the steps a restore could not load."""

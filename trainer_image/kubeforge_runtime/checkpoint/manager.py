@@ -557,13 +557,13 @@ class CheckpointManager:
                 # error may have been transient)
                 ordered = [c for c in reversed(committed) if c.loadable] + \
                           [c for c in reversed(committed) if not c.loadable]
-                candidates[0] = [(c.step, c.prefix, c.marker) for c in ordered]
+                candidates[0] = [(c.step, c.prefix, c.marker, c.unloadable is not None) for c in ordered]
         if self._control_group is not None:
             dist.broadcast_object_list(candidates, src=0, group=self._control_group)
         if isinstance(candidates[0], str):
             raise StoreError(candidates[0])
         tried: list[str] = []
-        for ckpt_step, prefix, marker in candidates[0]:
+        for ckpt_step, prefix, marker, was_unloadable in candidates[0]:
             if self.rank == 0:  # retention (operator or worker) keeps the step while it loads
                 self.store.write_restore_lease(self.namespace, self.job, ckpt_step)
             error: str | None = "the load raised"
@@ -575,6 +575,12 @@ class CheckpointManager:
                 if self.rank == 0 and (error is not None or not tried):
                     self.store.clear_restore_lease(self.namespace, self.job)
             if error is None:
+                if self.rank == 0 and was_unloadable:  # the earlier failure was transient
+                    try:
+                        self.store.clear_unloadable(self.namespace, self.job, ckpt_step)
+                    except StoreError as exc:
+                        log.warning("checkpoint: could not clear step %d from the unloadable ones: %s",
+                                    ckpt_step, exc)
                 if self.rank == 0 and tried:
                     self._lease_written = time.monotonic()
                 if tried:

@@ -359,7 +359,8 @@ class OpenAIServer:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         assert self.tokenizer is not None
         p = req.prompt
-        texts_len = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
+        # characters of text prompts, plus ids of token prompts (each costs a conversion)
+        texts_len = len(p) if isinstance(p, str) else sum(len(x) if isinstance(x, (str, list)) else 1 for x in p)
         prompts = await _off_loop(texts_len, self._encode_prompts, p)
         jobs = []
         for pi, ids in enumerate(prompts):

@@ -30,11 +30,14 @@ class EngineStepError(RuntimeError):
     """A step failed; the requests in it were aborted (the engine keeps serving)."""
 
 
-#: Steps that may fail in a row before the engine counts as broken: one failure is a bad
-#: request (aborted, the engine goes on); a run of them is a sticky fault (a CUDA error, a
-#: corrupted allocator) that would answer 500 forever. Broken, the engine thread stops, so
+#: Failed steps, each followed by a failed probe, in a row before the engine counts as broken.
+#: After a failed step (its requests are failed) the engine runs a one-token probe request of
+#: its own: when that works the failure was the batch's (a bad request), the count goes back
+#: to 0 and the engine goes on; when it fails too the fault is sticky (a CUDA error, a
+#: corrupted allocator) and would answer 500 forever. Broken, the engine thread stops, so
 #: /livez answers 503 and the kubelet restarts the container.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+PROBE_ID = "kubeforge-engine-probe"
 
 
 class AsyncEngine:
@@ -98,11 +101,14 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
-                    self.step_failures += 1
-                    log.exception("engine step failed (%d in a row); failing the requests in flight",
-                                  self.step_failures)
+                    log.exception("engine step failed; failing the requests in flight")
                     for request_id in self.engine.abort_all():
                         self._post([EngineStepError(f"generation failed: {e!r}")], request_id)
+                    if self._probe():
+                        self.step_failures = 0
+                        continue
+                    self.step_failures += 1
+                    log.error("engine probe failed after a failed step (%d in a row)", self.step_failures)
                     if self.step_failures >= self.max_step_failures:
                         raise EngineStepError(f"{self.step_failures} engine steps failed in a row, the last "
                                               f"with {e!r}: the engine is broken") from e
@@ -115,6 +121,25 @@ class AsyncEngine:
             self.dead = e
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _probe(self) -> bool:
+        """One greedy token of a one-token prompt, on the engine alone (its requests were just
+        aborted), counted in metrics of its own; whether it worked."""
+        from kubeforge_runtime.serve.metrics import ServingMetrics
+
+        real = self.engine.metrics
+        self.engine.metrics = ServingMetrics("probe")
+        try:
+            self.engine.add_request(PROBE_ID, [0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            return True
+        except Exception:  # noqa: BLE001 - the answer is the point
+            log.exception("engine probe failed")
+            self.engine.abort_all()
+            return False
+        finally:
+            self.engine.metrics = real
 
     def _post(self, items: list[Any], request_id: str | None = None) -> None:
         assert self._loop is not None

@@ -2,7 +2,7 @@
 
 Whether a source is an export is in its files, never in its name (``kubeforge.store.layout``):
 - ``export-pending.json`` present: an export being written (or whose writer died midway),
-  refused;
+  refused (read after the marker: the writer puts it before it removes the marker);
 - ``commit.json`` present: an export; a local one must hold every file its marker lists, at
   its size, and from S3 exactly those files are fetched and checked against their sha256;
 - neither: a plain Hugging Face directory, served as it is (local) or copied whole (S3).
@@ -71,10 +71,12 @@ def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme else uri)
-        if (path / EXPORT_PENDING_NAME).is_file():
-            raise ModelSourceError(_PENDING.format(uri=uri))
+        # the marker first, then the pending file: a writer puts the pending file before it
+        # removes the marker, so a reader never sees neither while an export is rewritten
         marker_file = path / MARKER_NAME
         local = ExportMarker.model_validate_json(marker_file.read_bytes()) if marker_file.is_file() else None
+        if (path / EXPORT_PENDING_NAME).is_file():
+            raise ModelSourceError(_PENDING.format(uri=uri))
         _check_revision(uri, local, expect_revision)
         if local is not None:
             # files are checked by size, not re-hashed on every start (a volume is ours)
@@ -94,13 +96,12 @@ def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None
         marker: ExportMarker | None = ExportMarker.model_validate_json(backend.get_bytes(MARKER_NAME))
     except NotFound:
         marker = None
-    if marker is None:
-        try:
-            backend.get_bytes(EXPORT_PENDING_NAME)
-        except NotFound:
-            pass
-        else:
-            raise ModelSourceError(_PENDING.format(uri=uri))
+    try:  # after the marker, for the same reason as above
+        backend.get_bytes(EXPORT_PENDING_NAME)
+    except NotFound:
+        pass
+    else:
+        raise ModelSourceError(_PENDING.format(uri=uri))
     _check_revision(uri, marker, expect_revision)
     if marker is not None:
         for name, digest in marker.files.items():
