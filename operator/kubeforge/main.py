@@ -15,6 +15,8 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubeforge.controllers.background import Background
+from kubeforge.controllers.peering import Peering
+from kubeforge.metrics import OPERATOR_ACTIVE
 from kubeforge.settings import OperatorSettings
 
 #: The handler modules; importing one registers its handlers (nothing else imports them).
@@ -35,6 +37,28 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.execution.max_workers = 20
     settings.batching.worker_limit = 100
+
+
+#: How often a replica reads the peering object to know whether it is the active one.
+PEERING_REFRESH_S = 5.0
+
+
+@kopf.on.startup()
+async def start_peering(memo: kopf.Memo, **_: Any) -> None:
+    peering = cast(Peering, memo.peering)
+
+    async def refresh() -> None:
+        OPERATOR_ACTIVE.set(1 if await asyncio.to_thread(peering.refresh) else 0)
+
+    await refresh()
+    cast(Background, memo.background).every("peering", PEERING_REFRESH_S, refresh, always=True)
+
+
+@kopf.on.probe(id="peering")
+def peering_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """In /healthz: whether this replica is the active one, and its priority."""
+    peering = cast(Peering, memo.peering)
+    return {"state": peering.state, "priority": peering.priority, "name": peering.name}
 
 
 @kopf.on.cleanup()
@@ -83,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kubeforge").info("peering %s with priority %d", p.peering, priority)
     # the memo every handler gets (kopf copies it per object, shallowly): the settings, and
     # the background tasks' owner; each kind's startup handler adds its state
-    memo = kopf.Memo(settings=settings, background=Background())
+    peering = Peering(p.peering or None, priority, p.namespaces[0] if p.namespaces else None)
+    memo = kopf.Memo(settings=settings, background=Background(active=lambda: peering.active), peering=peering)
     asyncio.run(kopf.operator(
         clusterwide=not p.namespaces,
         namespaces=list(p.namespaces),

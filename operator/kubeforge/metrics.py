@@ -12,6 +12,8 @@ RECONCILE_TOTAL = Counter("kubeforge_reconcile_total", "Reconciliations by kind 
 RECONCILE_DURATION = Histogram("kubeforge_reconcile_duration_seconds", "Time spent in one reconciliation.", ["kind"])
 TRAININGJOBS = Gauge("kubeforge_trainingjobs", "TrainingJobs by phase.", ["phase"])
 WORKER_REPLACEMENTS = Counter("kubeforge_worker_replacements_total", "Worker pods replaced, by reason.", ["reason"])
+OPERATOR_ACTIVE = Gauge("kubeforge_operator_active",
+                        "1 while this replica is the active one among its peers (always 1 without peering).")
 INFERENCESERVICES_READY = Gauge("kubeforge_inferenceservices_ready", "InferenceServices whose Ready condition is True.")
 INFERENCESERVICE_READY = Gauge("kubeforge_inferenceservice_ready",
                                "1 while an InferenceService's Ready condition is True, else 0; gone once it is deleted.",

@@ -3,7 +3,7 @@ operator's ``Background`` (``memo.background``), started by each kind's startup 
 all stopped by the operator's cleanup handler.
 
 - ``every(name, interval, fn)``: a periodic pass (CheckpointPolicy retention, the
-  InferenceService export poll). Not kopf timers: kopf puts a finalizer on every object a
+  InferenceService export poll), run only in the active replica (``controllers.peering``). Not kopf timers: kopf puts a finalizer on every object a
   timer runs for, and a finalizer left behind by a stopped operator blocks deleting the
   object and its namespace.
 - ``spawn(name, coroutine)``: a long-running task (the TrainingJob queue's workers).
@@ -28,9 +28,12 @@ K = TypeVar("K", bound=Hashable)
 class Background:
     """The operator's background tasks and what must be closed with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, active: Callable[[], bool] = lambda: True) -> None:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closers: list[Callable[[], None]] = []
+        #: whether this replica is the active one (``controllers.peering``): passes of
+        #: ``every`` loops, and the TrainingJob queue's keys, are skipped while it is not
+        self.active = active
 
     @property
     def names(self) -> list[str]:
@@ -44,11 +47,14 @@ class Background:
         task.add_done_callback(_report)
         self._tasks[name] = task
 
-    def every(self, name: str, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
-        """``fn`` every ``interval_s`` (the first time after one interval)."""
+    def every(self, name: str, interval_s: float, fn: Callable[[], Awaitable[None]], always: bool = False) -> None:
+        """``fn`` every ``interval_s`` (the first time after one interval), skipped while this
+        replica is not the active one unless ``always``."""
         async def loop() -> None:
             while True:
                 await asyncio.sleep(interval_s)
+                if not always and not self.active():
+                    continue
                 try:
                     await fn()
                 except Exception:  # one failed pass must not end the loop

@@ -89,7 +89,7 @@ async def start_queue(memo: kopf.Memo, **_: Any) -> None:
     background = cast(Background, memo.background)
     state = memo.trainingjobs = TrainingJobs(settings)
     for n in range(settings.trainingjob.workers):
-        background.spawn(f"trainingjob-worker-{n}", _work(state))
+        background.spawn(f"trainingjob-worker-{n}", _work(state, background))
     # no wait for a reconciliation blocked on a slow API or store call: the process is ending
     background.close_with(lambda: state.pool.shutdown(wait=False, cancel_futures=True))
 
@@ -167,10 +167,13 @@ async def node_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: k
 
 # ---- the reconciliation ---------------------------------------------------------------
 
-async def _work(state: TrainingJobs) -> None:
+async def _work(state: TrainingJobs, background: Background) -> None:
     loop = asyncio.get_running_loop()
     while True:
         key = await state.queue.get()
+        if not background.active():  # a standby replica: the active one has the key too
+            state.queue.done(key)
+            continue
         try:
             again = await loop.run_in_executor(state.pool, reconcile_job, state, *key)
         except Exception:
