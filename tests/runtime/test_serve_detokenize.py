@@ -6,7 +6,10 @@ gives. Speed is measured by bench/serving_text.py, not here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -19,18 +22,16 @@ pytestmark = pytest.mark.runtime
 CORPUS = "Ünïcödé, 漢字 and emoji 🙂 split across tokens; plain ASCII words too. " * 20
 
 
-def _old_stable_length(text: str, stops: tuple[str, ...]) -> int:
-    """The former algorithm, every prefix length of every stop: the reference."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:k], 0, end):
-                hold = max(hold, k)
-                break
-    return end - hold
+def _bench_module() -> ModuleType:
+    """bench/serving_text.py: its ``before`` path (the engine's former code) is the reference."""
+    spec = importlib.util.spec_from_file_location("serving_text", Path(__file__).parents[2] / "bench" / "serving_text.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_old_stable_length = _bench_module()._old_stable_length
 
 
 @pytest.fixture(scope="module")
