@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubeforge.api.contract import CONFIG_MOUNT_DIR, RENDEZVOUS_PORT
+from kubeforge.api.contract import CHECKPOINT_STAGING_DIR, CONFIG_MOUNT_DIR, RENDEZVOUS_PORT
 from kubeforge.store import open_store
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,7 +45,10 @@ def _local_env(c: Any, ns: str, pod: dict[str, Any], config_dir: Path) -> dict[s
             env[e["name"]] = e["value"]
         else:
             raise AssertionError(f"unexpected env source {e}")
-    return {k: v.replace(CONFIG_MOUNT_DIR, str(config_dir)) for k, v in env.items()}
+    # the pod's mounts → temp dirs: the config, and the checkpoint staging emptyDir
+    staging = str(config_dir.parent / "staging")
+    return {k: v.replace(CONFIG_MOUNT_DIR, str(config_dir)).replace(CHECKPOINT_STAGING_DIR, staging)
+            for k, v in env.items()}
 
 
 def _local_command(command: list[str], endpoint: str, config_dir: Path) -> list[str]:

@@ -407,6 +407,17 @@ def test_policy_json_of_the_custom_resource_drives_the_schedule() -> None:
     assert CheckpointSettings.from_policy(None).every_steps is None
 
 
+def test_the_pods_staging_volume_is_where_s3_checkpoints_are_staged(tmp_path: Path) -> None:
+    from kubeforge.api.contract import ENV_CHECKPOINT_STAGING_DIR
+    from kubeforge_runtime.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager.from_env(f"file://{tmp_path / 'store'}", None, 0, 1, namespace=NS, job=JOB,
+                                     env={ENV_CHECKPOINT_STAGING_DIR: str(tmp_path / "staging")})
+    assert mgr.settings.staging_dir == tmp_path / "staging"
+    default = CheckpointManager.from_env(f"file://{tmp_path / 'store'}", None, 0, 1, namespace=NS, job=JOB, env={})
+    assert default.settings.staging_dir != tmp_path / "staging"
+
+
 def test_without_a_uri_checkpointing_is_a_no_op() -> None:
     from kubeforge_runtime.checkpoint import CheckpointManager
     from kubeforge_runtime.model import Llama, preset

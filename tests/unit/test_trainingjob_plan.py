@@ -425,3 +425,51 @@ def test_missing_policy_and_invalid_names_are_reported() -> None:
     long.job["metadata"]["name"] = "x" * 60
     p = long.step()
     assert p.create == [] and long.cond("Ready")["reason"] == "InvalidSpec"
+
+
+def test_a_running_job_whose_checkpoints_stop_is_checkpoint_late_once() -> None:
+    # issue 16 item 5: a failed or stuck save was only a worker's log line while training went on
+    policy = CheckpointPolicySpec.model_validate({
+        "schedule": {"everySeconds": 60},
+        "storage": {"s3": {"bucket": "ckpt", "endpoint": "http://minio:9000", "credentialsSecretRef": {"name": "s"}}}})
+    sim = Sim(job_spec(1, 1), policy)
+    sim.converge(2)
+    sim.run_all()
+    sim.step()
+    assert sim.cond("CheckpointsCurrent")["status"] == "True"
+    sim.now = T0 + dt.timedelta(seconds=100)
+    sim.store = StoreView(last_checkpoint={"step": 10, "uri": "s3://ckpt/ns/llm/checkpoints/step-0000000010",
+                                           "time": fmt_time(T0 + dt.timedelta(seconds=90))}, export_committed=False)
+    sim.step()
+    assert sim.cond("CheckpointsCurrent")["status"] == "True"
+    assert sim.last is not None and sim.last.requeue_after is not None and sim.last.requeue_after <= 171
+    sim.now = T0 + dt.timedelta(seconds=90 + 181)  # no new commit for more than 3 x 60 s
+    sim.step()
+    late = sim.cond("CheckpointsCurrent")
+    assert late["status"] == "False" and late["reason"] == "CheckpointLate" and "step 10" in late["message"]
+    sim.now += dt.timedelta(seconds=30)
+    sim.step()
+    assert sim.events.count("CheckpointLate") == 1  # one Warning at the transition, not one per pass
+    sim.store = StoreView(last_checkpoint={"step": 20, "time": fmt_time(sim.now)}, export_committed=False)
+    sim.step()
+    assert sim.cond("CheckpointsCurrent")["status"] == "True"
+
+
+def test_s3_workers_stage_on_a_sized_empty_dir() -> None:
+    from kubeforge.api import TrainingJobSpec
+    from kubeforge.api.contract import CHECKPOINT_STAGING_DIR, ENV_CHECKPOINT_STAGING_DIR
+
+    policy = CheckpointPolicySpec.model_validate({
+        "schedule": {"everySteps": 10},
+        "storage": {"s3": {"bucket": "ckpt", "credentialsSecretRef": {"name": "s"}, "stagingSizeLimit": "20Gi"}}})
+    spec = TrainingJobSpec.model_validate(job_spec(1, 1))
+    owner = tp.Owner(namespace="ns", name="llm", uid="u")
+    pod = tp.build_worker_pod(owner, spec, policy, 0, 0)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["checkpoint-staging"]["emptyDir"] == {"sizeLimit": "20Gi"}
+    c = pod["spec"]["containers"][0]
+    assert {"name": "checkpoint-staging", "mountPath": CHECKPOINT_STAGING_DIR} in c["volumeMounts"]
+    assert {"name": ENV_CHECKPOINT_STAGING_DIR, "value": CHECKPOINT_STAGING_DIR} in c["env"]
+    volume_policy = CheckpointPolicySpec.model_validate({
+        "schedule": {"everySteps": 10}, "storage": {"volume": {"claimName": "ckpt"}}})
+    assert "checkpoint-staging" not in {v["name"] for v in tp.build_worker_pod(owner, spec, volume_policy, 0, 0)["spec"]["volumes"]}

@@ -49,6 +49,10 @@ class S3Storage(ApiModel):
     force_path_style: bool = Field(default=True, description="Path-style addressing (needed by most S3-compatible servers).")
     credentials_secret_ref: LocalObjectReference = Field(description=(
         "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, passed to workers through envFrom."))
+    staging_size_limit: str = Field(default="64Gi", pattern=r"^[0-9]+([KMGTPE]i?)?$", description=(
+        "Size limit of each worker's emptyDir where a checkpoint is staged before upload (and a restore "
+        "downloaded): at least one rank's shard of a checkpoint, twice that with asyncSave. Past it the "
+        "kubelet evicts the pod, instead of the staging filling the node's disk unseen."))
 
 
 class VolumeStorage(ApiModel):

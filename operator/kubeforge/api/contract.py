@@ -47,6 +47,11 @@ ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 #: "false" for virtual-hosted-style addressing (a CheckpointPolicy's ``forcePathStyle: false``);
 #: unset or anything else: path style, which most S3-compatible servers need.
 ENV_S3_FORCE_PATH_STYLE = "KUBEFORGE_S3_FORCE_PATH_STYLE"
+#: Local disk for S3 checkpoint staging and restore downloads: the worker's sized emptyDir
+#: (``storage.s3.stagingSizeLimit``), not the container's writable layer.
+ENV_CHECKPOINT_STAGING_DIR = "KUBEFORGE_CHECKPOINT_STAGING_DIR"
+#: Where the operator mounts that emptyDir in worker pods.
+CHECKPOINT_STAGING_DIR = "/var/lib/kubeforge/staging"
 
 
 def s3_force_path_style(value: str | None) -> bool:

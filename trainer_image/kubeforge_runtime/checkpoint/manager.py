@@ -303,6 +303,9 @@ class CheckpointManager:
                            secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
                            force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE)),
                            ) if root_uri else None
+        staging = env.get(contract.ENV_CHECKPOINT_STAGING_DIR)
+        if staging and "staging_dir" not in settings:  # the pod's sized emptyDir
+            settings["staging_dir"] = Path(staging)
         return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings))
 
     @property

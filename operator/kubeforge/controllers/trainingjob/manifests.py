@@ -26,10 +26,12 @@ import yaml
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.contract import (
     CHECKPOINT_MOUNT_DIR,
+    CHECKPOINT_STAGING_DIR,
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_DIR,
     DEFAULT_WORKLOAD_IMAGE,
     ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_STAGING_DIR,
     ENV_CHECKPOINT_URI,
     ENV_CONFIG_FILE,
     ENV_JOB_NAME,
@@ -162,6 +164,7 @@ def _env(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | Non
             policy.model_dump(by_alias=True, exclude_none=True, mode="json", include={"schedule", "retention"}),
             sort_keys=True)
         if policy.storage.s3:
+            env[ENV_CHECKPOINT_STAGING_DIR] = CHECKPOINT_STAGING_DIR
             if policy.storage.s3.endpoint:
                 env[ENV_S3_ENDPOINT] = policy.storage.s3.endpoint
             env[ENV_S3_REGION] = policy.storage.s3.region
@@ -179,6 +182,9 @@ def _volumes(owner: Owner, spec: TrainingJobSpec,
         {"name": "trainer-config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    if policy is not None and policy.storage.s3:
+        volumes.append({"name": "checkpoint-staging", "emptyDir": {"sizeLimit": policy.storage.s3.staging_size_limit}})
+        mounts.append({"name": "checkpoint-staging", "mountPath": CHECKPOINT_STAGING_DIR})
     if policy is not None and policy.storage.volume:
         volumes.append({"name": "checkpoints",
                         "persistentVolumeClaim": {"claimName": policy.storage.volume.claim_name}})

@@ -58,6 +58,9 @@ INFRA_POD_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", 
 SHORT_REQUEUE_S = 1.0
 #: The slowest a job is looked at without any event (refreshes lastCheckpoint from the store).
 RESYNC_S = 30.0
+#: A running job whose newest checkpoint is older than this many ``schedule.everySeconds``
+#: (counted from when it started running, if it has none) is CheckpointLate.
+LATE_INTERVALS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +325,36 @@ class _Planner:
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.plan.events.append(Event(reason, message, warning))
+
+    def checkpoints_current(self) -> None:
+        """Condition CheckpointsCurrent of a running job whose policy saves every T seconds:
+        False (CheckpointLate, a Warning event) once no checkpoint was committed for
+        LATE_INTERVALS × T, since the newest one or since the job started running. A failed
+        upload, a full staging volume or a stuck save is otherwise only a line in a worker's log."""
+        policy, running = self.obs.policy, condition(self.conds, "Running") or {}
+        every = policy.schedule.every_seconds if policy is not None else None
+        if not every or running.get("status") != "True":
+            return
+        store = self.obs.store
+        last = (store.last_checkpoint if store is not None and store.last_checkpoint else None) \
+            or self.old.get("lastCheckpoint") or {}
+        since = [t for t in (parse_time(last.get("time")), parse_time(running.get("lastTransitionTime"))) if t]
+        if not since:
+            return
+        limit = dt.timedelta(seconds=LATE_INTERVALS * every)
+        age = self.now - max(since)
+        if age <= limit:
+            self.cond("CheckpointsCurrent", True, "CheckpointsCommitted",
+                      f"a checkpoint at least every {LATE_INTERVALS * every}s ({LATE_INTERVALS} x schedule.everySeconds)")
+            self.plan.look_again((limit - age).total_seconds() + 1)
+            return
+        newest = f"the newest is step {last['step']} of {last['time']}" if last.get("time") else "there is none yet"
+        message = (f"no checkpoint committed for more than {LATE_INTERVALS * every}s ({LATE_INTERVALS} x "
+                   f"schedule.everySeconds); {newest}. A worker's log says why (a failed upload, a full "
+                   "staging volume: storage.s3.stagingSizeLimit)")
+        if (condition(self.conds, "CheckpointsCurrent") or {}).get("status") != "False":
+            self.event("CheckpointLate", message, warning=True)
+        self.cond("CheckpointsCurrent", False, "CheckpointLate", message)
 
     # -- phases of the job
     def finished(self) -> str | None:
@@ -747,6 +780,7 @@ def _running(p: _Planner) -> Plan:
         p.cond("Restarting", False, "NoRestarts", "")
     run = condition(p.conds, "Running") or {}
     p.cond("Ready", running, str(run.get("reason", "WaitingForWorkers")), str(run.get("message", "")))
+    p.checkpoints_current()
     restarting = (condition(p.conds, "Restarting") or {}).get("status") == "True"
     phase = "Restarting" if restarting else "Running" if running else "Pending"
     p.plan.status = _status(p, phase, {"desired": p.spec.workers.max_replicas, "active": p.active, "ready": p.ready,
