@@ -40,7 +40,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 #: How often a replica reads the peering object to know whether it is the active one.
-PEERING_REFRESH_S = 5.0
+PEERING_REFRESH_S = 2.0
 
 
 @kopf.on.startup()

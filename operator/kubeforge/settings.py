@@ -57,6 +57,9 @@ class TrainingJobSettings:
     store_refresh_s: float = 30.0
     #: Pause before retrying a reconciliation that raised.
     error_backoff_s: float = 5.0
+    #: A key taken while this replica is not the active one waits this long, then is tried
+    #: again (a replica that just became active knows it at its next read of the peering object).
+    standby_retry_s: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,8 +171,11 @@ async def _work(state: TrainingJobs, background: Background) -> None:
     loop = asyncio.get_running_loop()
     while True:
         key = await state.queue.get()
-        if not background.active():  # a standby replica: the active one has the key too
+        if not background.active():
+            # standby, or active a moment before this replica's next look at the peering
+            # object (kopf resumes the handlers at once): kept, tried again at that look
             state.queue.done(key)
+            state.queue.add(key, state.settings.trainingjob.standby_retry_s)
             continue
         try:
             again = await loop.run_in_executor(state.pool, reconcile_job, state, *key)
