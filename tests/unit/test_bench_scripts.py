@@ -24,6 +24,8 @@ def test_no_bench_script_shadows_a_standard_module() -> None:
 def test_every_bench_target_runs_an_existing_script() -> None:
     makefile = (REPO / "Makefile").read_text()
     targets = re.findall(r"^bench-[\w-]+:.*\n\t\$\(PY\) (bench/\S+\.py)", makefile, re.MULTILINE)
-    assert len(targets) == 5, targets
     missing = [t for t in targets if not (REPO / t).is_file()]
-    assert not missing, missing
+    assert targets and not missing, (targets, missing)
+    # and every bench script has its target (trainer_gpu.py needs a GPU: run by hand or on a device)
+    scripts = {f"bench/{p.name}" for p in (REPO / "bench").glob("*.py")} - {"bench/trainer_gpu.py"}
+    assert scripts <= set(targets), f"bench scripts without a make target: {sorted(scripts - set(targets))}"
