@@ -7,7 +7,7 @@ requeues), though. This module reads the same peering object kopf keeps
 (``ClusterKopfPeering`` or, when the operator watches namespaces, the ``KopfPeering`` of the
 first one), and applies kopf's rule: active while no live peer has a higher priority. The
 background loops skip their passes while this replica is not active. The answer shows in
-``kubeforge_operator_active``, a log line at each change and the ``active`` probe of
+``kubeforge_operator_active``, a log line at each change and the ``peering`` probe of
 ``/healthz``.
 
 A standby replica stays healthy: restarting it would help nobody.

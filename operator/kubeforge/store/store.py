@@ -120,15 +120,16 @@ class Store:
         return dict(steps) if isinstance(steps, dict) else {}
 
     def unloadable_steps(self, namespace: str, job: str) -> dict[int, tuple[str, str]]:
-        """step → (marker time, reason) of the steps a restore could not load."""
-        try:
-            doc = json.loads(self.backend.get_bytes(layout.unloadable_key(namespace, job)))
-            return {int(k): (str(v["markerTime"]), str(v.get("reason", ""))) for k, v in doc["steps"].items()}
-        except NotFound:
-            return {}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("store: unreadable %s of %s/%s: %s", layout.UNLOADABLE_NAME, namespace, job, e)
-            return {}
+        """step → (marker time, reason) of the steps a restore could not load; entries that do
+        not parse are left out (and logged)."""
+        out: dict[int, tuple[str, str]] = {}
+        for key, entry in self._unloadable_doc(namespace, job).items():
+            try:
+                out[int(key)] = (str(entry["markerTime"]), str(entry.get("reason", "")))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                log.warning("store: unreadable entry %r in %s of %s/%s: %s", key, layout.UNLOADABLE_NAME,
+                            namespace, job, e)
+        return out
 
     def _read_commit_marker(self, prefix: str) -> CommitMarker | None:
         try:
