@@ -79,6 +79,85 @@ INVALID = [
 ]
 
 
+# spec.trainer.config: (the trainer config, text the API server's error must contain). Each is also
+# refused by the trainer itself (the second line), checked in the same test.
+BAD_TRAINER_CONFIGS: list[tuple[dict[str, Any], str]] = [
+    ({"train": {"steps": 5, "globl_batch": 8}}, 'unknown field "spec.trainer.config.train.globl_batch"'),
+    ({"optimiser": {"lr": 1e-3}}, 'unknown field "spec.trainer.config.optimiser"'),
+    ({"model": {"overrides": {"hiden_size": 64}}}, 'unknown field "spec.trainer.config.model.overrides.hiden_size"'),
+    ({"optimizer": {"lr": -1e-3}}, "spec.trainer.config.optimizer.lr"),
+    ({"optimizer": {"betas": [0.9]}}, "spec.trainer.config.optimizer.betas"),
+    ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas must each be in [0, 1)"),
+    ({"train": {"global_batch": 10, "micro_batch": 4}}, "train.global_batch must be divisible by train.micro_batch"),
+    ({"train": {"global_batch": 9}}, "train.global_batch must be divisible by train.micro_batch"),
+    ({"model": {"preset": "gpt5"}}, "spec.trainer.config.model.preset"),
+    ({"model": {"overrides": {"hidden_size": 130}}}, "hidden_size must be divisible by num_attention_heads"),
+    ({"model": {"preset": "small", "overrides": {"num_key_value_heads": 3}}},
+     "num_attention_heads must be divisible by num_key_value_heads"),
+    ({"data": {"seq_len": 4096}}, "data.seq_len must not exceed the model's max_position_embeddings"),
+    ({"data": {"seq_len": "long"}}, "spec.trainer.config.data.seq_len"),
+    ({"parallelism": {"sharding": "zero3"}}, "spec.trainer.config.parallelism.sharding"),
+    ({"schedule": {"warmup_steps": 500}, "train": {"steps": 10}}, "schedule.warmup_steps must not exceed train.steps"),
+    ({"schedule": {"warmup_steps": 101}}, "schedule.warmup_steps must not exceed train.steps"),
+]
+
+GOOD_TRAINER_CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"model": {"preset": "small"}, "data": {"seq_len": 1024}},
+    {"model": {"overrides": {"max_position_embeddings": 4096}}, "data": {"seq_len": 4096}},
+    {"train": {"global_batch": 12, "micro_batch": 3, "grad_clip": None}, "optimizer": {"betas": [0, 0.99]}},
+    {"schedule": {"warmup_steps": 100}},
+]
+
+
+def _with_config(config: dict[str, Any]) -> dict[str, Any]:
+    job = example("TrainingJob")
+    job["spec"]["trainer"]["config"] = config
+    return job
+
+
+@pytest.mark.parametrize("config,expected", BAD_TRAINER_CONFIGS, ids=[e[:40] for _, e in BAD_TRAINER_CONFIGS])
+def test_a_trainer_config_the_trainer_refuses_is_refused_at_admission(crds: Cluster, admission_ns: str,
+                                                                       config: dict[str, Any], expected: str) -> None:
+    from kubeforge_runtime.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError):
+        parse_config(config)
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", "-",
+                       input=json.dumps(_with_config(config)), check=False)
+    assert out.returncode != 0, f"accepted trainer config {config}"
+    assert expected in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("config", GOOD_TRAINER_CONFIGS, ids=[json.dumps(c)[:40] for c in GOOD_TRAINER_CONFIGS])
+def test_a_trainer_config_the_trainer_takes_is_admitted_as_written(crds: Cluster, admission_ns: str,
+                                                                   config: dict[str, Any]) -> None:
+    from kubeforge_runtime.config import parse_config
+
+    parse_config(config)
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-o", "json", "-f", "-",
+                       input=json.dumps(_with_config(config)), check=False)
+    assert out.returncode == 0, out.stderr
+    # nothing defaulted, nothing pruned: the trainer gets the document as written (a null included)
+    assert json.loads(out.stdout)["spec"]["trainer"]["config"] == config
+
+
+@pytest.mark.parametrize("workers,group,admitted", [
+    ({"minReplicas": 1, "maxReplicas": 2, "gpusPerWorker": 1}, 2, False),  # world 1 or 2: only 1 divides both
+    ({"minReplicas": 1, "maxReplicas": 2, "gpusPerWorker": 4}, 2, True),   # world 4 or 8
+    ({"minReplicas": 2, "maxReplicas": 2, "gpusPerWorker": 1}, 2, True),   # world 2
+    ({"minReplicas": 2, "maxReplicas": 2, "gpusPerWorker": 1}, 3, False),
+])
+def test_the_hybrid_shard_group_must_divide_every_world_size_the_job_can_have(
+        crds: Cluster, admission_ns: str, workers: dict[str, int], group: int, admitted: bool) -> None:
+    job = _with_config({"parallelism": {"sharding": "hybrid", "shard_group_size": group}})
+    job["spec"]["workers"].update(workers)
+    out = crds.kubectl("create", "--dry-run=server", "-n", admission_ns, "-f", "-", input=json.dumps(job), check=False)
+    assert (out.returncode == 0) == admitted, out.stderr
+    if not admitted:
+        assert "shard_group_size must divide the world size" in out.stderr, out.stderr
+
+
 @pytest.fixture(scope="module")
 def admission_ns(crds: Cluster) -> Iterator[str]:
     crds.kubectl("create", "namespace", "admission-tests", check=False)

@@ -95,3 +95,23 @@ def test_spec_defaults_are_rendered_for_admission() -> None:
                              "insufficientCapacityTimeoutSeconds": 300, "disruptionWindowSeconds": 300}
     assert fp["properties"]["nodeFailureGraceSeconds"]["default"] == 30
     assert fp["properties"]["restartPolicy"]["enum"] == ["ReplaceFailed", "RestartGroup"]
+
+
+def test_the_trainer_config_schema_is_the_trainers_own() -> None:
+    """spec.trainer.config is typed from kubeforge_runtime.config: no free-form map, a null kept where it
+    means something, the trainer's cross-field rules as CEL, and no defaults (the trainer owns them)."""
+    from kubeforge.api import TrainingJob
+    from kubeforge_runtime.config import TrainerConfig
+
+    spec = crd(TrainingJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    config = spec["properties"]["trainer"]["properties"]["config"]
+    assert set(config["properties"]) == set(TrainerConfig.model_fields)
+    nodes = _walk(config, "config")
+    assert not [p for p, n in nodes if n.get("x-kubernetes-preserve-unknown-fields")]
+    assert not [p for p, n in nodes if "default" in n]
+    nullable = {p for p, n in nodes if n.get("nullable")}
+    assert nullable == {"config.train.grad_clip"}
+    messages = [r["message"] for _, n in nodes for r in n.get("x-kubernetes-validations", [])]
+    assert any("global_batch must be divisible by train.micro_batch" in m for m in messages)
+    assert any("seq_len must not exceed" in m for m in messages)
+    assert config["properties"]["optimizer"]["properties"]["betas"]["maxItems"] == 2

@@ -70,3 +70,24 @@ def test_cli_exits_with_config_error_before_any_rendezvous(tmp_path: Path, entry
         assert "configuration error" in p.stderr and time.monotonic() - t0 < 30, raw
         if i == 0:
             assert "train.stpes: unknown key" in p.stderr
+
+
+def test_the_config_module_imports_without_torch() -> None:
+    """The operator renders the CRD's `spec.trainer.config` from these models, and its image has no torch."""
+    code = ("import sys; import kubeforge_runtime.config, kubeforge_runtime.model; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_overrides_are_exactly_the_model_shape_fields() -> None:
+    import dataclasses
+
+    from kubeforge_runtime.config import ModelOverrides
+    from kubeforge_runtime.model.shape import LlamaConfig
+
+    assert set(ModelOverrides.model_fields) == {f.name for f in dataclasses.fields(LlamaConfig)}
+    with pytest.raises(ConfigError, match="model.overrides.hiden_size: unknown key"):
+        parse_config({"model": {"overrides": {"hiden_size": 64}}})
+    cfg = parse_config({"model": {"preset": "small", "overrides": {"num_hidden_layers": 3}}})
+    assert cfg.model.llama().num_hidden_layers == 3 and cfg.model.llama().hidden_size == 512

@@ -2,7 +2,10 @@
 group starts.
 
 Every section is a small pydantic model with ``extra="forbid"``, so a misspelt key fails at
-once with its dotted path instead of being ignored for a week of GPU time. Checks that need
+once with its dotted path instead of being ignored for a week of GPU time. The module is
+torch-free: the operator renders these models, and each section's ``cel_rules`` (the CEL form
+of its cross-field validators), into the TrainingJob CRD's ``spec.trainer.config``, so the API
+server refuses a bad config at ``kubectl apply``; the checks here stay as the second line. Checks that need
 the machine (world size, memory) live in ``check_runtime`` and run before the process group
 is created too. Any failure raises ``ConfigError``; the entry point turns it into
 ``ExitCode.CONFIG_ERROR``, which the operator never retries.
@@ -10,14 +13,16 @@ is created too. Any failure raises ``ConfigError``; the entry point turns it int
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from kubeforge.api.common import Rule
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
-from kubeforge_runtime.model.llama import PRESETS, LlamaConfig, preset
+from kubeforge_runtime.model.shape import PRESETS, LlamaConfig, preset
 
 
 class ConfigError(ValueError):
@@ -26,14 +31,63 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: the cross-field validators in CEL, for admission (rendered into the CRD by crdgen)
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+
+def _cel(path: str, default: str) -> str:
+    """CEL for ``self.<path>``, or ``default`` where the document leaves it out: the API server
+    does not fill in the trainer's defaults, so every rule reads them from the models."""
+    parts = path.split(".")
+    present = " && ".join(f"has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
+    return f"({present} ? self.{path} : {default})"
+
+
+def _cel_field(model: type[BaseModel], path: str, prefix: str = "") -> str:
+    """``_cel`` with the default of ``model``'s field at ``path`` (a dotted path of sections)."""
+    node: Any = model
+    for name in path.split("."):
+        info = node.model_fields[name]
+        node = info.annotation
+    return _cel(prefix + path, json.dumps(info.get_default(call_default_factory=True)))
+
+
+def _cel_shape(field: str, model: str = "") -> str:
+    """The effective ``LlamaConfig`` field in CEL: the override, else the preset's value."""
+    table = ", ".join(f"'{name}': {json.dumps(getattr(preset(name), field))}" for name in sorted(PRESETS))
+    return _cel(f"{model}overrides.{field}", f"{{{table}}}[{_cel(f'{model}preset', json.dumps(DEFAULT_PRESET))}]")
+
+
+DEFAULT_PRESET = "tiny"
+_PRESET_NAMES: list[JsonValue] = [*sorted(PRESETS)]
+
+
+class ModelOverrides(_Section):
+    """LlamaConfig fields replacing the preset's, by their Hugging Face names; unset keeps the preset's."""
+
+    vocab_size: int | None = Field(None, ge=1, description="tokens in the vocabulary; unset: the tokenizer's")
+    hidden_size: int | None = Field(None, ge=1, description="width of the residual stream")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP width")
+    num_hidden_layers: int | None = Field(None, ge=1, description="decoder blocks")
+    num_attention_heads: int | None = Field(None, ge=1, description="query heads: must divide hidden_size")
+    num_key_value_heads: int | None = Field(None, ge=1, description="grouped-query attention: must divide the heads")
+    max_position_embeddings: int | None = Field(None, ge=1, description="longest sequence the model takes")
+    rms_norm_eps: float | None = Field(None, gt=0, description="epsilon of RMSNorm")
+    rope_theta: float | None = Field(None, gt=0, description="base of the rotary position embedding")
+    tie_word_embeddings: bool | None = Field(None, description="the output head shares the embedding matrix")
+    initializer_range: float | None = Field(None, gt=0, description="std of the initial weights")
+
+    def given(self) -> dict[str, Any]:
+        """The fields set, as ``LlamaConfig`` keyword arguments."""
+        return self.model_dump(exclude_none=True)
 
 
 class ModelConfig(_Section):
     """Which model to train."""
 
-    preset: str = Field("tiny", description=f"shape preset, one of {sorted(PRESETS)}")
-    overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="LlamaConfig fields replacing the preset's (Hugging Face names)")
+    preset: str = Field(DEFAULT_PRESET, description=f"shape preset, one of {sorted(PRESETS)}",
+                        json_schema_extra={"enum": _PRESET_NAMES})
+    overrides: ModelOverrides = Field(default_factory=ModelOverrides)  # type: ignore[arg-type]
     init_from: str | None = Field(None, description="a Hugging Face Llama directory to start from (fine-tuning)")
     activation_checkpointing: bool = Field(False, description="recompute each decoder block in backward")
 
@@ -53,8 +107,10 @@ class ModelConfig(_Section):
         return self
 
     def llama(self, vocab_size: int | None = None) -> LlamaConfig:
-        extra = {"vocab_size": vocab_size} if vocab_size is not None and "vocab_size" not in self.overrides else {}
-        return preset(self.preset, **{**self.overrides, **extra})
+        given = self.overrides.given()
+        if vocab_size is not None and "vocab_size" not in given:
+            given["vocab_size"] = vocab_size
+        return preset(self.preset, **given)
 
 
 class DataConfig(_Section):
@@ -75,7 +131,7 @@ class TrainConfig(_Section):
     steps: int = Field(100, ge=1, description="optimizer steps in total")
     global_batch: int = Field(8, ge=1, description="sequences per optimizer step, whatever the world size")
     micro_batch: int = Field(2, ge=1, description="sequences per forward pass on one rank")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the initial weights and the data order")
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables clipping")
 
     @model_validator(mode="after")
@@ -90,8 +146,8 @@ class OptimizerConfig(_Section):
     """AdamW."""
 
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's two moment decay rates, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     weight_decay: float = Field(0.1, ge=0, description="applied to matrices only, not norms")
 
     @field_validator("betas")
@@ -105,8 +161,8 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     """Learning-rate schedule: linear warmup, then cosine decay or warmup-stable-decay."""
 
-    kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
+    kind: Literal["cosine", "wsd", "constant"] = Field("cosine", description="the shape after warmup")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup from 0; must not exceed train.steps when set")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
 
@@ -136,7 +192,7 @@ class MetricsConfig(_Section):
 class ExportConfig(_Section):
     """The final model in Hugging Face layout."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="write the export when training finishes")
     path: str | None = Field(None, description="local folder; null: the checkpoint store's export location")
 
 
@@ -164,6 +220,35 @@ class TrainerConfig(_Section):
             raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must not exceed "
                              f"train.steps ({self.train.steps})")
         return self
+
+# Admission: the CEL form of the cross-field validators above, checked by the API server on
+# `spec.trainer.config` (crdgen renders them; tests/cluster/test_admission.py runs the same bad
+# configs through both). Each reads a default where the document leaves a key out.
+ModelConfig.cel_rules = (
+    Rule(f"{_cel_shape('hidden_size')} % {_cel_shape('num_attention_heads')} == 0",
+         "model.overrides: hidden_size must be divisible by num_attention_heads (the preset's value where "
+         "not overridden)", field_path=".overrides", reason="FieldValueInvalid"),
+    Rule(f"{_cel_shape('num_attention_heads')} % {_cel_shape('num_key_value_heads')} == 0",
+         "model.overrides: num_attention_heads must be divisible by num_key_value_heads (the preset's value "
+         "where not overridden)", field_path=".overrides", reason="FieldValueInvalid"),
+)
+TrainConfig.cel_rules = (
+    Rule(f"{_cel_field(TrainConfig, 'global_batch')} % {_cel_field(TrainConfig, 'micro_batch')} == 0",
+         "train.global_batch must be divisible by train.micro_batch", field_path=".global_batch",
+         reason="FieldValueInvalid"),
+)
+OptimizerConfig.cel_rules = (
+    Rule("!has(self.betas) || self.betas.all(b, b >= 0.0 && b < 1.0)", "optimizer.betas must each be in [0, 1)",
+         field_path=".betas", reason="FieldValueInvalid"),
+)
+TrainerConfig.cel_rules = (
+    Rule(f"{_cel_field(TrainerConfig, 'data.seq_len')} <= {_cel_shape('max_position_embeddings', 'model.')}",
+         "data.seq_len must not exceed the model's max_position_embeddings (the preset's value where not "
+         "overridden)", field_path=".data", reason="FieldValueInvalid"),
+    Rule(f"!has(self.schedule) || !has(self.schedule.warmup_steps) || "
+         f"self.schedule.warmup_steps <= {_cel_field(TrainerConfig, 'train.steps')}",
+         "schedule.warmup_steps must not exceed train.steps", field_path=".schedule", reason="FieldValueInvalid"),
+)
 
 
 def _format_error(e: ValidationError) -> str:
