@@ -98,23 +98,27 @@ def test_retention_keeps_last_k_and_milestones_and_reports_jobs(fast_operator: O
               f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}")
     store = open_store(f"s3://kubeforge/{prefix}", endpoint_url=s3["AWS_ENDPOINT_URL"],
                        access_key_id=s3["AWS_ACCESS_KEY_ID"], secret_access_key=s3["AWS_SECRET_ACCESS_KEY"])
-    for step in range(5, 36, 5):  # 5, 10, ..., 35
-        _commit(store, namespace, "job-a", step, tmp_path)
     job = {"apiVersion": "kubeforge.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "job-a"},
            "spec": {"checkpointPolicyRef": {"name": "p"}, "suspend": True}}
     c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    # the job's own run (issue 16 item 9), and what an earlier job-a left: never touched
+    run = f"job-a/runs/{kubectl_json(c, 'get', 'trainingjob', 'job-a', '-n', namespace)['metadata']['uid']}"
+    for step in range(5, 36, 5):  # 5, 10, ..., 35
+        _commit(store, namespace, run, step, tmp_path)
+        _commit(store, namespace, "job-a", step, tmp_path)
     c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(policy("p", s3["AWS_ENDPOINT_URL"], prefix)))
 
     def kept() -> list[int] | None:
-        steps = [ck.step for ck in store.committed_checkpoints(namespace, "job-a")]
+        steps = [ck.step for ck in store.committed_checkpoints(namespace, run)]
         return steps if steps == [10, 20, 30, 35] else None
 
     wait_for("retention: last 2 + every 10th", kept, 60)
     status = wait_for("job summary in status", lambda: [
         j for j in (kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace).get("status") or {}).get("jobs", [])
         if j.get("committed") == 4], 30)
-    assert status[0] == {"name": "job-a", "committed": 4, "bytes": 400, "newestStep": 35,
-                         "newestTime": status[0]["newestTime"], "newestUri": store.checkpoint_uri(namespace, "job-a", 35)}
+    assert status[0] == {"name": "job-a", "run": run, "committed": 4, "bytes": 400, "newestStep": 35,
+                         "newestTime": status[0]["newestTime"], "newestUri": store.checkpoint_uri(namespace, run, 35)}
+    assert [ck.step for ck in store.committed_checkpoints(namespace, "job-a")] == list(range(5, 36, 5))
     # retention runs without a kopf timer, so the policy carries no finalizer and stays
     # deletable while the operator is down
     assert not kubectl_json(c, "get", "checkpointpolicy", "p", "-n", namespace)["metadata"].get("finalizers")
@@ -167,8 +171,9 @@ def test_volume_policy_inspector_pod_applies_retention_and_reports(fast_operator
         # what the workers wrote to the claim: 35 saves of job-v
         claim_dir = tmp_path / "claim"
         store = open_store(f"file://{claim_dir / 'team'}")
+        run = f"job-v/runs/{kubectl_json(c, 'get', 'trainingjob', 'job-v', '-n', namespace)['metadata']['uid']}"
         for step in range(1, 36):
-            _commit(store, namespace, "job-v", step, tmp_path)
+            _commit(store, namespace, run, step, tmp_path)
 
         pod = wait_for("inspector pod scheduled", lambda: [
             p for p in kubectl_json(c, "get", "pods", "-n", namespace)["items"]
@@ -185,9 +190,9 @@ def test_volume_policy_inspector_pod_applies_retention_and_reports(fast_operator
             return [j for j in (body.get("status") or {}).get("jobs", []) if j.get("committed") == 5]
 
         entry = wait_for("job summary from the inspector", reported, 30)[0]
-        assert [ck.step for ck in store.committed_checkpoints(namespace, "job-v")] == [10, 20, 30, 34, 35]
-        uri = f"file:///mnt/checkpoints/team/{namespace}/job-v/checkpoints/step-0000000035"
-        assert entry == {"name": "job-v", "committed": 5, "bytes": 500, "newestStep": 35,
+        assert [ck.step for ck in store.committed_checkpoints(namespace, run)] == [10, 20, 30, 34, 35]
+        uri = f"file:///mnt/checkpoints/team/{namespace}/{run}/checkpoints/step-0000000035"
+        assert entry == {"name": "job-v", "run": run, "committed": 5, "bytes": 500, "newestStep": 35,
                          "newestTime": entry["newestTime"], "newestUri": uri}
         inspected = wait_for("Inspected", lambda: condition(c, namespace, "pv", "Inspected"), 30)
         assert inspected["status"] == "True" and inspected["reason"] == "InspectorSucceeded"

@@ -4,6 +4,7 @@ Deployment, ReplicaSet and HPA controllers) and the cluster's MinIO."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,10 +263,17 @@ def test_training_job_ref_waits_for_the_export_then_follows_it(isvc_operator: Op
     assert not (get(c, namespace, "inferenceservice", "chat") or {})["metadata"].get("finalizers")
 
     store = job_store(c, prefix)
+    # the export an earlier TrainingJob named tiny left (the layout of before runs had uids) is
+    # not this job's: never served (issue 16 item 9; the old code served it at once)
+    store.write_export(namespace, "tiny", fake_export(tmp_path / "predecessor", "old"), step=900)
+    time.sleep(5)  # two export polls
+    assert get(c, namespace, "deployment", "chat-server") is None
+    assert "no committed export" in (isvc_condition(c, namespace, "chat", "ModelReady") or {})["message"]
+    run = f"tiny/runs/{(get(c, namespace, 'trainingjob', 'tiny') or {})['metadata']['uid']}"
     # an export still being written (files, no marker) is not served
-    store.backend.put_file(f"{namespace}/tiny/export/config.json", fake_export(tmp_path / "partial", "p") / "config.json")
-    marker = store.write_export(namespace, "tiny", fake_export(tmp_path / "e1", "one"), step=100)
-    export_uri = store.export_uri(namespace, "tiny")
+    store.backend.put_file(f"{namespace}/{run}/export/config.json", fake_export(tmp_path / "partial", "p") / "config.json")
+    marker = store.write_export(namespace, run, fake_export(tmp_path / "e1", "one"), step=100)
+    export_uri = store.export_uri(namespace, run)
     args = wait_for("Deployment with the export", lambda: served_args(c, namespace), 30)
     assert args[args.index("--model") + 1] == export_uri
     assert template_revision(c, namespace) == marker.time
@@ -278,7 +286,7 @@ def test_training_job_ref_waits_for_the_export_then_follows_it(isvc_operator: Op
 
     # FollowLatest: a newer export rolls the pod template (marker times have 1 s resolution)
     wait_for("a new second", lambda: utc_now() != marker.time, 5, 0.1)
-    newer = store.write_export(namespace, "tiny", fake_export(tmp_path / "e2", "two"), step=200)
+    newer = store.write_export(namespace, run, fake_export(tmp_path / "e2", "two"), step=200)
     wait_for("rolled to the newer export", lambda: template_revision(c, namespace) == newer.time, 30)
     events = kubectl_json(c, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
     assert "ModelRolloutStarted" in {e["reason"] for e in events["items"]}
@@ -289,7 +297,7 @@ def test_training_job_ref_waits_for_the_export_then_follows_it(isvc_operator: Op
     wait_for("Pinned observed", lambda: (x := get(c, namespace, "inferenceservice", "chat")) and
              x["status"].get("observedGeneration") == x["metadata"]["generation"], 30)
     wait_for("a new second", lambda: utc_now() != newer.time, 5, 0.1)
-    newest = store.write_export(namespace, "tiny", fake_export(tmp_path / "e3", "three"), step=300)
+    newest = store.write_export(namespace, run, fake_export(tmp_path / "e3", "three"), step=300)
     pinned = wait_for("Pinned message", lambda: (x := isvc_condition(c, namespace, "chat", "ModelReady")) and
                       "Pinned" in x["message"] and x, 30)
     assert newest.time in pinned["message"]

@@ -14,7 +14,7 @@ from kubeforge.store import open_store
 
 from tests.cluster.test_checkpointpolicy import _commit, policy
 from tests.cluster.test_inferenceservice_controller import apply, delete_isvc, isvc, isvc_condition
-from tests.fixtures.cluster import OperatorProcess, wait_for
+from tests.fixtures.cluster import OperatorProcess, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +50,6 @@ def test_checkpoint_gauges_exist_only_while_the_job_checkpoints(operator: Operat
               f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}")
     store = open_store(f"s3://kubeforge/{prefix}", endpoint_url=s3["AWS_ENDPOINT_URL"],
                        access_key_id=s3["AWS_ACCESS_KEY_ID"], secret_access_key=s3["AWS_SECRET_ACCESS_KEY"])
-    _commit(store, namespace, "gauged", 10, tmp_path)
     pol = policy("p", s3["AWS_ENDPOINT_URL"], prefix)
     pol["spec"]["schedule"] = {"everySeconds": 600}
     c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pol))
@@ -58,6 +57,8 @@ def test_checkpoint_gauges_exist_only_while_the_job_checkpoints(operator: Operat
            "spec": {"checkpointPolicyRef": {"name": "p"},
                     "trainer": {"config": {"model": {"preset": "tiny"}, "train": {"steps": 20}}}}}
     c.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+    uid = kubectl_json(c, "get", "trainingjob", "gauged", "-n", namespace)["metadata"]["uid"]
+    _commit(store, namespace, f"gauged/runs/{uid}", 10, tmp_path)  # the job's own run
     labels = {"namespace": namespace, "trainingjob": "gauged"}
     wait_for("checkpoint gauges while it runs", lambda: sample(
         operator, "kubeforge_trainingjob_last_checkpoint_timestamp_seconds", **labels) and sample(

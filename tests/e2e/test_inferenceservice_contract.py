@@ -126,7 +126,8 @@ def test_the_pod_command_serves_the_export_and_drains(isvc_operator: OperatorPro
     prefix = f"isvc-contract/{uuid.uuid4().hex[:8]}"
     for obj in s3_objects(c, namespace, prefix):
         apply(c, namespace, obj)
-    marker = job_store(c, prefix).write_export(namespace, "tiny", save_tiny_model(tmp_path / "export"), step=42)
+    run = f"tiny/runs/{(get(c, namespace, 'trainingjob', 'tiny') or {})['metadata']['uid']}"  # the job's own run
+    marker = job_store(c, prefix).write_export(namespace, run, save_tiny_model(tmp_path / "export"), step=42)
     apply(c, namespace, isvc("chat", gpus=0, model={"trainingJobRef": {"name": "tiny"}},
                              engine={"numBlocks": 64, "maxNumSeqs": 8, "shutdownTimeoutSeconds": 20},
                              lifecycle={"preStopSleepSeconds": 1}))

@@ -511,3 +511,77 @@ def test_a_restarted_worker_clears_what_a_killed_one_left_in_staging(tmp_path: P
                                      staging_dir=staging)
     assert mgr.restore(torch.nn.Linear(2, 2), None, {}) is None
     assert not mine.exists() and other_rank.exists()  # a rank only touches its own leftovers
+
+
+def _save_run(uri: str, run: str, steps: tuple[int, ...], seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Commit ``steps`` of a tiny model into run ``run``; the weights saved at each step."""
+    from kubeforge_runtime.checkpoint import CheckpointManager
+    from kubeforge_runtime.model import Llama, preset
+
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+    mgr = CheckpointManager.from_env(uri, {"everySteps": 1, "asyncSave": False}, 0, 1, namespace=NS, job=run, env={})
+    saved = {}
+    for step in steps:
+        model.init_weights(seed + step)
+        mgr.save(step, model, None, {"step": step})
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr.close()
+    return saved
+
+
+def _manager_of(uri: str, run: str, resume: dict[str, Any] | None = None) -> Any:
+    """The manager a worker of run ``run`` gets from the pod contract (KUBEFORGE_JOB_RUN and, for
+    spec.resumeFrom, KUBEFORGE_RESUME_FROM)."""
+    from kubeforge.api import contract
+    from kubeforge_runtime.checkpoint import CheckpointManager
+
+    env = {contract.ENV_JOB_NAMESPACE: NS, contract.ENV_JOB_NAME: JOB, contract.ENV_JOB_RUN: run}
+    if resume is not None:
+        env[contract.ENV_RESUME_FROM] = json.dumps(resume)
+    return CheckpointManager.from_env(uri, {"everySteps": 1, "asyncSave": False}, 0, 1, env=env)
+
+
+def test_a_job_created_again_under_an_old_name_starts_fresh_unless_it_resumes(tmp_path: Path) -> None:
+    """Issue 16 item 9: the deleted job's run (legacy layout <job>/, and a uid run) stays as it
+    is; the new object's run has none of its checkpoints; spec.resumeFrom starts it from the
+    predecessor's newest (or named) step, and what it commits goes to its own run."""
+    from kubeforge.store import ResumeSourceError
+    from kubeforge_runtime.model import Llama, preset
+
+    uri = f"file://{tmp_path / 'store'}"
+    legacy = _save_run(uri, JOB, (5, 10), seed=1)             # a job of before runs had uids
+    previous = _save_run(uri, f"{JOB}/runs/uid-1", (3, 6), seed=7)  # then a job deleted since
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+
+    fresh = _manager_of(uri, f"{JOB}/runs/uid-2")
+    assert fresh.restore(model, None, {}) is None  # the old code resumed step 10 of the legacy run
+
+    extra: dict[str, Any] = {}
+    newest = _manager_of(uri, f"{JOB}/runs/uid-3", {"trainingJob": JOB, "run": None, "step": None})
+    assert newest.restore(model, None, extra) == 6 and extra == {"step": 6}  # the newest run's newest step
+    assert all(torch.equal(v, previous[6][k]) for k, v in model.state_dict().items())
+    newest.save(7, model, None, {"step": 7})
+    newest.close()
+    assert newest.store is not None
+    assert [c.step for c in newest.store.list_checkpoints(NS, f"{JOB}/runs/uid-3")] == [7]
+    assert [c.step for c in newest.store.list_checkpoints(NS, f"{JOB}/runs/uid-1")] == [3, 6]
+    assert [c.step for c in newest.store.list_checkpoints(NS, JOB)] == [5, 10]
+    # restarted after its own first commit: its own checkpoint, not the source again
+    assert _manager_of(uri, f"{JOB}/runs/uid-3", {"trainingJob": JOB}).restore(model, None, {}) == 7
+
+    named = _manager_of(uri, f"{JOB}/runs/uid-4", {"trainingJob": JOB, "run": JOB, "step": 5})
+    assert named.restore(model, None, {}) == 5
+    assert all(torch.equal(v, legacy[5][k]) for k, v in model.state_dict().items())
+
+    by_step = _manager_of(uri, f"{JOB}/runs/uid-5", {"trainingJob": JOB, "step": 10})  # the run that has it
+    assert by_step.restore(model, None, {}) == 10
+
+    with pytest.raises(ResumeSourceError, match=r"spec\.resumeFrom\.step: no committed checkpoint.* at step 4"):
+        _manager_of(uri, f"{JOB}/runs/uid-6", {"trainingJob": JOB, "step": 4}).restore(model, None, {})
+    with pytest.raises(ResumeSourceError, match=r"spec\.resumeFrom\.trainingJob: no committed checkpoint"):
+        _manager_of(uri, f"{JOB}/runs/uid-6", {"trainingJob": "never-ran"}).restore(model, None, {})
+
+    step_dir = tmp_path / "store" / NS / JOB / "runs" / "uid-1" / "checkpoints" / "step-0000000003"
+    (step_dir / "__0_0.distcp").write_bytes(b"corrupt")
+    with pytest.raises(ResumeSourceError, match=r"spec\.resumeFrom\.step: no checkpoint of run .*uid-1 could be"):
+        _manager_of(uri, f"{JOB}/runs/uid-7", {"trainingJob": JOB, "step": 3}).restore(model, None, {})

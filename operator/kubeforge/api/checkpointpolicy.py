@@ -85,6 +85,9 @@ class JobCheckpoints(ApiModel):
     """What the store holds for one TrainingJob using this policy."""
 
     name: str = Field(description="TrainingJob name.")
+    run: str | None = Field(default=None, description=(
+        "The job's run (its status.run): where under <store>/<namespace>/ its checkpoints and export are, "
+        "<name>/runs/<uid>. Absent for a job that started before runs were keyed by uid (its run is <name>)."))
     committed: int = Field(default=0, description="Number of committed checkpoints.")
     bytes: int = Field(default=0, description="Total bytes of committed checkpoints.")
     newest_step: int | None = Field(default=None, description=(

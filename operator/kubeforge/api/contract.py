@@ -26,6 +26,9 @@ class ExitCode(enum.IntEnum):
     PREEMPTED = 75
     #: The configuration is invalid (unknown key, impossible value). Retrying cannot help.
     CONFIG_ERROR = 78
+    #: ``spec.resumeFrom`` names no committed checkpoint, or one that cannot be loaded, and the
+    #: run has none of its own. Retrying cannot help; the job fails (reason ResumeSourceInvalid).
+    RESUME_SOURCE_INVALID = 79
 
 
 #: Environment variables the operator sets on worker pods.
@@ -34,6 +37,16 @@ ENV_CHECKPOINT_URI = "KUBEFORGE_CHECKPOINT_URI"  # store root: s3://bucket/prefi
 ENV_CHECKPOINT_POLICY = "KUBEFORGE_CHECKPOINT_POLICY"  # JSON of CheckpointPolicy.spec.schedule/retention
 ENV_JOB_NAMESPACE = "KUBEFORGE_JOB_NAMESPACE"
 ENV_JOB_NAME = "KUBEFORGE_JOB_NAME"
+#: The job's run: its store key ``<job>/runs/<uid>`` (``kubeforge.store.layout``), or ``<job>`` for
+#: a job that started before runs were keyed by uid. Unset: ``<job>`` (pods of an older operator).
+ENV_JOB_RUN = "KUBEFORGE_JOB_RUN"
+#: JSON ``{"trainingJob": name, "run": key or null, "step": n or null}`` of ``spec.resumeFrom``: where
+#: a run without a checkpoint of its own starts from (``run`` null: the newest earlier run of that
+#: name the trainer finds in the store).
+ENV_RESUME_FROM = "KUBEFORGE_RESUME_FROM"
+#: Set by the launcher for torchrun's workers: a worker that fails for a reason retrying cannot
+#: fix writes ``{"code": n, "message": ...}`` there, and the launcher exits with that code.
+ENV_FATAL_FILE = "KUBEFORGE_FATAL_FILE"
 ENV_METRICS_PORT = "KUBEFORGE_METRICS_PORT"
 #: On serving pods of a TrainingJob's export: the export revision (its commit marker's time) the
 #: pod must serve; the server refuses any other, so a Pinned service never serves a newer model.

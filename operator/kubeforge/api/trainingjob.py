@@ -95,6 +95,27 @@ class Export(ApiModel):
     enabled: bool = Field(default=True, description="Write the export when training finishes; Succeeded waits for it.")
 
 
+class ResumeFrom(ApiModel):
+    """Start this job's run from another run's checkpoint instead of from step 0.
+
+    Every TrainingJob object has a run of its own in the store (<job>/runs/<uid>): a job created
+    again under an old name starts fresh unless it says so here. Used only while the run has no
+    committed checkpoint of its own; from its first commit on, restarts resume from its own."""
+
+    training_job: str | None = Field(default=None, min_length=1, max_length=63, description=(
+        "Resume from the run of this TrainingJob: the existing object of that name, or when there is none "
+        "(or it is this one) the newest run a deleted object of that name left in the same store. "
+        "Unset: this job's own name, i.e. the run of its deleted predecessor."))
+    step: int | None = Field(default=None, ge=0, description=(
+        "Resume from this committed step. Unset: the newest loadable one. The job fails with reason "
+        "ResumeSourceInvalid when the step is not committed there or cannot be loaded."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("has(self.trainingJob) || has(self.step)", "resumeFrom must set trainingJob, step, or both",
+             reason="FieldValueRequired"),
+    )
+
+
 class TrainingJobSpec(ApiModel):
     """What to train, on how many GPU nodes, and how to survive failures."""
 
@@ -109,6 +130,14 @@ class TrainingJobSpec(ApiModel):
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail the job once it ran this long.")
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description=(
         "Delete the TrainingJob this long after it succeeded or failed."))
+    resume_from: ResumeFrom | None = Field(default=None, description=(
+        "Start from a checkpoint of another run (a deleted job's, or another job's) rather than step 0."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.resumeFrom) || has(self.checkpointPolicyRef)",
+             "resumeFrom must come with a checkpointPolicyRef: the runs it resumes are in that policy's store",
+             field_path=".resumeFrom", reason="FieldValueRequired"),
+    )
 
 
 class WorkerCounts(ApiModel):
@@ -158,6 +187,9 @@ class TrainingJobStatus(StatusBase):
     completion_time: str | None = Field(default=None, description="When the job succeeded or failed.")
     last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest committed checkpoint.")
     export_uri: str | None = Field(default=None, description="Where the committed export is.")
+    run: str | None = Field(default=None, description=(
+        "This object's run, where under <store>/<namespace>/ its checkpoints and export are: <name>/runs/<uid>, "
+        "or <name> for a job that started before runs were keyed by uid. Decided once, before the first worker."))
     message: str | None = Field(default=None, description="Latest human-readable summary.")
     worker_pods: list[WorkerPodRecord] = Field(default_factory=list, description=(
         "The current attempt of every worker index, by which restarts are counted exactly once."))

@@ -2,9 +2,13 @@
 
 Layout under a store root (``s3://bucket/prefix`` or ``file:///path``)::
 
-    <namespace>/<job>/checkpoints/step-0000000042/...        sharded checkpoint files
-    <namespace>/<job>/checkpoints/step-0000000042/commit.json marker, written last
-    <namespace>/<job>/export/...  + export/commit.json       Hugging Face model, own marker
+    <namespace>/<run>/checkpoints/step-0000000042/...        sharded checkpoint files
+    <namespace>/<run>/checkpoints/step-0000000042/commit.json marker, written last
+    <namespace>/<run>/export/...  + export/commit.json       Hugging Face model, own marker
+
+where ``<run>`` is ``<job>/runs/<uid>`` (one TrainingJob object), or ``<job>`` for a run that
+started before runs were keyed by uid (``layout.py`` says why). Every ``job`` argument below
+is such a run key.
 
 A checkpoint exists only once its marker does (step, time, world size, bytes, per-file size
 and sha256); without one it is never restored and is deleted after a grace period.
@@ -27,6 +31,9 @@ API (what the operator and the trainer call)::
     store.export_uri(ns, job) -> str
     store.write_export(ns, job, local_dir, step) -> ExportMarker
     store.download_export(ns, job, dest) -> ExportMarker
+    store.runs(ns, job_name) -> list[str]                # run keys of every object of that name
+    store.resume_source(ns, job_name, run=None, step=None, exclude=own_run) -> ResumeSource
+                                                         # raises ResumeSourceError naming spec.resumeFrom
 
     storage_uri(policy_spec) -> str                      # the root a CheckpointPolicy names
     open_policy_store(policy_spec, secret_data, retry_deadline_s) -> Store
@@ -52,16 +59,25 @@ from kubeforge.store.layout import (
     commit_local_export,
     export_prefix,
     job_prefix,
+    parse_run_key,
+    run_key,
     step_dir_name,
     utc_now,
 )
 from kubeforge.store.policy import CREDENTIAL_KEYS, open_policy_store, storage_uri
 from kubeforge.store.retention import RetentionPlan, plan_retention
-from kubeforge.store.store import CheckpointSummary, CorruptCheckpoint, Store, open_store
+from kubeforge.store.store import (
+    CheckpointSummary,
+    CorruptCheckpoint,
+    ResumeSource,
+    ResumeSourceError,
+    Store,
+    open_store,
+)
 
 __all__ = [
     "CREDENTIAL_KEYS", "EXPORT_PENDING_NAME", "MARKER_NAME", "CheckpointInfo", "CheckpointSummary", "CommitMarker", "CorruptCheckpoint", "ExportMarker",
-    "FileDigest", "NotFound", "ObjectInfo", "RetentionPlan", "S3Options", "Store", "StoreError",
-    "begin_local_export", "checkpoint_prefix", "commit_local_export", "export_prefix", "job_prefix", "open_backend", "open_policy_store", "open_store", "plan_retention",
-    "step_dir_name", "storage_uri", "utc_now",
+    "FileDigest", "NotFound", "ObjectInfo", "ResumeSource", "ResumeSourceError", "RetentionPlan", "S3Options", "Store", "StoreError",
+    "begin_local_export", "checkpoint_prefix", "commit_local_export", "export_prefix", "job_prefix", "open_backend", "open_policy_store", "open_store", "parse_run_key", "plan_retention",
+    "run_key", "step_dir_name", "storage_uri", "utc_now",
 ]

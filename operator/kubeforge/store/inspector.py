@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeforge.store.backends import StoreError
+from kubeforge.store.layout import parse_run_key
 from kubeforge.store.report import JobRef, RetentionRule, inspect_store
 from kubeforge.store.store import open_store
 
@@ -31,7 +32,8 @@ DEFAULT_MESSAGE_FILE = "/dev/termination-log"
 
 
 def parse_jobs(raw: str) -> list[JobRef]:
-    """``[{"name": "a", "lastStep": 40}, ...]`` → JobRefs; a clear error naming what is wrong."""
+    """``[{"name": "a", "lastStep": 40, "run": "a/runs/<uid>"}, ...]`` → JobRefs (``run`` absent:
+    the legacy run ``<name>``); a clear error naming what is wrong."""
     try:
         items = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -45,7 +47,14 @@ def parse_jobs(raw: str) -> list[JobRef]:
         last = item.get("lastStep")
         if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 0):
             raise ValueError(f"--jobs[{i}].lastStep: must be a non-negative integer")
-        out.append(JobRef(item["name"], last))
+        run = item.get("run")
+        if run is not None:
+            try:
+                if not isinstance(run, str) or parse_run_key(run)[0] != item["name"]:
+                    raise ValueError(f"the run of job {item['name']!r} must be {item['name']}/runs/<uid>")
+            except ValueError as e:
+                raise ValueError(f"--jobs[{i}].run: {e}") from e
+        out.append(JobRef(item["name"], last, run))
     return out
 
 
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kubeforge.store.inspector", description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", required=True, help="store root, e.g. file:///mnt/checkpoints/team-a")
     ap.add_argument("--namespace", required=True, help="namespace of the TrainingJobs")
-    ap.add_argument("--jobs", default="[]", help='JSON list: [{"name": "job", "lastStep": 40}]')
+    ap.add_argument("--jobs", default="[]", help='JSON list: [{"name": "job", "lastStep": 40, "run": "job/runs/<uid>"}]')
     ap.add_argument("--keep-last", type=int, default=None, help="apply retention: keep the K newest")
     ap.add_argument("--keep-every", type=int, default=None, help="and every M-th step")
     ap.add_argument("--incomplete-grace-seconds", type=float, default=3600.0)

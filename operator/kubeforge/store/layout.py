@@ -2,11 +2,21 @@
 
 Every key is relative to the store root (``s3://bucket/prefix`` or ``file:///path``)::
 
-    <namespace>/<job>/checkpoints/step-<0000000042>/<files...>
-    <namespace>/<job>/checkpoints/step-<0000000042>/commit.json     written last
-    <namespace>/<job>/export/<config.json, *.safetensors, tokenizer.json...>
-    <namespace>/<job>/export/commit.json                             written last
-    <namespace>/<job>/export/export-pending.json                     while it is written
+    <namespace>/<run>/checkpoints/step-<0000000042>/<files...>
+    <namespace>/<run>/checkpoints/step-<0000000042>/commit.json     written last
+    <namespace>/<run>/export/<config.json, *.safetensors, tokenizer.json...>
+    <namespace>/<run>/export/commit.json                             written last
+    <namespace>/<run>/export/export-pending.json                     while it is written
+    <namespace>/<run>/restoring.json, unloadable.json                see below
+
+``<run>`` is one TrainingJob object's run: ``<job>/runs/<uid>`` (its name and its
+``metadata.uid``), so a job deleted and created again under the same name starts a run of its
+own and never resumes, exports over or serves its predecessor's. A job that started before
+runs were keyed by uid keeps the run it has, ``<job>`` (the "legacy" run, the layout of that
+time); the operator records which in the job's ``status.run`` and tells the workers
+(``KUBEFORGE_JOB_RUN``). Nothing is moved or deleted for this: the runs of one name sit side by
+side under ``<namespace>/<job>/`` (``checkpoints/`` and ``export/`` of the legacy run,
+``runs/<uid>/...`` of the others), and ``spec.resumeFrom`` starts a run from any of them.
 
 A directory counts only once its ``commit.json`` exists: writers upload every file first and
 the marker last, readers never look at a directory without one, and deleters remove the
@@ -37,6 +47,8 @@ RESTORE_LEASE_NAME = "restoring.json"
 UNLOADABLE_NAME = "unloadable.json"
 #: ``export/export-pending.json``: an export being written (or one whose writer died midway)
 EXPORT_PENDING_NAME = "export-pending.json"
+#: ``<job>/runs/<uid>``: the directory of the runs keyed by the TrainingJob's uid
+RUNS_DIR = "runs"
 STEP_DIGITS = 10
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER_VERSION = 1
@@ -91,8 +103,25 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def run_key(job: str, uid: str | None) -> str:
+    """The run of TrainingJob ``job`` with ``metadata.uid`` ``uid``; None: the legacy run ``<job>``."""
+    return _check_name(job, "job") if uid is None else f"{_check_name(job, 'job')}/{RUNS_DIR}/{_check_name(uid, 'uid')}"
+
+
+def parse_run_key(run: str) -> tuple[str, str | None]:
+    """(job name, uid or None for the legacy run) of a run key; ValueError for anything else."""
+    parts = run.split("/")
+    if len(parts) == 1:
+        return _check_name(parts[0], "job"), None
+    if len(parts) == 3 and parts[1] == RUNS_DIR:
+        return _check_name(parts[0], "job"), _check_name(parts[2], "uid")
+    raise ValueError(f"run must be <job> or <job>/{RUNS_DIR}/<uid>, got {run!r}")
+
+
 def job_prefix(namespace: str, job: str) -> str:
-    return f"{_check_name(namespace, 'namespace')}/{_check_name(job, 'job')}"
+    """``<namespace>/<run>``: ``job`` is a run key (``run_key``), a plain job name being the legacy run."""
+    parse_run_key(job)
+    return f"{_check_name(namespace, 'namespace')}/{job}"
 
 
 def checkpoints_prefix(namespace: str, job: str) -> str:

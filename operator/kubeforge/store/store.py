@@ -31,6 +31,20 @@ class CorruptCheckpoint(StoreError):
     """A committed checkpoint's files do not match its marker (missing, resized or changed)."""
 
 
+class ResumeSourceError(Exception):
+    """``spec.resumeFrom`` names no committed checkpoint (no such run, no such step) or one
+    that cannot be loaded. Not a StoreError: retrying cannot help, the spec must change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeSource:
+    """The run a new run starts from and its committed checkpoints (oldest first; only the
+    named step when one was asked for)."""
+
+    run: str
+    checkpoints: list[CheckpointInfo]
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointSummary:
     """What the operator reports per job: committed count and bytes, the newest loadable one."""
@@ -95,6 +109,46 @@ class Store:
         """The newest committed step a restore has not failed on (what the job resumes from)."""
         loadable = [c for c in self.list_checkpoints(namespace, job) if c.loadable]
         return loadable[-1] if loadable else None
+
+    # ------------------------------------------------------------------ runs
+
+    def runs(self, namespace: str, job: str) -> list[str]:
+        """The run keys of every TrainingJob object named ``job`` that left anything in the
+        store (the legacy run ``<job>`` included), in no particular order."""
+        base = layout.job_prefix(namespace, job)
+        found: set[str] = set()
+        for obj in self.backend.list(base):
+            parts = obj.key[len(base) + 1:].split("/")
+            if parts[0] == layout.RUNS_DIR and len(parts) > 2:
+                found.add(layout.run_key(job, parts[1]))
+            elif parts[0] != layout.RUNS_DIR:
+                found.add(job)
+        return sorted(found)
+
+    def resume_source(self, namespace: str, job: str, *, run: str | None = None, step: int | None = None,
+                      exclude: str | None = None) -> ResumeSource:
+        """Where ``spec.resumeFrom`` points: ``run`` when the operator knows it (the named job
+        exists), else the run of an earlier object named ``job`` (not ``exclude``, the asking
+        run) whose newest committed checkpoint (at ``step``, when given) is the newest. Raises
+        ResumeSourceError naming the field when there is none."""
+        what = f"TrainingJob {job}" + (f" at step {step}" if step is not None else "")
+        field = "spec.resumeFrom.step" if step is not None else "spec.resumeFrom.trainingJob"
+        candidates = [run] if run is not None else [r for r in self.runs(namespace, job) if r != exclude]
+        best: tuple[str, ResumeSource] | None = None
+        for key in candidates:
+            committed = self.committed_checkpoints(namespace, key)
+            if step is not None:
+                committed = [c for c in committed if c.step == step]
+            if not committed:
+                continue
+            newest = max((c.marker.time for c in committed if c.marker is not None), default="")
+            if best is None or newest > best[0]:
+                best = (newest, ResumeSource(key, committed))
+        if best is None:
+            where = f"{self.uri}/{layout.job_prefix(namespace, run)}" if run is not None else \
+                f"{self.uri}/{namespace}/{job} (runs: {', '.join(candidates) or 'none'})"
+            raise ResumeSourceError(f"{field}: no committed checkpoint of {what} under {where}")
+        return best[1]
 
     # ------------------------------------------------------------------ unloadable steps
 

@@ -14,7 +14,12 @@ process group: DCP's collectives on the default group from a second thread inter
 the loop's collectives and deadlock. A second small gloo group, used only from the loop's
 thread, lets all ranks agree on time-based saves. The next save waits for the previous one.
 
-Restore. Rank 0 lists committed checkpoints and broadcasts the choice, newest first. Files
+Restore. Rank 0 lists the run's committed checkpoints and broadcasts the choice, newest first.
+A run with none of its own starts from ``spec.resumeFrom`` when the job asks for it
+(``KUBEFORGE_RESUME_FROM``): another run's checkpoint (a deleted job's of the same name, or
+another job's), read in place there; what the run commits goes into its own directory. A
+resume source that is not there, or does not load, raises ``ResumeSourceError`` on every
+rank (never a silent start from step 0). Files
 are fetched through a DCP reader that verifies each file's sha256 against the marker before
 DCP reads it; DCP reshards to the current world size. A corrupt or missing file fails the
 load on every rank (DCP gathers errors), and all ranks fall back to the previous checkpoint.
@@ -27,6 +32,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -43,7 +49,16 @@ from typing import IO, Any, cast
 import torch
 import torch.distributed as dist
 from kubeforge.api import contract
-from kubeforge.store import CommitMarker, FileDigest, Store, StoreError, open_store, plan_retention, utc_now
+from kubeforge.store import (
+    CommitMarker,
+    FileDigest,
+    ResumeSourceError,
+    Store,
+    StoreError,
+    open_store,
+    plan_retention,
+    utc_now,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -98,6 +113,24 @@ class CheckpointSettings:
             fields.update(keep_last=ret.keep_last, keep_every=ret.keep_every,
                           incomplete_grace_seconds=float(ret.incomplete_grace_seconds))
         return cls(**{**fields, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeRequest:
+    """``spec.resumeFrom`` as the pod contract passes it (``KUBEFORGE_RESUME_FROM``)."""
+
+    training_job: str
+    #: the named job's run when the operator found that object; None: the newest earlier run
+    run: str | None = None
+    step: int | None = None
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> ResumeRequest | None:
+        if not raw:
+            return None
+        doc = json.loads(raw)
+        step = doc.get("step")
+        return cls(str(doc["trainingJob"]), doc.get("run") or None, int(step) if step is not None else None)
 
 
 @dataclasses.dataclass
@@ -262,9 +295,11 @@ class CheckpointManager:
     """Saves and restores one job's training state; see the package docstring for the calls."""
 
     def __init__(self, store: Store | None, namespace: str, job: str, rank: int, world_size: int,
-                 settings: CheckpointSettings | None = None) -> None:
+                 settings: CheckpointSettings | None = None, resume_from: ResumeRequest | None = None) -> None:
         self.store = store
+        #: ``job`` is the run's store key (``<job>/runs/<uid>``, or a plain name: the legacy run)
         self.namespace, self.job = namespace, job
+        self.resume_from = resume_from
         self.rank, self.world_size = rank, world_size
         self.settings = settings or CheckpointSettings()
         self.last_committed_step: int | None = None
@@ -296,7 +331,7 @@ class CheckpointManager:
         S3 endpoint, region and credentials come from boto3's environment (``AWS_*``)."""
         env = os.environ if env is None else env
         namespace = namespace or env.get(contract.ENV_JOB_NAMESPACE) or "default"
-        job = job or env.get(contract.ENV_JOB_NAME) or "local"
+        job = job or env.get(contract.ENV_JOB_RUN) or env.get(contract.ENV_JOB_NAME) or "local"
         store = open_store(root_uri, endpoint_url=env.get(contract.ENV_S3_ENDPOINT) or None,
                            region=env.get(contract.ENV_S3_REGION) or None,
                            access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
@@ -306,7 +341,8 @@ class CheckpointManager:
         staging = env.get(contract.ENV_CHECKPOINT_STAGING_DIR)
         if staging and "staging_dir" not in settings:  # the pod's sized emptyDir
             settings["staging_dir"] = Path(staging)
-        return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings))
+        return cls(store, namespace, job, rank, world_size, CheckpointSettings.from_policy(policy, **settings),
+                   ResumeRequest.from_json(env.get(contract.ENV_RESUME_FROM)))
 
     @property
     def enabled(self) -> bool:
@@ -540,8 +576,11 @@ class CheckpointManager:
         """Load the newest committed checkpoint (or ``step``) into ``model``/``optimizer`` in place
         and update ``extra``; returns the step, or None when there is nothing to restore.
 
-        A checkpoint whose files do not match their marker is skipped with a warning and the
-        previous one is tried; raises StoreError when committed checkpoints exist and none loads."""
+        A run with no committed checkpoint of its own starts from ``resume_from`` when set
+        (another run, read in place); ResumeSourceError when that names nothing committed or
+        nothing there loads. A checkpoint whose files do not match their marker is skipped with
+        a warning and the previous one is tried; raises StoreError when committed checkpoints
+        exist and none loads."""
         if not self.enabled:
             return None
         assert self.store is not None
@@ -549,61 +588,86 @@ class CheckpointManager:
         self.wait()  # a save in flight would share the checkpoint group with the load
         candidates: list[Any] = [None]
         if self.rank == 0:
-            committed = self.store.committed_checkpoints(self.namespace, self.job)
-            if step is not None:
-                committed = [c for c in committed if c.step == step]
-                if not committed:
-                    candidates[0] = f"step {step} has no committed checkpoint under " \
-                                    f"{self.store.uri}/{self.namespace}/{self.job}"
-            if candidates[0] is None:
-                # the loadable ones newest first; the ones a restore failed on last (a read
-                # error may have been transient)
-                ordered = [c for c in reversed(committed) if c.loadable] + \
-                          [c for c in reversed(committed) if not c.loadable]
-                candidates[0] = [(c.step, c.prefix, c.marker, c.unloadable is not None) for c in ordered]
+            candidates[0] = self._restore_candidates(step)
         if self._control_group is not None:
             dist.broadcast_object_list(candidates, src=0, group=self._control_group)
+        if isinstance(candidates[0], ResumeSourceError):
+            raise ResumeSourceError(str(candidates[0]))
         if isinstance(candidates[0], str):
             raise StoreError(candidates[0])
+        run, resuming, ordered = candidates[0]
         tried: list[str] = []
-        for ckpt_step, prefix, marker, was_unloadable in candidates[0]:
+        for ckpt_step, prefix, marker, was_unloadable in ordered:
             if self.rank == 0:  # retention (operator or worker) keeps the step while it loads
-                self.store.write_restore_lease(self.namespace, self.job, ckpt_step)
+                self.store.write_restore_lease(self.namespace, run, ckpt_step)
             error: str | None = "the load raised"
             try:
                 error = self._load(prefix, marker, model, optimizer, extra)
             finally:
                 # kept after a fallback, for the whole run: the step loaded is what this run can
                 # go back to while its own newer commits are unproven (close() clears it)
-                if self.rank == 0 and (error is not None or not tried):
-                    self.store.clear_restore_lease(self.namespace, self.job)
+                if self.rank == 0 and (error is not None or not tried or resuming):
+                    self.store.clear_restore_lease(self.namespace, run)
             if error is None:
                 if self.rank == 0 and was_unloadable:  # the earlier failure was transient
                     try:
-                        self.store.clear_unloadable(self.namespace, self.job, ckpt_step)
+                        self.store.clear_unloadable(self.namespace, run, ckpt_step)
                     except StoreError as exc:
                         log.warning("checkpoint: could not clear step %d from the unloadable ones: %s",
                                     ckpt_step, exc)
-                if self.rank == 0 and tried:
+                if self.rank == 0 and tried and not resuming:
                     self._lease_written = time.monotonic()
-                if tried:
+                if resuming:
+                    log.warning("checkpoint: this run (%s) starts from spec.resumeFrom: step %d of run %s%s",
+                                self.job, ckpt_step, run, f" after skipping {', '.join(tried)}" if tried else "")
+                elif tried:
                     log.warning("checkpoint: restored step %d after skipping %s", ckpt_step, ", ".join(tried))
                 else:
                     log.info("checkpoint: restored step %d (saved by %d ranks, now %d)", ckpt_step,
                              marker.world_size, self.world_size)
-                self.last_committed_step = self._last_saved_step = self._restored_step = ckpt_step
+                # from another run: nothing of this run is committed yet (the end of training saves)
+                self.last_committed_step = None if resuming else ckpt_step
+                self._last_saved_step = self._restored_step = ckpt_step
                 return cast(int, ckpt_step)
-            log.warning("checkpoint: step %d cannot be restored (%s); falling back to the previous one",
-                        ckpt_step, error)
+            log.warning("checkpoint: step %d of run %s cannot be restored (%s); falling back to the previous one",
+                        ckpt_step, run, error)
             tried.append(f"step {ckpt_step}")
             if self.rank == 0:  # retention stops counting it; lastCheckpoint stops naming it
                 try:
-                    self.store.mark_unloadable(self.namespace, self.job, ckpt_step, marker.time, error or "")
+                    self.store.mark_unloadable(self.namespace, run, ckpt_step, marker.time, error or "")
                 except StoreError as exc:
                     log.warning("checkpoint: could not record step %d as unloadable: %s", ckpt_step, exc)
+        if resuming:
+            field = "spec.resumeFrom.step" if self.resume_from and self.resume_from.step is not None \
+                else "spec.resumeFrom.trainingJob"
+            raise ResumeSourceError(f"{field}: no checkpoint of run {run} could be loaded "
+                                    f"({', '.join(tried)} failed)")
         if tried:
             raise StoreError(f"no committed checkpoint could be restored ({', '.join(tried)} failed)")
         return None
+
+    def _restore_candidates(self, step: int | None) -> Any:
+        """Rank 0: (run, from another run?, [(step, prefix, marker, was unloadable)] to try in
+        order), or the error every rank raises (a message: StoreError; a ResumeSourceError)."""
+        assert self.store is not None
+        run, resuming = self.job, False
+        committed = self.store.committed_checkpoints(self.namespace, run)
+        if step is not None:
+            committed = [c for c in committed if c.step == step]
+            if not committed:
+                return f"step {step} has no committed checkpoint under {self.store.uri}/{self.namespace}/{run}"
+        elif not committed and self.resume_from is not None:
+            r = self.resume_from
+            try:
+                source = self.store.resume_source(self.namespace, r.training_job, run=r.run, step=r.step,
+                                                  exclude=self.job)
+            except ResumeSourceError as exc:
+                return exc
+            run, resuming, committed = source.run, True, source.checkpoints
+        # the loadable ones newest first; the ones a restore failed on last (a read error may
+        # have been transient)
+        ordered = [c for c in reversed(committed) if c.loadable] + [c for c in reversed(committed) if not c.loadable]
+        return run, resuming, [(c.step, c.prefix, c.marker, c.unloadable is not None) for c in ordered]
 
     def _load(self, prefix: str, marker: CommitMarker, model: torch.nn.Module,
               optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> str | None:

@@ -10,19 +10,25 @@ that failed on a bad config ``--max-restarts`` times. This launcher
    a bad config exits 78 at once, without a rendezvous;
 2. runs torchrun as a child and forwards SIGTERM/SIGINT to it (torchrun forwards to the
    workers, which finish the step and checkpoint);
-3. exits 75 when it was told to stop, whatever torchrun returned, else torchrun's code.
+3. exits 75 when it was told to stop, whatever torchrun returned; else the code a worker left
+   in ``KUBEFORGE_FATAL_FILE`` (a failure retrying cannot fix, e.g. 79: ``spec.resumeFrom``
+   names no loadable checkpoint), its message printed last for the termination message;
+   else torchrun's code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
-from kubeforge.api.contract import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_FILE, ExitCode
+from kubeforge.api.contract import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_FILE, ENV_FATAL_FILE, ExitCode
 
 
 def _arg_value(args: Sequence[str], *names: str) -> str | None:
@@ -74,7 +80,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kubeforge: configuration error: {error}", file=sys.stderr, flush=True)
         return int(ExitCode.CONFIG_ERROR)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    child = subprocess.Popen([torchrun if os.path.exists(torchrun) else "torchrun", *args])
+    with tempfile.TemporaryDirectory(prefix="kubeforge-launch-") as tmp:
+        fatal_file = Path(tmp) / "fatal.json"
+        rc = _run_torchrun([torchrun if os.path.exists(torchrun) else "torchrun", *args], fatal_file)
+        if rc < 0:
+            return int(ExitCode.PREEMPTED)
+        if rc != 0 and fatal_file.exists():
+            try:
+                doc = json.loads(fatal_file.read_text())
+                code, message = int(doc["code"]), str(doc["message"])
+            except (ValueError, KeyError, TypeError):
+                return rc
+            print(message, file=sys.stderr, flush=True)
+            return code
+    return rc
+
+
+def _run_torchrun(command: list[str], fatal_file: Path) -> int:
+    """torchrun's exit code (a killed one: 128 + signal); -1 when this launcher was told to stop."""
+    child = subprocess.Popen(command, env={**os.environ, ENV_FATAL_FILE: str(fatal_file)})
     stopping: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -86,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = child.wait()
     if stopping:
-        return int(ExitCode.PREEMPTED)
+        return -1
     return rc if rc >= 0 else 128 - rc
 
 

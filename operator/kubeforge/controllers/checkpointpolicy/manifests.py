@@ -53,7 +53,8 @@ def build_inspector_pod(policy: str, namespace: str, uid: str, spec: CheckpointP
     r = spec.retention
     args = ["python", "-m", "kubeforge.store.inspector",
             "--store", storage_uri(spec, CHECKPOINT_MOUNT_DIR), "--namespace", namespace,
-            "--jobs", json.dumps([{"name": j.name, "lastStep": j.last_step} for j in jobs], separators=(",", ":")),
+            "--jobs", json.dumps([{"name": j.name, "lastStep": j.last_step, **({"run": j.run} if j.run else {})}
+                                  for j in jobs], separators=(",", ":")),
             "--keep-last", str(r.keep_last), "--incomplete-grace-seconds", str(r.incomplete_grace_seconds)]
     if r.keep_every:
         args += ["--keep-every", str(r.keep_every)]

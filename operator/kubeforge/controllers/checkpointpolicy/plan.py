@@ -125,10 +125,11 @@ def _age_s(pod: dict[str, Any], now: dt.datetime) -> float:
 def with_uris(entry: dict[str, Any], root: str, namespace: str) -> dict[str, Any]:
     """A report entry with the URIs the inspector leaves out of its message."""
     out = dict(entry)
+    run = out.get("run") or out["name"]
     if out.get("newestStep") is not None:
-        out["newestUri"] = f"{root}/{checkpoint_prefix(namespace, out['name'], int(out['newestStep']))}"
+        out["newestUri"] = f"{root}/{checkpoint_prefix(namespace, run, int(out['newestStep']))}"
     if out.get("exportTime"):
-        out["exportUri"] = f"{root}/{export_prefix(namespace, out['name'])}"
+        out["exportUri"] = f"{root}/{export_prefix(namespace, run)}"
     return out
 
 

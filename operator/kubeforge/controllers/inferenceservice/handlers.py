@@ -41,6 +41,7 @@ from kubeforge.controllers.status import conditions_patch, parse_spec
 from kubeforge.metrics import INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import StoreError, open_policy_store
+from kubeforge.store.report import job_run
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -115,14 +116,19 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
                                "serving an export needs S3 storage")
     store = open_policy_store(pspec, k8s.read_secret(owner.namespace, s3.credentials_secret_ref.name),
                               state.settings.inferenceservice.store_retry_deadline_s)
-    export_uri = store.export_uri(owner.namespace, job_name)
+    # the export of this object's run only: one of a deleted job of the same name is never served
+    run = job_run(job)
+    export_uri = store.export_uri(owner.namespace, run)
     try:
-        marker = store.export_marker(owner.namespace, job_name)
+        marker = store.export_marker(owner.namespace, run)
     except StoreError as e:
         return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {e}")
     if marker is None:
         return ModelResolution(False, "WaitingForTrainingJob",
-                               f"TrainingJob {job_name} has no committed export at {export_uri} yet")
+                               f"TrainingJob {job_name} (run {run}) has no committed export at {export_uri} yet"
+                               + _still_serving(served, export_uri))
+    if (served or {}).get("uri") != export_uri:
+        served = None  # what runs is another run's export (or none): Pinned pins this run's first
     revision, step = choose_export(m.update_policy, served, marker)
     model = ResolvedModel(uri=export_uri, revision=revision, step=step,
                           s3_endpoint=m.s3_endpoint or s3.endpoint, s3_region=s3.region,
@@ -133,6 +139,14 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
         message = (f"Pinned to revision {revision}; a newer export committed {marker.time} is not served "
                    "(pods started from now on refuse it: copy the pinned export and serve it by uri)")
     return ModelResolution(True, "ExportFound", message, model)
+
+
+def _still_serving(served: dict[str, Any] | None, export_uri: str) -> str:
+    """The note that running pods keep serving an earlier run's export until this run commits one."""
+    uri = (served or {}).get("uri")
+    if not uri or uri == export_uri:
+        return ""
+    return f"; the running pods keep serving {uri} (another run's export) until then"
 
 
 # ---------------------------------------------------------------------------- writes

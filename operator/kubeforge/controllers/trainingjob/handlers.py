@@ -46,6 +46,7 @@ from kubeforge.metrics import (
 )
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import StoreError, open_policy_store
+from kubeforge.store.report import job_run
 
 log = logging.getLogger("kubeforge.trainingjob")
 Key = tuple[str, str]
@@ -60,7 +61,7 @@ class Caches:
     pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
     phases: dict[Key, str] = dataclasses.field(default_factory=dict)
     applied: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (job uid, generation)
-    store: dict[Key, tuple[float, StoreView]] = dataclasses.field(default_factory=dict)
+    store: dict[Key, tuple[float, str, StoreView]] = dataclasses.field(default_factory=dict)  # (time, run, view)
 
 
 class TrainingJobs:
@@ -219,16 +220,19 @@ def _read_policy(namespace: str, name: str,
         return None, f"CheckpointPolicy {name} is invalid: {e}", None
 
 
-def _store_view(state: TrainingJobs, key: Key, policy: CheckpointPolicySpec, fresh: bool) -> StoreView | None:
-    """lastCheckpoint and the export marker read from the store (S3; a volume's come from the
-    policy status, see ``volume_view``). Cached for ``store_refresh_s`` unless ``fresh``."""
+def _store_view(state: TrainingJobs, key: Key, run: str, policy: CheckpointPolicySpec,
+                fresh: bool) -> StoreView | None:
+    """lastCheckpoint and the export marker of the job's ``run`` read from the store (S3; a
+    volume's come from the policy status, see ``volume_view``). Cached for
+    ``store_refresh_s`` unless ``fresh``."""
     s3 = policy.storage.s3
     if s3 is None:
         return None
     cached = state.caches.store.get(key)
-    if cached and not fresh and time.monotonic() - cached[0] < state.settings.trainingjob.store_refresh_s:
-        return cached[1]
-    ns, job = key
+    if cached and cached[1] == run and not fresh and \
+            time.monotonic() - cached[0] < state.settings.trainingjob.store_refresh_s:
+        return cached[2]
+    ns, job = key[0], run
     try:
         store = open_policy_store(policy, k8s.read_secret(ns, s3.credentials_secret_ref.name),
                                   state.settings.checkpointpolicy.store_retry_deadline_s)
@@ -243,7 +247,7 @@ def _store_view(state: TrainingJobs, key: Key, policy: CheckpointPolicySpec, fre
         if newest.marker is not None and newest.marker.time:
             last["time"] = newest.marker.time
     view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
-    state.caches.store[key] = (time.monotonic(), view)
+    state.caches.store[key] = (time.monotonic(), run, view)
     return view
 
 
@@ -258,14 +262,28 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
     entry: dict[str, Any] | None = None
     if ref:
         policy, policy_error, entry = _read_policy(namespace, ref, name)
+    run = job_run(job)
     if policy is not None and policy.storage.volume is not None:
-        store = volume_view(entry)
+        store = volume_view(entry, run)
     elif policy is not None:
         worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
                            (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
-        store = _store_view(state, (namespace, name), policy, fresh=worker0_done)
+        store = _store_view(state, (namespace, name), run, policy, fresh=worker0_done)
     return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
-                    policy_error=policy_error, store=store, default_image=state.settings.images.workload)
+                    policy_error=policy_error, store=store, default_image=state.settings.images.workload,
+                    resume_run=_resume_run(job))
+
+
+def _resume_run(job: dict[str, Any]) -> str | None:
+    """The run of the TrainingJob ``spec.resumeFrom.trainingJob`` names, when that object exists
+    and is not this one."""
+    resume = (job.get("spec") or {}).get("resumeFrom") or {}
+    meta = job["metadata"]
+    source = resume.get("trainingJob")
+    if not source or source == meta["name"]:
+        return None
+    other = k8s.get_custom(meta["namespace"], TrainingJob.plural, source)
+    return job_run(other) if other is not None else None
 
 
 def reconcile_job(state: TrainingJobs, namespace: str, name: str) -> float | None:

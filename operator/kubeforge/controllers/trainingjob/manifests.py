@@ -36,7 +36,9 @@ from kubeforge.api.contract import (
     ENV_CONFIG_FILE,
     ENV_JOB_NAME,
     ENV_JOB_NAMESPACE,
+    ENV_JOB_RUN,
     ENV_METRICS_PORT,
+    ENV_RESUME_FROM,
     ENV_S3_ENDPOINT,
     ENV_S3_FORCE_PATH_STYLE,
     ENV_S3_REGION,
@@ -150,16 +152,30 @@ def worker_command(owner: Owner, spec: TrainingJobSpec) -> list[str]:
             "-m", "kubeforge_runtime.train", "--config", f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"]
 
 
-def _env(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | None) -> list[dict[str, Any]]:
+def resume_from_env(spec: TrainingJobSpec, job: str, resume_run: str | None) -> str | None:
+    """``KUBEFORGE_RESUME_FROM`` of ``spec.resumeFrom`` (None without one); ``resume_run``: the
+    named job's run when that object exists and is not this one."""
+    r = spec.resume_from
+    if r is None:
+        return None
+    return json.dumps({"trainingJob": r.training_job or job, "run": resume_run, "step": r.step}, sort_keys=True)
+
+
+def _env(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | None, run: str | None,
+         resume_run: str | None) -> list[dict[str, Any]]:
     env: dict[str, str] = {
         ENV_CONFIG_FILE: f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}",
         ENV_JOB_NAMESPACE: owner.namespace,
         ENV_JOB_NAME: owner.name,
+        ENV_JOB_RUN: run or owner.name,
         ENV_METRICS_PORT: str(TRAINER_METRICS_PORT),
         **TORCH_ENV,
     }
     if policy is not None:
         env[ENV_CHECKPOINT_URI] = checkpoint_uri(policy)
+        resume = resume_from_env(spec, owner.name, resume_run)
+        if resume is not None:
+            env[ENV_RESUME_FROM] = resume
         env[ENV_CHECKPOINT_POLICY] = json.dumps(
             policy.model_dump(by_alias=True, exclude_none=True, mode="json", include={"schedule", "retention"}),
             sort_keys=True)
@@ -207,16 +223,19 @@ def _pod_extras(spec: TrainingJobSpec) -> dict[str, Any]:
 
 
 def build_worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPolicySpec | None, index: int,
-                     attempt: int, default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
+                     attempt: int, default_image: str = DEFAULT_WORKLOAD_IMAGE, *, run: str | None = None,
+                     resume_run: str | None = None) -> dict[str, Any]:
     """Worker ``index`` of the job; ``attempt`` labels which replacement this is;
-    ``default_image`` runs when the job names none (the operator's setting)."""
+    ``default_image`` runs when the job names none (the operator's setting); ``run`` is the
+    job's status.run (None: the legacy run, named like the job), ``resume_run`` the run of
+    the job spec.resumeFrom names when that object exists."""
     volumes, mounts = _volumes(owner, spec, policy)
     container: dict[str, Any] = {
         "name": "trainer",
         "image": workload_image(spec.trainer.image, default_image),
         "imagePullPolicy": spec.trainer.image_pull_policy,
         "command": worker_command(owner, spec),
-        "env": _env(owner, spec, policy),
+        "env": _env(owner, spec, policy, run, resume_run),
         "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
         "resources": workload.resources(spec.workers.resources.cpu, spec.workers.resources.memory,
                                         spec.workers.gpus_per_worker),

@@ -43,6 +43,7 @@ from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ExitCode
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob import manifests as pods_
+from kubeforge.store.report import job_run
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
 #: node-monitor grace (40 s by default) plus a heartbeat. A peer that failed in that time (its
@@ -91,6 +92,9 @@ class Observed:
     now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
     #: The image of pods whose job names none (the operator's setting).
     default_image: str = DEFAULT_WORKLOAD_IMAGE
+    #: The run of the TrainingJob ``spec.resumeFrom.trainingJob`` names, when that object exists and
+    #: is not this one (None: the trainer looks for the newest earlier run of that name).
+    resume_run: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +156,14 @@ def node_health(body: dict[str, Any], before: NodeHealth | None, now: dt.datetim
     return NodeHealth(status, max(parse_time(ready.get("lastTransitionTime")) or now, now))
 
 
-def volume_view(entry: dict[str, Any] | None) -> StoreView | None:
+def volume_view(entry: dict[str, Any] | None, run: str | None = None) -> StoreView | None:
     """lastCheckpoint of a job on a volume store, from the policy's status (its inspector pod
     mounts the claim; the operator cannot). No verdict on the export when it is not listed:
-    worker 0 exits 0 only after committing it."""
+    worker 0 exits 0 only after committing it. An entry of another ``run`` (a deleted object
+    of the same name, or the report of before this job had one) says nothing about this job."""
     if not entry or entry.get("newestStep") is None:
+        return None
+    if run is not None and (entry.get("run") or entry.get("name")) != run:
         return None
     last = {"step": entry["newestStep"], "uri": entry.get("newestUri")}
     if entry.get("newestTime"):
@@ -248,6 +255,8 @@ class _Planner:
         self.created = parse_time(meta.get("creationTimestamp")) or self.now
         old = obs.job.get("status") or {}
         self.old = old
+        #: this object's run in the store, decided once (``job_run``) and kept in status.run
+        self.run = job_run(obs.job)
         self.conds: list[dict[str, Any]] = [dict(c) for c in old.get("conditions") or []]
         restarts = old.get("restarts") or {}
         self.restarts = {"application": int(restarts.get("application", 0)),
@@ -404,6 +413,9 @@ class _Planner:
             status = pod.get("status") or {}
             if code == ExitCode.CONFIG_ERROR:
                 return _Outcome("ConfigurationError", _short(message) or f"{where} exited {code}", False)
+            if code == ExitCode.RESUME_SOURCE_INVALID:
+                return _Outcome("ResumeSourceInvalid", _short(message) or f"{where} exited {code}: "
+                                "spec.resumeFrom names no loadable checkpoint", False)
             if code == ExitCode.PREEMPTED:
                 return _Outcome("Preempted", f"{where} was preempted (exit {code})", True)
             if status.get("reason") in INFRA_POD_REASONS:
@@ -466,8 +478,8 @@ class _Planner:
                 active += 1
                 ready += _pod_ready(current)
                 continue
-            if outcome.reason == "ConfigurationError":
-                self.fail("ConfigurationError", outcome.message)
+            if outcome.reason in ("ConfigurationError", "ResumeSourceInvalid"):
+                self.fail(outcome.reason, outcome.message)
                 return None, 0, 0
             self.failed += _phase(current) == "Failed"
             self.end_life(i, outcome, current)
@@ -544,7 +556,8 @@ class _Planner:
                 self.plan.look_again(SHORT_REQUEUE_S)  # the old incarnation is still going away
                 continue
             self.plan.create.append(pods_.build_worker_pod(self.owner, self.spec, policy, i, int(rec["attempt"]),
-                                                           self.obs.default_image))
+                                                           self.obs.default_image, run=self.run,
+                                                           resume_run=self.obs.resume_run))
 
     def rendezvous(self) -> None:
         name = pods_.rendezvous_name(self.owner.name)
@@ -619,6 +632,7 @@ def _status(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> d
         "applicationFailureTimes": [fmt_time(t) for t in p.app_failures],
         "lastCheckpoint": old.get("lastCheckpoint"),
         "exportUri": old.get("exportUri"),
+        "run": p.run,
         "message": ready.get("message") or None,
     }
     store = p.obs.store
@@ -788,6 +802,26 @@ def _running(p: _Planner) -> Plan:
     return p.plan
 
 
+def _announce_run(p: _Planner) -> None:
+    """The Event of the run decided for this object (recorded in status.run with the same write)."""
+    where = f"{p.owner.namespace}/{p.run}"
+    if p.run == p.owner.name:
+        p.event("RunAssigned", f"keeps the run it started before runs were keyed by uid: checkpoints and "
+                f"export under {where}")
+        return
+    r = p.spec.resume_from
+    if r is None:
+        p.event("RunAssigned", f"a new run under {where}, from step 0: no checkpoint or export of an earlier "
+                f"TrainingJob named {p.owner.name} is resumed or served (spec.resumeFrom asks for one)")
+        return
+    source = r.training_job or p.owner.name
+    run = (f"run {p.obs.resume_run}" if p.obs.resume_run else
+           f"the newest run an earlier TrainingJob named {source} left in the store")
+    at = f"step {r.step}" if r.step is not None else "its newest loadable checkpoint"
+    p.event("RunAssigned", f"a new run under {where}, starting from spec.resumeFrom: {run}, {at}; the job "
+            "fails with reason ResumeSourceInvalid if that is not there")
+
+
 PHASES = (_already_finished, _suspension, _policy_missing, _deadline, _workers, _success, _restart_budget)
 
 
@@ -801,6 +835,8 @@ def plan(obs: Observed) -> Plan:
     if spec is None:
         return _invalid(obs, error or "invalid spec")
     p = _Planner(obs, spec)
+    if not p.old.get("run"):
+        _announce_run(p)
     p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
     for phase in PHASES:
         decided = phase(p)
