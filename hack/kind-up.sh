@@ -89,7 +89,7 @@ PYEOF
 "$HELM" upgrade --install kubeforge charts/kubeforge -n kubeforge-system --create-namespace \
   --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="$VERSION" --set image.pullPolicy=Never \
   --set workloadImage.repository="${WORKLOAD_IMAGE%:*}" --set workloadImage.tag="$VERSION-cpu" \
-  --wait --timeout 5m
+  --set "rbac.secretNamespaces={$NS}" --wait --timeout 5m
 "$KUBECTL" get namespace "$NS" >/dev/null 2>&1 || "$KUBECTL" create namespace "$NS"
 "$KUBECTL" label namespace "$NS" pod-security.kubernetes.io/enforce=restricted --overwrite
 "$KUBECTL" create secret generic kubeforge-s3 -n "$NS" \

@@ -62,6 +62,10 @@ def policy() -> kubernetes.client.PolicyV1Api:
     return kubernetes.client.PolicyV1Api(api_client())
 
 
+def networking() -> kubernetes.client.NetworkingV1Api:
+    return kubernetes.client.NetworkingV1Api(api_client())
+
+
 def get_or_none(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Object | None:
     """The object (or list) as the API server sent it; None on 404."""
     try:
@@ -94,6 +98,7 @@ def _apply_call(kind: str) -> Callable[..., Any]:
         "Deployment": lambda: apps().patch_namespaced_deployment,
         "PodDisruptionBudget": lambda: policy().patch_namespaced_pod_disruption_budget,
         "HorizontalPodAutoscaler": lambda: autoscaling().patch_namespaced_horizontal_pod_autoscaler,
+        "NetworkPolicy": lambda: networking().patch_namespaced_network_policy,
     }
     return calls[kind]()
 
@@ -174,15 +179,32 @@ def update_status(plural: str, namespace: str, name: str,
     raise RuntimeError(f"status of {plural}/{namespace}/{name} kept changing under {attempts} writes")
 
 
+class SecretForbidden(Exception):
+    """The operator may not read a Secret: the chart grants Secret reads only in the namespaces
+    it was told of (rbac.secretNamespaces, the watchNamespaces)."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        super().__init__(f"the operator may not get Secret {name} in namespace {namespace} (403): add {namespace} "
+                         "to the chart's rbac.secretNamespaces (or bind the ClusterRole <release>-secret-reader there)")
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
-    """The Secret's data, decoded; None when it does not exist."""
+    """The Secret's data, decoded; None when it does not exist. ``SecretForbidden`` when the
+    operator may not read it."""
     try:
         secret = core().read_namespaced_secret(name, namespace)
     except kubernetes.client.ApiException as e:
         if e.status == 404:
             return None
+        if e.status == 403:
+            raise SecretForbidden(namespace, name) from e
         raise
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def delete_network_policy(name: str, namespace: str) -> bool:
+    """Delete a NetworkPolicy the operator made; False when there was none."""
+    return delete(networking().delete_namespaced_network_policy, name, namespace)
 
 
 def record_event(body: Mapping[str, Any], reason: str, message: str, warning: bool = False) -> None:

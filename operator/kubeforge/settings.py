@@ -8,7 +8,9 @@ flags of ``kubeforge-operator``, and hands it to the handlers through kopf's mem
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ENV_INSPECTOR_IMAGE, ENV_WORKLOAD_IMAGE
 
@@ -84,12 +86,47 @@ class InferenceServiceSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecuritySettings:
+    """What the workloads the operator makes may reach, and who may reach them (docs/security.md)."""
+
+    #: TrainingJob volumes may be hostPath (Helm value ``security.allowHostPathVolumes``). Off,
+    #: such a job fails with reason VolumeSourceRefused: a hostPath gives the pod the node.
+    allow_host_path_volumes: bool = False
+    #: Every TrainingJob and InferenceService gets its NetworkPolicy (Helm value
+    #: ``workloadNetworkPolicies.enabled``). Off, the operator deletes the ones it made.
+    network_policies: bool = True
+    #: NetworkPolicyPeers (JSON objects) that may also reach the workloads' metrics ports:
+    #: Prometheus (Helm value ``workloadNetworkPolicies.scrapeFrom``). A server's /metrics is
+    #: on its API port, so these reach its API too (with the API key where one is set).
+    scrape_from: tuple[dict[str, Any], ...] = ()
+    #: Servers of a TrainingJob's export without spec.model.credentialsSecretRef get the
+    #: CheckpointPolicy's (read-write) Secret (Helm value ``security.servingPolicyCredentials``).
+    #: Off, such a service shows ModelReady False, ReadOnlyCredentialsRequired.
+    serving_policy_credentials: bool = False
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def _peers(value: str | None) -> tuple[dict[str, Any], ...]:
+    """A JSON list of NetworkPolicyPeer objects; a malformed one stops the operator at start."""
+    peers = json.loads(value) if value else []
+    if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
+        raise ValueError(f"KUBEFORGE_SCRAPE_FROM must be a JSON list of NetworkPolicyPeer objects: {value}")
+    return tuple(peers)
+
+
+@dataclasses.dataclass(frozen=True)
 class OperatorSettings:
     process: ProcessSettings = dataclasses.field(default_factory=ProcessSettings)
     images: ImageSettings = dataclasses.field(default_factory=ImageSettings)
     trainingjob: TrainingJobSettings = dataclasses.field(default_factory=TrainingJobSettings)
     checkpointpolicy: CheckpointPolicySettings = dataclasses.field(default_factory=CheckpointPolicySettings)
     inferenceservice: InferenceServiceSettings = dataclasses.field(default_factory=InferenceServiceSettings)
+    security: SecuritySettings = dataclasses.field(default_factory=SecuritySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
@@ -121,5 +158,13 @@ class OperatorSettings:
             inferenceservice=InferenceServiceSettings(
                 export_poll_interval_s=num("KUBEFORGE_EXPORT_POLL_SECONDS", isvc.export_poll_interval_s),
                 store_retry_deadline_s=num("KUBEFORGE_STORE_RETRY_DEADLINE_SECONDS", isvc.store_retry_deadline_s),
+            ),
+            security=SecuritySettings(
+                allow_host_path_volumes=_flag(env.get("KUBEFORGE_ALLOW_HOST_PATH_VOLUMES"),
+                                              SecuritySettings.allow_host_path_volumes),
+                network_policies=_flag(env.get("KUBEFORGE_NETWORK_POLICIES"), SecuritySettings.network_policies),
+                scrape_from=_peers(env.get("KUBEFORGE_SCRAPE_FROM")),
+                serving_policy_credentials=_flag(env.get("KUBEFORGE_SERVING_POLICY_CREDENTIALS"),
+                                                 SecuritySettings.serving_policy_credentials),
             ),
         )

@@ -68,6 +68,19 @@ INVALID = [
     ("InferenceService", "spec.autoscaling", {"minReplicas": 1}, "spec.autoscaling.maxReplicas"),
     ("InferenceService", "spec.autoscaling.scaleUpPolicies", [{"type": "Nodes", "value": 1, "periodSeconds": 60}],
      "spec.autoscaling.scaleUpPolicies[0].type"),
+    # volume and env sources are typed (issue 16 item 11): a source that reaches the node or the
+    # network with the kubelet's rights is not in the schema, and valueFrom has four sources
+    ("TrainingJob", "spec.pod.volumes", [{"name": "n", "nfs": {"server": "10.0.0.1", "path": "/"}}],
+     "spec.pod.volumes[0].nfs"),
+    ("TrainingJob", "spec.pod.volumes", [{"name": "two", "emptyDir": {}, "secret": {"secretName": "s"}}],
+     "a volume must set exactly one source"),
+    ("TrainingJob", "spec.pod.env", [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"},
+                                                                "fieldRef": {"fieldPath": "metadata.name"}}}],
+     "valueFrom must set exactly one of secretKeyRef"),
+    ("TrainingJob", "spec.pod.env", [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s"}}}],
+     "spec.pod.env[0].valueFrom.secretKeyRef.key"),
+    ("InferenceService", "spec.network", {"allowedClients": [{}]},
+     "a client must set podSelector, namespaceSelector or ipBlock"),
     # names the children cannot carry (a Service name is a DNS-1035 label): once accepted, such a
     # job retried a 422 forever while showing WaitingForWorkers
     ("TrainingJob", "metadata.name", "llama3.1-8b", "metadata.name of a TrainingJob must be a DNS-1035 label"),

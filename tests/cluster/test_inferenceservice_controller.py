@@ -252,7 +252,8 @@ def test_training_job_ref_waits_for_the_export_then_follows_it(isvc_operator: Op
     prefix = f"isvc-tests/{uuid.uuid4().hex[:8]}"
     for obj in s3_objects(c, namespace, prefix):
         apply(c, namespace, obj)
-    apply(c, namespace, isvc("chat", model={"trainingJobRef": {"name": "tiny"}, "updatePolicy": "FollowLatest"}))
+    apply(c, namespace, isvc("chat", model={"trainingJobRef": {"name": "tiny"}, "updatePolicy": "FollowLatest",
+                                            "credentialsSecretRef": {"name": "s3"}}))
     waiting = wait_for("ModelReady False", lambda: isvc_condition(c, namespace, "chat", "ModelReady"), 30)
     assert (waiting["status"], waiting["reason"]) == ("False", "WaitingForTrainingJob"), waiting
     assert "no committed export" in waiting["message"]

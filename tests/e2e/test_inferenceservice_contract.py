@@ -128,7 +128,8 @@ def test_the_pod_command_serves_the_export_and_drains(isvc_operator: OperatorPro
         apply(c, namespace, obj)
     run = f"tiny/runs/{(get(c, namespace, 'trainingjob', 'tiny') or {})['metadata']['uid']}"  # the job's own run
     marker = job_store(c, prefix).write_export(namespace, run, save_tiny_model(tmp_path / "export"), step=42)
-    apply(c, namespace, isvc("chat", gpus=0, model={"trainingJobRef": {"name": "tiny"}},
+    apply(c, namespace, isvc("chat", gpus=0, model={"trainingJobRef": {"name": "tiny"},
+                                                    "credentialsSecretRef": {"name": "s3"}},
                              engine={"numBlocks": 64, "maxNumSeqs": 8, "shutdownTimeoutSeconds": 20},
                              lifecycle={"preStopSleepSeconds": 1}))
     deployment = wait_for("Deployment", lambda: get(c, namespace, "deployment", "chat-server"), 60)

@@ -120,7 +120,7 @@ def test_creates_store_and_workers_then_runs() -> None:
     p = sim.step()
     assert sorted(m["metadata"]["name"] for m in p.create) == ["llm-rdzv", "llm-worker-0", "llm-worker-1",
                                                                "llm-worker-2", "llm-worker-3"]
-    assert {c["kind"] for c in p.children} == {"ConfigMap", "Service"}
+    assert {c["kind"] for c in p.children} == {"ConfigMap", "Service", "NetworkPolicy"}
     assert sim.status()["phase"] == "Pending" and sim.cond("Running")["reason"] == "WaitingForWorkers"
     assert sim.step().create == []  # idempotent: nothing more to create
     sim.run_all()

@@ -12,7 +12,14 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   services, configmaps   server-side apply of job and InferenceService children: patch, and
                      create for an apply that creates the object; list and watch, so that a
                      deleted child is made again.
-  secrets, persistentvolumeclaims   get: S3 credentials and checkpoint claims are checked.
+  networkpolicies    the same for the NetworkPolicy of every TrainingJob and InferenceService;
+                     get (an Event when the allowed clients change) and delete (when
+                     workloadNetworkPolicies.enabled is false).
+  persistentvolumeclaims   get: checkpoint claims are checked.
+  secrets            get, and only in the namespaces of kubeforge.rules.secrets' bindings
+                     (rbac.secretNamespaces, the watchNamespaces' Roles): the S3 credentials a
+                     CheckpointPolicy names, read to check the bucket, apply retention, read job
+                     summaries and export markers. Never list or watch.
   events             create: Events on every decision (kopf.event and the TrainingJob controller).
   deployments        InferenceService: get, apply (create, patch), and watch the ones it manages.
   horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes;
@@ -43,8 +50,11 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   resources: ["services", "configmaps"]
   verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
-  resources: ["secrets", "persistentvolumeclaims"]
+  resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
@@ -57,6 +67,11 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "create", "patch"]
+{{- end }}
+{{- define "kubeforge.rules.secrets" }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
 {{- define "kubeforge.rules.cluster" }}
 - apiGroups: [""]

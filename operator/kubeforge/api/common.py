@@ -151,8 +151,9 @@ def condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, 
 
 
 # Kubernetes objects the pod-template overrides carry. Typed where the shape is small and
-# stable; volumes keep their source free-form (dozens of source kinds, validated by the
-# API server when the pod is created).
+# stable, and always where a choice decides what the pod can reach: volume sources are the
+# PodSecurity "restricted" list (plus hostPath, which the chart's admission policy and the
+# operator refuse unless an admin allows it); env sources are the four core/v1 ones.
 
 class SecretReference(LocalObjectReference):
     """A Secret in the same namespace."""
@@ -169,21 +170,122 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
 
 
+def exactly_one(fields: tuple[str, ...]) -> str:
+    """CEL: exactly one of ``fields`` is set (a sum, cheaper for the API server's cost budget
+    than a list with exists_one)."""
+    return " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields) + " == 1"
+
+
+class KeySelector(ApiModel):
+    """A key of a Secret or ConfigMap in the pod's own namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, description="The key whose value is used.")
+    optional: bool | None = Field(default=None, description="Start the pod even when the object or key is missing.")
+
+
+class FieldSelector(ApiModel):
+    """A field of the pod (core/v1 ObjectFieldSelector), e.g. metadata.name or status.podIP."""
+
+    field_path: str = Field(min_length=1, description="Path of the field, e.g. metadata.name.")
+    api_version: str | None = Field(default=None, description="API version the path is in (default v1).")
+
+
+class ResourceFieldSelector(ApiModel):
+    """A resource request or limit of a container (core/v1 ResourceFieldSelector)."""
+
+    resource: str = Field(min_length=1, description="e.g. limits.cpu or requests.memory.")
+    container_name: str | None = Field(default=None, description="Container; default the one the variable is in.")
+    divisor: str | None = Field(default=None, description="Unit the value is divided by, e.g. 1Mi.")
+
+
+class EnvVarSource(ApiModel):
+    """Where a variable's value comes from: exactly one core/v1 source. A Secret or ConfigMap
+    can only be one of the pod's own namespace (Kubernetes resolves no other)."""
+
+    secret_key_ref: KeySelector | None = Field(default=None, description="A key of a Secret in this namespace.")
+    config_map_key_ref: KeySelector | None = Field(default=None, description="A key of a ConfigMap in this namespace.")
+    field_ref: FieldSelector | None = Field(default=None, description="A field of the pod.")
+    resource_field_ref: ResourceFieldSelector | None = Field(default=None, description=(
+        "A resource request or limit of a container."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(exactly_one(("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")),
+             "valueFrom must set exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef",
+             reason="FieldValueInvalid"),
+    )
+
+
 class EnvVar(ApiModel):
-    """An environment variable (core/v1 EnvVar); valueFrom is passed through as given."""
+    """An environment variable (core/v1 EnvVar): a literal value or one typed source."""
 
     name: str = Field(min_length=1, description="Variable name.")
     value: str | None = Field(default=None, description="Literal value.")
-    value_from: dict[str, Any] | None = Field(
-        default=None, description="Source for the value (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    value_from: EnvVarSource | None = Field(default=None, description=(
+        "Source for the value: secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.value) || !has(self.valueFrom)", "value and valueFrom must not both be set",
+             reason="FieldValueInvalid"),
+    )
+
+
+def _source(description: str) -> Any:
+    """A volume source kept as given (its fields are the Kubernetes API's, checked by the API
+    server when the pod is created)."""
+    return Field(default=None, description=description, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+class HostPathVolumeSource(ApiModel):
+    """A directory of the node (core/v1 HostPathVolumeSource). Refused unless the operator
+    allows hostPath volumes (Helm value ``security.allowHostPathVolumes``)."""
+
+    path: str = Field(pattern=r"^/", description="Absolute path on the node.")
+    type: Literal["", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice",
+                  "BlockDevice"] | None = Field(default=None, description="What must be at path.")
+
+
+#: The volume sources a worker may use (PodSecurity "restricted" allows exactly these), and
+#: hostPath, allowed only by the operator's setting. Any other source (nfs, iscsi, rbd,
+#: flexVolume, gitRepo, ...) reaches the node or the network on the kubelet's authority and
+#: is not in the schema.
+VOLUME_SOURCES = ("configMap", "secret", "emptyDir", "persistentVolumeClaim", "projected", "downwardAPI",
+                  "csi", "ephemeral", "hostPath")
 
 
 class Volume(ApiModel):
-    """A pod volume: a name plus exactly one core/v1 volume source, passed through as given."""
+    """A pod volume: a name plus exactly one source of the PodSecurity "restricted" list, or a
+    hostPath where the operator allows it."""
 
-    model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, description="Volume name, referenced by volumeMounts.")
+    config_map: dict[str, Any] | None = _source("A ConfigMap of this namespace (core/v1 ConfigMapVolumeSource).")
+    secret: dict[str, Any] | None = _source("A Secret of this namespace (core/v1 SecretVolumeSource).")
+    empty_dir: dict[str, Any] | None = _source("Scratch space of the pod (core/v1 EmptyDirVolumeSource).")
+    persistent_volume_claim: dict[str, Any] | None = _source(
+        "A PersistentVolumeClaim of this namespace (core/v1 PersistentVolumeClaimVolumeSource).")
+    projected: dict[str, Any] | None = _source(
+        "Secrets, ConfigMaps, downward API and service account tokens in one directory (core/v1).")
+    downward_api: dict[str, Any] | None = Field(
+        default=None, alias="downwardAPI", description="Fields of the pod as files (core/v1 DownwardAPIVolumeSource).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    csi: dict[str, Any] | None = _source("An inline ephemeral CSI volume (core/v1 CSIVolumeSource).")
+    ephemeral: dict[str, Any] | None = _source(
+        "A claim made and deleted with the pod (core/v1 EphemeralVolumeSource).")
+    host_path: HostPathVolumeSource | None = Field(default=None, description=(
+        "A directory of the node. Refused at admission and by the operator unless the operator allows "
+        "hostPath volumes (Helm value security.allowHostPathVolumes, default false): it gives the pod the node."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(exactly_one(VOLUME_SOURCES),
+             "a volume must set exactly one source, of " + ", ".join(VOLUME_SOURCES) +
+             " (other sources reach the node or the network with the kubelet's rights and are refused)",
+             reason="FieldValueInvalid"),
+    )
+
+    def source(self) -> str:
+        """The name of the source this volume sets (the first, were several set)."""
+        dumped = self.dump()
+        return next((s for s in VOLUME_SOURCES if s in dumped), "")
 
 
 class VolumeMount(ApiModel):
@@ -201,3 +303,45 @@ class ComputeResources(ApiModel):
     cpu: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request and limit, e.g. 8 or 500m.")
     memory: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$",
                                description="Memory request and limit, e.g. 64Gi.")
+
+
+class LabelSelectorRequirement(ApiModel):
+    """One requirement of a label selector (metav1 LabelSelectorRequirement)."""
+
+    key: str = Field(min_length=1, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="How key and values relate.")
+    values: list[str] = Field(default_factory=list, description="Values for In and NotIn; empty otherwise.")
+
+
+class LabelSelector(ApiModel):
+    """A label selector (metav1 LabelSelector); empty selects everything."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, description="Labels that must all match.")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, description=(
+        "Requirements that must all hold."))
+
+
+class IPBlock(ApiModel):
+    """Addresses outside the cluster's pods (networking/v1 IPBlock)."""
+
+    cidr: str = Field(min_length=1, description="A CIDR, e.g. 10.0.0.0/8.")
+    except_: list[str] = Field(default_factory=list, alias="except", description="CIDRs inside cidr to leave out.")
+
+
+class NetworkPeer(ApiModel):
+    """Who may connect (networking/v1 NetworkPolicyPeer): pods by label, in this namespace or
+    in the namespaces a namespaceSelector picks, or an ipBlock."""
+
+    pod_selector: LabelSelector | None = Field(default=None, description=(
+        "Pods by label; alone: in this namespace, with namespaceSelector: in those namespaces."))
+    namespace_selector: LabelSelector | None = Field(default=None, description=(
+        "Namespaces by label (kubernetes.io/metadata.name is every namespace's name); all their pods unless "
+        "podSelector narrows them."))
+    ip_block: IPBlock | None = Field(default=None, description="Addresses, e.g. of an ingress controller's nodes.")
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("has(self.podSelector) || has(self.namespaceSelector) || has(self.ipBlock)",
+             "a client must set podSelector, namespaceSelector or ipBlock", reason="FieldValueRequired"),
+        Rule("!has(self.ipBlock) || (!has(self.podSelector) && !has(self.namespaceSelector))",
+             "ipBlock must not be set together with podSelector or namespaceSelector", reason="FieldValueInvalid"),
+    )

@@ -12,6 +12,7 @@ from kubeforge.api.common import (
     EnvVar,
     Kind,
     LocalObjectReference,
+    NetworkPeer,
     Rule,
     StatusBase,
     Toleration,
@@ -116,6 +117,16 @@ class DisruptionBudget(ApiModel):
         "Pods that voluntary disruptions (node drains) may take down at once."))
 
 
+class ServingNetwork(ApiModel):
+    """Who may reach the servers. The operator makes a NetworkPolicy `<name>-server` (unless its
+    setting turns them off) letting only these clients, and the operator's scrape sources
+    (Prometheus), connect to the server port; the API and /metrics share that port."""
+
+    allowed_clients: list[NetworkPeer] = Field(default_factory=list, max_length=64, description=(
+        "Clients that may connect to the server port; empty: every pod of this namespace. Listing any replaces "
+        "that default (add {podSelector: {}} to keep the namespace)."))
+
+
 class InferenceServiceSpec(ApiModel):
     """The model and how it is served and scaled."""
 
@@ -141,10 +152,12 @@ class InferenceServiceSpec(ApiModel):
         "Scale on load with an HPA; absent means fixed replicas (and no HPA)."))
     api_key_secret_ref: LocalObjectReference | None = Field(default=None, description=(
         "Secret whose key `api-key` clients must send as a Bearer token."))
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Extra tolerations.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
-    service_account_name: str | None = Field(default=None, description="ServiceAccount of the serving pods.")
+    service_account_name: str | None = Field(default=None, description=(
+        "ServiceAccount of the serving pods; its API token is never mounted (the server calls no Kubernetes API)."))
+    network: ServingNetwork = Field(default_factory=ServingNetwork, description="Who may reach the servers.")
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("!has(self.gpuProduct) || self.gpus > 0", "gpuProduct must not be set when gpus is 0",

@@ -79,14 +79,16 @@ class Trainer(ApiModel):
 class PodOverrides(ApiModel):
     """Additions to the worker pods, without forking the pod template."""
 
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
-    volumes: list[Volume] = Field(default_factory=list, description="Extra volumes.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
+    volumes: list[Volume] = Field(default_factory=list, max_length=64, description="Extra volumes.")
     volume_mounts: list[VolumeMount] = Field(default_factory=list, description="Extra mounts in the worker container.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Extra tolerations.")
     priority_class_name: str | None = Field(default=None, description="PriorityClass of the worker pods.")
     scheduler_name: str | None = Field(default=None, description="Scheduler (e.g. a gang scheduler) of the worker pods.")
-    service_account_name: str | None = Field(default=None, description="ServiceAccount of the worker pods.")
+    service_account_name: str | None = Field(default=None, description=(
+        "ServiceAccount of the worker and rendezvous pods, for its image pull secrets and workload identity; "
+        "its API token is never mounted (the trainer calls no Kubernetes API)."))
 
 
 class Export(ApiModel):

@@ -69,7 +69,10 @@ def check_storage(state: CheckpointPolicies, spec: CheckpointPolicySpec,
                                                 "mounts it to apply retention and report checkpoints"), None
     s3 = spec.storage.s3
     assert s3 is not None
-    secret = k8s.read_secret(namespace, s3.credentials_secret_ref.name)
+    try:
+        secret = k8s.read_secret(namespace, s3.credentials_secret_ref.name)
+    except k8s.SecretForbidden as e:
+        return StorageCheck(False, "SecretForbidden", str(e)), None
     problem = secret_check(s3.credentials_secret_ref.name, secret)
     if problem:
         return problem, None

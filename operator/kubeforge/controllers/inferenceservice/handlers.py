@@ -25,7 +25,8 @@ import kopf
 
 from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, InferenceService, InferenceServiceSpec, TrainingJob
-from kubeforge.api.common import GROUP, VERSION, condition
+from kubeforge.api.common import GROUP, VERSION, LocalObjectReference, condition
+from kubeforge.api.contract import SERVING_PORT
 from kubeforge.controllers.background import Background
 from kubeforge.controllers.inferenceservice import manifests
 from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
@@ -114,8 +115,15 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
         return ModelResolution(False, "UnsupportedStorage",
                                f"CheckpointPolicy {policy_ref['name']} stores on a volume; "
                                "serving an export needs S3 storage")
-    store = open_policy_store(pspec, k8s.read_secret(owner.namespace, s3.credentials_secret_ref.name),
-                              state.settings.inferenceservice.store_retry_deadline_s)
+    refused = trainer_credentials_refused(state, m.credentials_secret_ref, policy_ref["name"],
+                                          s3.credentials_secret_ref.name)
+    if refused:
+        return ModelResolution(False, "ReadOnlyCredentialsRequired", refused)
+    try:
+        secret_data = k8s.read_secret(owner.namespace, s3.credentials_secret_ref.name)
+    except k8s.SecretForbidden as e:
+        return ModelResolution(False, "SecretForbidden", str(e))
+    store = open_policy_store(pspec, secret_data, state.settings.inferenceservice.store_retry_deadline_s)
     # the export of this object's run only: one of a deleted job of the same name is never served
     run = job_run(job)
     export_uri = store.export_uri(owner.namespace, run)
@@ -135,10 +143,25 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
                           s3_force_path_style=s3.force_path_style,
                           credentials_secret=secret or s3.credentials_secret_ref.name)
     message = f"export of TrainingJob {job_name} committed {marker.time} (step {marker.step})"
+    if secret is None:
+        message += (f"; the pods use CheckpointPolicy {policy_ref['name']}'s read-write Secret "
+                    f"{s3.credentials_secret_ref.name} (security.servingPolicyCredentials allows it)")
     if revision != marker.time:
         message = (f"Pinned to revision {revision}; a newer export committed {marker.time} is not served "
                    "(pods started from now on refuse it: copy the pinned export and serve it by uri)")
     return ModelResolution(True, "ExportFound", message, model)
+
+
+def trainer_credentials_refused(state: InferenceServices, own: LocalObjectReference | None, policy: str,
+                                policy_secret: str) -> str | None:
+    """Why the servers of an export may not start without a credential of their own, or None.
+    The CheckpointPolicy's Secret is the trainer's: it writes and deletes checkpoints, and a
+    server only reads. It is used only where the operator's setting allows it."""
+    if own is not None or state.settings.security.serving_policy_credentials:
+        return None
+    return (f"spec.model.credentialsSecretRef must name a read-only credential of the export's store: "
+            f"CheckpointPolicy {policy}'s Secret {policy_secret} can write and delete checkpoints, so servers "
+            "do not get it (unless the operator sets security.servingPolicyCredentials)")
 
 
 def _still_serving(served: dict[str, Any] | None, export_uri: str) -> str:
@@ -170,6 +193,25 @@ def sync_hpa(owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> 
             existing["spec"].get("minReplicas"), existing["spec"]["maxReplicas"]) != (
             desired["spec"]["minReplicas"], desired["spec"]["maxReplicas"]):
         k8s.record_event(body, "AutoscalerUpdated", summary)
+
+
+def sync_network_policy(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
+                        body: dict[str, Any]) -> None:
+    """Apply the servers' NetworkPolicy (an Event naming who may connect, when that changes),
+    or delete it when the operator's setting turns them off."""
+    name = manifests.child_name(owner.name)
+    security = state.settings.security
+    if not security.network_policies:
+        if k8s.delete_network_policy(name, owner.namespace):
+            k8s.record_event(body, "NetworkPolicyRemoved", f"deleted NetworkPolicy {name}: the operator makes none")
+        return
+    existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
+    desired = manifests.build_network_policy(owner, spec, security.scrape_from)
+    k8s.apply(desired)
+    peers = desired["spec"]["ingress"][0]["from"]
+    if existing is None or (existing.get("spec") or {}).get("ingress", [{}])[0].get("from") != peers:
+        k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
+                         f"{json.dumps(peers, separators=(',', ':'))}")
 
 
 def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -223,6 +265,7 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
         k8s.apply(manifests.build_service(owner))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
+        sync_network_policy(state, owner, parsed, body)
         stuck = read_stuck(owner)
         new = status_patch(owner, parsed, status, generation, resolution, deployment, stuck)
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
@@ -307,8 +350,9 @@ def deployment_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: 
 @kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_LABELS)
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_LABELS)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILD_LABELS)
 def child_deleted(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A deleted Service, PodDisruptionBudget or HPA of a service is applied again."""
+    """A deleted Service, PodDisruptionBudget, HPA or NetworkPolicy of a service is applied again."""
     name = body.metadata.labels.get(manifests.SERVICE_LABEL)
     if type == "DELETED" and name and body.metadata.namespace is not None:
         recreate(_state(memo), body.metadata.namespace, name, str(body.get("kind", "child")))

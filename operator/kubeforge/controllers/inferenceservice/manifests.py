@@ -1,6 +1,6 @@
 """The children of an InferenceService as plain manifests (``build_*``, for server-side
 apply): pure functions of the spec, the resolved model and the default image → Deployment,
-Service, PodDisruptionBudget, HorizontalPodAutoscaler.
+Service, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy.
 
 Nothing here talks to the API server or the store; ``handlers.py`` reads, calls ``plan`` and
 these, applies and patches status.
@@ -258,6 +258,24 @@ def build_pdb(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
         "spec": {"maxUnavailable": spec.disruption_budget.max_unavailable,
                  "selector": {"matchLabels": pod_labels(owner.name)},
                  "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    }
+
+
+def allowed_clients(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """spec.network.allowedClients as NetworkPolicyPeers; empty: every pod of the namespace."""
+    return [c.dump() for c in spec.network.allowed_clients] or [{"podSelector": {}}]
+
+
+def build_network_policy(owner: Owner, spec: InferenceServiceSpec,
+                         scrape_from: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """Ingress to the serving pods only on the server port, only from the allowed clients and
+    the operator's scrape sources (Prometheus reads /metrics on that port; the HPA reads
+    Prometheus through prometheus-adapter, never the pods). Egress stays open (the store)."""
+    peers = allowed_clients(spec) + [dict(p) for p in scrape_from]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _metadata(owner),
+        "spec": {"podSelector": {"matchLabels": pod_labels(owner.name)}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": peers, "ports": [{"port": SERVING_PORT, "protocol": "TCP"}]}]},
     }
 
 

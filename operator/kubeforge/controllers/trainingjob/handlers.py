@@ -125,9 +125,11 @@ async def pod_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: ko
 
 @kopf.on.event("", "v1", "services", labels={pods_.JOB_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "configmaps", labels={pods_.JOB_LABEL: kopf.PRESENT})
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={pods_.JOB_LABEL: kopf.PRESENT})
 async def child_event(type: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """A deleted ConfigMap or headless Service of a job is applied again: without the Service
-    the workers lose their rendezvous DNS and restart forever."""
+    """A deleted ConfigMap, headless Service or NetworkPolicy of a job is applied again: without
+    the Service the workers lose their rendezvous DNS and restart forever, without the policy
+    any pod reaches the rendezvous store."""
     if type != "DELETED":
         return
     state = _state(memo)
@@ -238,7 +240,7 @@ def _store_view(state: TrainingJobs, key: Key, run: str, policy: CheckpointPolic
                                   state.settings.checkpointpolicy.store_retry_deadline_s)
         newest = store.newest_committed(ns, job)
         marker = store.export_marker(ns, job)
-    except StoreError as e:
+    except (StoreError, k8s.SecretForbidden) as e:
         log.warning("store of %s/%s unreadable: %s", ns, job, e)
         return None
     last = None
@@ -271,7 +273,7 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
         store = _store_view(state, (namespace, name), run, policy, fresh=worker0_done)
     return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
                     policy_error=policy_error, store=store, default_image=state.settings.images.workload,
-                    resume_run=_resume_run(job))
+                    security=state.settings.security, resume_run=_resume_run(job))
 
 
 def _resume_run(job: dict[str, Any]) -> str | None:
@@ -348,6 +350,8 @@ def apply_children(caches: Caches, obs: Observed, decided: Plan) -> None:
     if decided.children and applied not in caches.applied:
         for child in decided.children:
             k8s.apply(child)
+        if not obs.security.network_policies and k8s.delete_network_policy(pods_.network_policy_name(meta["name"]), ns):
+            log.info("deleted NetworkPolicy of TrainingJob %s/%s: the operator makes none", ns, meta["name"])
         caches.applied.add(applied)
     for d in decided.delete:
         k8s.delete_pod(d.name, ns, uid=d.uid, force=d.force)

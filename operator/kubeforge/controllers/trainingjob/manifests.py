@@ -12,7 +12,11 @@ Children (names are deterministic, so creating what exists is a harmless 409):
   (``--rdzv-conf=is_host=false``), so losing any one GPU node, worker 0's included, loses
   no rendezvous state: the surviving agents re-rendezvous and restart from the checkpoint;
 - Pods ``<job>-worker-<i>`` for i < maxReplicas, each running elastic torchrun through the
-  trainer's launcher (which keeps the contract's exit codes).
+  trainer's launcher (which keeps the contract's exit codes);
+- NetworkPolicy ``<job>-network`` (unless the operator's setting turns them off): only the
+  job's own pods reach its rendezvous store and its workers (the TCPStore has no
+  authentication; NCCL and gloo use ports of their own choosing), and the scrape sources reach
+  the metrics port.
 """
 
 from __future__ import annotations
@@ -114,6 +118,37 @@ def _meta(owner: Owner, name: str, role: str, extra: dict[str, str] | None = Non
     labels = {JOB_LABEL: owner.name, ROLE_LABEL: role, "app.kubernetes.io/managed-by": "kubeforge",
               **(extra or {})}
     return {"name": name, "namespace": owner.namespace, "labels": labels, "ownerReferences": [owner.reference()]}
+
+
+def network_policy_name(job: str) -> str:
+    return f"{job}-network"
+
+
+def build_network_policy(owner: Owner, scrape_from: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """Ingress to every pod of the job (workers and rendezvous store) only from pods of the same
+    job in the same namespace, on any port; the metrics port also from ``scrape_from``
+    (Prometheus). Egress stays open: workers reach DNS, the store and their data."""
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": {"matchLabels": {JOB_LABEL: owner.name}}}]}]
+    if scrape_from:
+        ingress.append({"from": [dict(peer) for peer in scrape_from],
+                        "ports": [{"port": TRAINER_METRICS_PORT, "protocol": "TCP"}]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(owner, network_policy_name(owner.name), "network-policy"),
+            "spec": {"podSelector": {"matchLabels": {JOB_LABEL: owner.name}}, "policyTypes": ["Ingress"],
+                     "ingress": ingress}}
+
+
+def refused_volumes(spec: TrainingJobSpec, allow_host_path: bool) -> str | None:
+    """Why the job's volumes may not run (a hostPath the operator does not allow), or None.
+    Admission refuses these already where the chart's policy is installed; this is the
+    second line, for CRDs applied without it and objects stored before it."""
+    if allow_host_path:
+        return None
+    bad = [f"spec.pod.volumes[{i}].hostPath ({v.name})" for i, v in enumerate(spec.pod.volumes) if v.host_path]
+    if not bad:
+        return None
+    return (f"{', '.join(bad)}: hostPath volumes must not be used: they give the pod the node's filesystem "
+            "(allowed only when the operator sets security.allowHostPathVolumes)")
 
 
 def build_config_map(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
@@ -255,6 +290,9 @@ def build_worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPoli
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.workers.termination_grace_seconds,
         "enableServiceLinks": False,
+        # the trainer never calls the Kubernetes API: a spec.pod.serviceAccountName gives its
+        # image pull secrets and workload identity, never an API token
+        "automountServiceAccountToken": False,
         "securityContext": pod_security(),
         "containers": [container],
         "volumes": volumes,
@@ -291,6 +329,7 @@ def build_rendezvous_pod(owner: Owner, spec: TrainingJobSpec,
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 5,
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
         "securityContext": pod_security(),
         "containers": [container],
         # off GPU nodes where there are others, but a cluster of GPU nodes only (a DGX pod,

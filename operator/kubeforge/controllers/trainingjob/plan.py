@@ -43,6 +43,7 @@ from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ExitCode
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob import manifests as pods_
+from kubeforge.settings import SecuritySettings
 from kubeforge.store.report import job_run
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
@@ -95,6 +96,8 @@ class Observed:
     #: The run of the TrainingJob ``spec.resumeFrom.trainingJob`` names, when that object exists and
     #: is not this one (None: the trainer looks for the newest earlier run of that name).
     resume_run: str | None = None
+    #: hostPath allowed or not, NetworkPolicies made or not (the operator's settings).
+    security: SecuritySettings = dataclasses.field(default_factory=SecuritySettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -665,13 +668,15 @@ def _finish(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> P
     return p.plan
 
 
-def _invalid(obs: Observed, error: str) -> Plan:
+def _invalid(obs: Observed, error: str, reason: str = "InvalidSpec") -> Plan:
     meta = obs.job["metadata"]
     old = obs.job.get("status") or {}
-    conds = set_condition(list(old.get("conditions") or []), "Ready", False, "InvalidSpec", error,
+    before = condition(old.get("conditions"), "Ready") or {}
+    conds = set_condition(list(old.get("conditions") or []), "Ready", False, reason, error,
                           meta.get("generation"))
+    events = [] if (before.get("reason"), before.get("message")) == (reason, error) else [Event(reason, error, True)]
     return Plan(status={**old, "observedGeneration": meta.get("generation"), "conditions": conds,
-                        "phase": "Failed", "message": error}, requeue_after=None)
+                        "phase": "Failed", "message": error}, events=events, requeue_after=None)
 
 
 # ---- the phases: each returns the Plan when it decides the job's, else None -----------
@@ -834,10 +839,15 @@ def plan(obs: Observed) -> Plan:
                              "(worker hostnames are DNS labels)")
     if spec is None:
         return _invalid(obs, error or "invalid spec")
+    refused = pods_.refused_volumes(spec, obs.security.allow_host_path_volumes)
+    if refused:
+        return _invalid(obs, refused, "VolumeSourceRefused")
     p = _Planner(obs, spec)
     if not p.old.get("run"):
         _announce_run(p)
     p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
+    if obs.security.network_policies:
+        p.plan.children.append(pods_.build_network_policy(p.owner, obs.security.scrape_from))
     for phase in PHASES:
         decided = phase(p)
         if decided is not None:
