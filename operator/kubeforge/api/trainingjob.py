@@ -71,9 +71,10 @@ class Trainer(ApiModel):
         default="IfNotPresent", description="Image pull policy of the worker container.")
     config: dict[str, Any] = Field(default_factory=dict, description=(
         "The trainer config (the YAML of `python -m kubeforge_runtime.train --config`), mounted as a "
-        "ConfigMap file. The trainer validates it before training and exits with the configuration-error "
-        "code on an unknown key or an impossible value, which fails the job at once."),
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+        "ConfigMap file. Its schema and rules are the trainer's own (kubeforge_runtime/config.py): the API "
+        "server rejects a wrong type, a value out of range or an inconsistent combination at admission, and "
+        "kubectl's strict field validation rejects an unknown key. The trainer validates it again before "
+        "training and exits with the configuration-error code, which fails the job at once."))
 
 
 class PodOverrides(ApiModel):
@@ -118,6 +119,13 @@ class ResumeFrom(ApiModel):
     )
 
 
+_PARALLELISM = "self.trainer.config.parallelism"
+_HYBRID = (f"has(self.trainer.config) && has({_PARALLELISM}) && has({_PARALLELISM}.sharding) && "
+           f"{_PARALLELISM}.sharding == 'hybrid' && has({_PARALLELISM}.shard_group_size)")
+_SHARD_GROUP = f"{_PARALLELISM}.shard_group_size"
+_PROCS = "(self.workers.gpusPerWorker > 0 ? self.workers.gpusPerWorker : 1)"  # torchrun --nproc-per-node
+
+
 class TrainingJobSpec(ApiModel):
     """What to train, on how many GPU nodes, and how to survive failures."""
 
@@ -139,6 +147,14 @@ class TrainingJobSpec(ApiModel):
         Rule("!has(self.resumeFrom) || has(self.checkpointPolicyRef)",
              "resumeFrom must come with a checkpointPolicyRef: the runs it resumes are in that policy's store",
              field_path=".resumeFrom", reason="FieldValueRequired"),
+        # the trainer's own check against the world size, where admission can know it: every size
+        # from min to max replicas × processes per worker; two consecutive sizes n·p and (n+1)·p
+        # share only the divisors of p, so an elastic job's shard group must divide p
+        Rule(f"!({_HYBRID}) || (self.workers.minReplicas == self.workers.maxReplicas ? "
+             f"(self.workers.minReplicas * {_PROCS}) % {_SHARD_GROUP} == 0 : {_PROCS} % {_SHARD_GROUP} == 0)",
+             "trainer.config.parallelism.shard_group_size must divide the world size at every worker count the "
+             "job can run at (workers × processes per worker; with minReplicas < maxReplicas it must divide "
+             "gpusPerWorker)", field_path=".trainer.config.parallelism.shard_group_size", reason="FieldValueInvalid"),
     )
 
 
