@@ -111,8 +111,9 @@ def export_time(c: Cluster, ns: str, prefix: str, name: str) -> float:
     s3 = c.s3_settings()
     store = open_store(f"s3://{s3['KUBEFORGE_S3_BUCKET']}/{prefix}", endpoint_url=s3["AWS_ENDPOINT_URL"],
                        access_key_id=s3["AWS_ACCESS_KEY_ID"], secret_access_key=s3["AWS_SECRET_ACCESS_KEY"])
-    marker = store.export_marker(ns, name)
-    assert marker is not None
+    run = kget(c, "trainingjob", name, "-n", ns)["status"]["run"]  # the job's own run (keyed by its uid)
+    marker = store.export_marker(ns, run)
+    assert marker is not None, f"no export marker of run {run}"
     return dt.datetime.fromisoformat(marker.time).timestamp()
 
 

@@ -108,9 +108,10 @@ def test_the_chart_operator_trains_on_real_pods_and_serves_the_export(chart_oper
     st = wait_succeeded(c, op, ns, 600)
     train_s = time.monotonic() - t0
     assert st["lastCheckpoint"]["step"] == 30, st
-    store = store_of(c, prefix)
-    assert store.newest_committed(ns, JOB).step == 30
-    assert store.export_marker(ns, JOB) is not None
+    store, run = store_of(c, prefix), st["run"]  # the store keys the job's own run (its uid)
+    assert run.startswith(f"{JOB}/runs/"), run
+    assert store.newest_committed(ns, run).step == 30
+    assert store.export_marker(ns, run) is not None
     # both workers ran for real: each pod's container exited 0 on a real node
     for p in workers(c, ns, JOB):
         assert p["spec"]["nodeName"] in c.nodes.names(), p["spec"]["nodeName"]
@@ -140,14 +141,17 @@ print(urllib.request.urlopen(req, timeout=60).read().decode())
     print(f"train to Succeeded on real pods: {train_s:.0f}s")
 
 
-def training_past_a_checkpoint(op: ChartOperator) -> Any:
-    """A 60-step job of two workers, once its first checkpoint is committed; its store."""
+def training_past_a_checkpoint(op: ChartOperator) -> tuple[Any, str]:
+    """A 60-step job of two workers, once its first checkpoint is committed; its store and run."""
     c, ns = op.cluster, op.namespace
     prefix = f"realpods-{uuid.uuid4().hex[:6]}"
     apply_examples(c, ns, steps=60, every=10, prefix=prefix, services=False)
     store = store_of(c, prefix)
-    wait_for("a first committed checkpoint", is_(lambda: store.newest_committed(ns, JOB)), 400, interval=2)
-    return store
+    # the run is in status before any worker starts
+    run = wait_for("the job's run", lambda: kubectl_json(c, "get", "trainingjob", JOB, "-n", ns)
+                   .get("status", {}).get("run"), 120, interval=1)
+    wait_for("a first committed checkpoint", is_(lambda: store.newest_committed(ns, run)), 400, interval=2)
+    return store, run
 
 
 def _kill_container(c: Cluster, pod: dict[str, Any]) -> None:
@@ -174,13 +178,13 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_training_resumes(chart_ope
 def test_a_lost_real_node_is_noticed_and_its_worker_moves_to_the_other_node(chart_operator: ChartOperator) -> None:
     op = chart_operator
     c, ns = op.cluster, op.namespace
-    store = training_past_a_checkpoint(op)
+    store, run = training_past_a_checkpoint(op)
     operator_nodes = {p["spec"].get("nodeName") for p in op.pods()}
     candidates = [p for p in running_workers(c, ns) if p["spec"]["nodeName"] not in operator_nodes]
     assert candidates, "both workers share the operator's node: nothing to lose without the operator"
     victim = candidates[0]
     lost = victim["spec"]["nodeName"]
-    before = store.newest_committed(ns, JOB).step
+    before = store.newest_committed(ns, run).step
     t0 = time.monotonic()
     c.lose_real_node(lost)
     try:
@@ -196,6 +200,6 @@ def test_a_lost_real_node_is_noticed_and_its_worker_moves_to_the_other_node(char
     events = c.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={JOB}",
                        "-o", "custom-columns=TIME:.lastTimestamp,REASON:.reason,MESSAGE:.message").stdout
     assert restarts.get("infrastructure", 0) >= 1 and restarts.get("application", 0) == 0, f"{restarts}\n{events}"
-    after = [s.step for s in store.committed(ns, JOB)] if hasattr(store, "committed") else []
+    after = [s.step for s in store.committed_checkpoints(ns, run)]
     assert st["lastCheckpoint"]["step"] == 60 and before <= 60, (st, after)
     print(f"node loss to worker rescheduled: {moved_s:.0f}s")
