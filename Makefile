@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-serving-text bench-operator bench-e2e lint kind-up kind-down
+.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-serving-text bench-operator bench-e2e bench-store-outage lint kind-up kind-down
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -100,3 +100,6 @@ bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench
 
 bench-e2e: install tools ## apply -> train -> serve -> answer, node loss, image builds, on real pods -> bench/results/e2e.json
 	$(PY) bench/e2e.py
+
+bench-store-outage: install tools ## node loss of a job without S3 while 30 jobs' S3 is dead, this operator vs BEFORE (a revision) -> bench/results/store_outage.json
+	$(PY) bench/store_outage.py $(if $(BEFORE),--before $(BEFORE))

@@ -355,13 +355,7 @@ class Cluster:
             f"--manage-nodes-with-label-selector={MANAGED}=fake",
             "--node-lease-duration-seconds", "40", "--cidr", "10.244.0.1/16", "--node-ip", "127.0.0.1",
             "--server-address", f"127.0.0.1:{c.port_base + 250}"])
-        self._start("minio", [bins["minio"], "server", str(self.dir / "minio"),
-                              "--address", f"{c.address}:{c.minio_port}",
-                              "--console-address", f"{c.address}:{c.minio_port + 1}", "--quiet"],
-                    env={"MINIO_ROOT_USER": S3_USER, "MINIO_ROOT_PASSWORD": S3_PASSWORD,
-                         "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"})
-        self._wait("MinIO", lambda: urllib.request.urlopen(
-            f"http://{c.address}:{c.minio_port}/minio/health/ready", timeout=2).status == 200, 60, "minio")
+        self.start_minio(bins["minio"])
         self._make_bucket()
         self._wait("default ServiceAccount", lambda: self.kubectl("get", "serviceaccount", "default").returncode == 0,
                    60, "kube-controller-manager")
@@ -478,6 +472,21 @@ class Cluster:
                       file=sys.stderr, flush=True)
             self.nodes.remove_images_except(i, keep)
         return tags
+
+    def start_minio(self, binary: str | None = None) -> None:
+        """MinIO on its port, its data kept in the state dir (a restart serves what was stored)."""
+        c = self.cfg
+        self._start("minio", [str(binary or tools.binary("minio")), "server", str(self.dir / "minio"),
+                              "--address", f"{c.address}:{c.minio_port}",
+                              "--console-address", f"{c.address}:{c.minio_port + 1}", "--quiet"],
+                    env={"MINIO_ROOT_USER": S3_USER, "MINIO_ROOT_PASSWORD": S3_PASSWORD,
+                         "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"})
+        self._wait("MinIO", lambda: urllib.request.urlopen(
+            f"http://{c.address}:{c.minio_port}/minio/health/ready", timeout=2).status == 200, 60, "minio")
+
+    def stop_minio(self) -> None:
+        """MinIO stopped (by its pid), as an S3 endpoint that went away: its port refuses."""
+        self._stop("minio")
 
     def _make_bucket(self) -> None:
         import boto3  # the cluster's users are the operator and tests; both have boto3

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 
 from kubeforge.controllers.background import Background
 from kubeforge.controllers.peering import Peering
+from kubeforge.controllers.store_access import StoreAccess
 from kubeforge.metrics import OPERATOR_ACTIVE
 from kubeforge.settings import OperatorSettings
 
@@ -108,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     # the memo every handler gets (kopf copies it per object, shallowly): the settings, and
     # the background tasks' owner; each kind's startup handler adds its state
     peering = Peering(p.peering or None, priority, p.namespaces[0] if p.namespaces else None)
-    memo = kopf.Memo(settings=settings, background=Background(active=lambda: peering.active), peering=peering)
+    background = Background(active=lambda: peering.active)
+    # every controller's reads of S3 stores: off the reconcile threads, failures cached per store
+    stores = StoreAccess(settings.checkpointpolicy.store_threads,
+                         max_backoff_s=settings.checkpointpolicy.store_max_backoff_s)
+    background.close_with(stores.close)
+    memo = kopf.Memo(settings=settings, background=background, peering=peering, stores=stores)
     asyncio.run(kopf.operator(
         clusterwide=not p.namespaces,
         namespaces=list(p.namespaces),

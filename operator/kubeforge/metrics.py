@@ -33,6 +33,10 @@ def reconciling(kind: str) -> Iterator[None]:
         RECONCILE_TOTAL.labels(kind, "success").inc()
     finally:
         RECONCILE_DURATION.labels(kind).observe(time.perf_counter() - t0)
+STORE_REACHABLE = Gauge("kubeforge_store_reachable",
+                        "1 when the operator's last read of a CheckpointPolicy's S3 store succeeded, 0 while it "
+                        "is down (its reads pause with a backoff, nothing else waits for it).",
+                        ["namespace", "policy"])
 CHECKPOINTS_DELETED = Counter("kubeforge_checkpoints_deleted_total", "Checkpoints deleted by retention.")
 STORE_INSPECTIONS = Counter("kubeforge_store_inspections_total",
                             "Passes of the store inspector pod of volume CheckpointPolicies, by result.", ["result"])

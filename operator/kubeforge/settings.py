@@ -72,6 +72,13 @@ class CheckpointPolicySettings:
     retention_interval_s: float = 60.0
     #: A failing store is given up on quickly in the operator: the next pass tries again.
     store_retry_deadline_s: float = 10.0
+    #: Threads reading one policy's store (``controllers.store_access``): a dead store holds
+    #: only these, never the reconcile threads or another policy's.
+    store_threads: int = 2
+    #: Reads of a store that failed pause this long at most (5 s, doubling up to it).
+    store_max_backoff_s: float = 60.0
+    #: CheckpointPolicies whose retention runs at the same time (each in its own thread).
+    retention_concurrency: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,8 @@ class InferenceServiceSettings:
     export_poll_interval_s: float = 30.0
     #: A failing store is given up on quickly: the next poll tries again.
     store_retry_deadline_s: float = 10.0
+    #: InferenceServices re-reconciled by one export poll at the same time.
+    export_poll_concurrency: int = 8
 
 
 @dataclasses.dataclass(frozen=True)

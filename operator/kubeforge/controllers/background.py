@@ -7,6 +7,9 @@ all stopped by the operator's cleanup handler.
   timer runs for, and a finalizer left behind by a stopped operator blocks deleting the
   object and its namespace.
 - ``spawn(name, coroutine)``: a long-running task (the TrainingJob queue's workers).
+- ``SideBySide``: the objects of one periodic pass worked on in threads of the pass's own, so
+  one whose store is dead (a retry deadline per call) delays neither the others nor kopf's
+  handlers.
 - ``WorkQueue``: keys due at a time, one worker per key at a time (controller-runtime's
   work queue), for a kind whose events only say "look at this object again".
 
@@ -16,6 +19,7 @@ A failing pass is logged and the next one runs; a task that ends by an exception
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -95,6 +99,10 @@ class WorkQueue(Generic[K]):
         self._due[key] = min(self._due.get(key, due), due)
         self._wake.set()
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` waits to be handed out."""
+        return key in self._due
+
     async def get(self) -> K:
         while True:
             now = time.monotonic()
@@ -117,3 +125,37 @@ class WorkQueue(Generic[K]):
     def done(self, key: K) -> None:
         self._busy.discard(key)
         self._wake.set()
+
+
+class SideBySide(Generic[K]):
+    """A pass's work on each key, ``threads`` keys at a time in a pool of its own. A key whose
+    work from an earlier pass still runs is skipped (logged); a pass waits ``timeout`` at most
+    and leaves what is still running to finish on its own."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.busy: set[K] = set()
+
+    async def run(self, keys: list[K], fn: Callable[[K], None], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        running = []
+        for key in keys:
+            if key in self.busy:
+                log.info("%s: %s still runs from an earlier pass", self.name, key)
+                continue
+            self.busy.add(key)
+            running.append(loop.run_in_executor(self.pool, self._one, fn, key))
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    def _one(self, fn: Callable[[K], None], key: K) -> None:
+        try:
+            fn(key)
+        except Exception:  # one object's failure must not stop the others'
+            log.exception("%s failed for %s", self.name, key)
+        finally:
+            self.busy.discard(key)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

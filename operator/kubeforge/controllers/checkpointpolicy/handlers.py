@@ -21,11 +21,12 @@ import kubernetes
 from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
-from kubeforge.controllers.background import Background
+from kubeforge.controllers.background import Background, SideBySide
 from kubeforge.controllers.checkpointpolicy import manifests
 from kubeforge.controllers.checkpointpolicy import plan as insp
 from kubeforge.controllers.checkpointpolicy.plan import StorageCheck, secret_check
 from kubeforge.controllers.status import Condition, conditions_patch, parse_spec
+from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.metrics import CHECKPOINTS_DELETED, STORE_INSPECTIONS, reconciling
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import Store, StoreError, open_policy_store
@@ -42,10 +43,14 @@ class CheckpointPolicies:
     inspector pod's watch and kopf's handler all write a policy's status, and each must start
     from what the last one wrote (conditions are replaced as a whole list by a merge patch)."""
 
-    def __init__(self, settings: OperatorSettings) -> None:
+    def __init__(self, settings: OperatorSettings, stores: StoreAccess | None = None) -> None:
         self.settings = settings
         self.seen: set[Key] = set()
         self.locks: dict[Key, threading.Lock] = collections.defaultdict(threading.Lock)
+        #: the operator's view of which stores are down (shared with the other controllers)
+        self.stores = stores or StoreAccess()
+        #: the retention pass: policies side by side, each at most once at a time
+        self.passes: SideBySide[Key] = SideBySide("retention", settings.checkpointpolicy.retention_concurrency)
 
 
 def _state(memo: kopf.Memo) -> CheckpointPolicies:
@@ -58,7 +63,7 @@ def _jobs_using(namespace: str, policy: str) -> list[dict[str, Any]]:
 
 
 def check_storage(state: CheckpointPolicies, spec: CheckpointPolicySpec,
-                  namespace: str) -> tuple[StorageCheck, Store | None]:
+                  namespace: str, name: str) -> tuple[StorageCheck, Store | None]:
     """Check the Secret and the bucket (S3), or the claim (volume); returns the store when usable
     from the operator (a volume is mounted only in the workers)."""
     if spec.storage.volume:
@@ -76,11 +81,17 @@ def check_storage(state: CheckpointPolicies, spec: CheckpointPolicySpec,
     problem = secret_check(s3.credentials_secret_ref.name, secret)
     if problem:
         return problem, None
+    down = state.stores.outage((namespace, name))
+    if down is not None:
+        # failed a moment ago: not waited out again before its backoff ends (store_access)
+        return StorageCheck(False, "BucketUnreachable", f"bucket {s3.bucket}: {down} (retried after a backoff)"), None
     store = open_policy_store(spec, secret, state.settings.checkpointpolicy.store_retry_deadline_s)
     try:
         store.check()
     except StoreError as e:
+        state.stores.failed((namespace, name), str(e))
         return StorageCheck(False, "BucketUnreachable", f"bucket {s3.bucket}: {e}"), None
+    state.stores.succeeded((namespace, name))
     return StorageCheck(True, "BucketReachable", f"bucket {s3.bucket} answers at {s3.endpoint or 'AWS'}"), store
 
 
@@ -119,7 +130,7 @@ def policy_status(state: CheckpointPolicies, body: dict[str, Any], retention: bo
             logger.warning("invalid spec: %s", error)
             return conditions_patch(_without_inspected(status), generation,
                                     [("Ready", False, "InvalidSpec", str(error))]), None
-        check, store = check_storage(state, parsed, namespace)
+        check, store = check_storage(state, parsed, namespace, meta["name"])
         conds: list[Condition] = [("StorageReachable", check.ok, check.reason, check.message),
                                             ("Ready", check.ok, check.reason, check.message)]
         if parsed.storage.volume is None:
@@ -129,8 +140,12 @@ def policy_status(state: CheckpointPolicies, body: dict[str, Any], retention: bo
             return conditions_patch(status, generation, conds), None
         jobs = _jobs_using(namespace, meta["name"])
         if store is not None:
-            return {**conditions_patch(status, generation, conds),
-                    **s3_status(parsed, store, namespace, jobs, retention, body, logger)}, None
+            try:
+                summaries = s3_status(parsed, store, namespace, jobs, retention, body, logger)
+            except StoreError as e:
+                state.stores.failed((namespace, meta["name"]), str(e))
+                raise
+            return {**conditions_patch(status, generation, conds), **summaries}, None
         pod = k8s.get_or_none(k8s.core().read_namespaced_pod, manifests.inspector_name(meta["name"]), namespace)
         vp = insp.plan_volume_pass(body, parsed, pod, [j["metadata"]["name"] for j in jobs],
                                    start_inspector, dt.datetime.now(dt.UTC))
@@ -190,6 +205,8 @@ def track(type: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     seen = _state(memo).seen
     if type == "DELETED" or meta.get("deletionTimestamp"):
         seen.discard(key)
+        if type == "DELETED":
+            _state(memo).stores.forget_store(key)
     else:
         seen.add(key)
 
@@ -232,16 +249,16 @@ async def inspector_finished(type: str | None, body: kopf.Body, memo: kopf.Memo,
 
 
 async def _retention_pass(state: CheckpointPolicies) -> None:
-    for namespace, name in sorted(state.seen):
-        try:
-            await asyncio.to_thread(enforce, state, namespace, name)
-        except Exception:  # one policy's failure must not stop the others' retention
-            log.exception("retention pass failed for CheckpointPolicy %s/%s", namespace, name)
+    """Every policy side by side (``retention_concurrency`` at a time): one whose store is dead
+    takes its retry deadline without delaying the others."""
+    await state.passes.run(sorted(state.seen), lambda key: enforce(state, *key),
+                           state.settings.checkpointpolicy.retention_interval_s)
 
 
 @kopf.on.startup()
 async def start_retention(memo: kopf.Memo, **_: Any) -> None:
     settings = cast(OperatorSettings, memo.settings)
-    state = memo.checkpointpolicies = CheckpointPolicies(settings)
+    state = memo.checkpointpolicies = CheckpointPolicies(settings, shared_stores(memo))
+    cast(Background, memo.background).close_with(state.passes.close)
     cast(Background, memo.background).every("checkpointpolicy-retention", settings.checkpointpolicy.retention_interval_s,
                                             lambda: _retention_pass(state))

@@ -15,7 +15,6 @@ an export, which are Ready) is the operator's, in ``memo.inferenceservices``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -27,7 +26,7 @@ from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, InferenceService, InferenceServiceSpec, TrainingJob
 from kubeforge.api.common import GROUP, VERSION, LocalObjectReference, condition
 from kubeforge.api.contract import SERVING_PORT
-from kubeforge.controllers.background import Background
+from kubeforge.controllers.background import Background, SideBySide
 from kubeforge.controllers.inferenceservice import manifests
 from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
 from kubeforge.controllers.inferenceservice.plan import (
@@ -39,6 +38,7 @@ from kubeforge.controllers.inferenceservice.plan import (
 )
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec
+from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.metrics import INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import StoreError, open_policy_store
@@ -52,10 +52,14 @@ class InferenceServices:
     """The controller's state: the services that follow a TrainingJob's export (the export
     poll goes over them) and whether each is Ready (the gauge)."""
 
-    def __init__(self, settings: OperatorSettings) -> None:
+    def __init__(self, settings: OperatorSettings, stores: StoreAccess | None = None) -> None:
         self.settings = settings
         self.following: set[Key] = set()
         self.ready: dict[Key, bool] = {}
+        #: which stores are down (shared with the other controllers): their reads fail fast
+        self.stores = stores or StoreAccess()
+        #: the export poll: services side by side, each at most once at a time
+        self.passes: SideBySide[Key] = SideBySide("export-poll", settings.inferenceservice.export_poll_concurrency)
 
     def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
         ready = condition(status.get("conditions"), "Ready")
@@ -127,10 +131,17 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
     # the export of this object's run only: one of a deleted job of the same name is never served
     run = job_run(job)
     export_uri = store.export_uri(owner.namespace, run)
+    store_key = (owner.namespace, policy_ref["name"])
+    down = state.stores.outage(store_key)
+    if down is not None:  # failed a moment ago: not waited out again before its backoff ends
+        return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {down} "
+                                                          "(retried after a backoff)" + _still_serving(served, export_uri))
     try:
         marker = store.export_marker(owner.namespace, run)
     except StoreError as e:
+        state.stores.failed(store_key, str(e))
         return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {e}")
+    state.stores.succeeded(store_key)
     if marker is None:
         return ModelResolution(False, "WaitingForTrainingJob",
                                f"TrainingJob {job_name} (run {run}) has no committed export at {export_uri} yet"
@@ -314,17 +325,16 @@ def repoll(state: InferenceServices, namespace: str, name: str) -> None:
 
 
 async def _poll_exports(state: InferenceServices) -> None:
-    for namespace, name in sorted(state.following):
-        try:
-            await asyncio.to_thread(repoll, state, namespace, name)
-        except Exception:  # one service's failure must not stop the others' polls
-            log.exception("re-reconciling InferenceService %s/%s failed", namespace, name)
+    """Every following service side by side: one whose store is dead delays no other."""
+    await state.passes.run(sorted(state.following), lambda key: repoll(state, *key),
+                           state.settings.inferenceservice.export_poll_interval_s)
 
 
 @kopf.on.startup()
 async def start_export_poll(memo: kopf.Memo, **_: Any) -> None:
     settings = cast(OperatorSettings, memo.settings)
-    state = memo.inferenceservices = InferenceServices(settings)
+    state = memo.inferenceservices = InferenceServices(settings, shared_stores(memo))
+    cast(Background, memo.background).close_with(state.passes.close)
     cast(Background, memo.background).every("inferenceservice-export-poll",
                                             settings.inferenceservice.export_poll_interval_s,
                                             lambda: _poll_exports(state))

@@ -27,6 +27,7 @@ from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
 from kubeforge.controllers.background import Background, WorkQueue
+from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.controllers.trainingjob import manifests as pods_
 from kubeforge.controllers.trainingjob.plan import (
     NodeHealth,
@@ -45,7 +46,7 @@ from kubeforge.metrics import (
     reconciling,
 )
 from kubeforge.settings import OperatorSettings
-from kubeforge.store import StoreError, open_policy_store
+from kubeforge.store import open_policy_store
 from kubeforge.store.report import job_run
 
 log = logging.getLogger("kubeforge.trainingjob")
@@ -61,21 +62,33 @@ class Caches:
     pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
     phases: dict[Key, str] = dataclasses.field(default_factory=dict)
     applied: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (job uid, generation)
-    store: dict[Key, tuple[float, str, StoreView]] = dataclasses.field(default_factory=dict)  # (time, run, view)
+    #: store reads that must be newer than this (monotonic) time: worker 0 finished, its export is in question
+    fresh_store_wanted: dict[tuple[str, Key, str], float] = dataclasses.field(default_factory=dict)
 
 
 class TrainingJobs:
     """The controller's state: settings, work queue, caches, and the threads that reconcile."""
 
-    def __init__(self, settings: OperatorSettings) -> None:
+    def __init__(self, settings: OperatorSettings, stores: StoreAccess | None = None) -> None:
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue()
         self.caches = Caches()
+        #: reads of the S3 stores, off these threads (shared by every controller)
+        self.stores = stores or StoreAccess()
+        #: the event loop the queue lives on (set at startup)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.trainingjob.workers,
                                                           thread_name_prefix="trainingjob")
 
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
         self.queue.add(key, delay)
+
+    def enqueue_from_thread(self, key: Key) -> None:
+        """``enqueue`` from a thread other than the event loop's (a store read that finished)."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.enqueue, key)
+        elif self.loop is None:
+            self.enqueue(key)
 
 
 def _state(memo: kopf.Memo) -> TrainingJobs:
@@ -88,7 +101,8 @@ def _state(memo: kopf.Memo) -> TrainingJobs:
 async def start_queue(memo: kopf.Memo, **_: Any) -> None:
     settings = cast(OperatorSettings, memo.settings)
     background = cast(Background, memo.background)
-    state = memo.trainingjobs = TrainingJobs(settings)
+    state = memo.trainingjobs = TrainingJobs(settings, shared_stores(memo))
+    state.loop = asyncio.get_running_loop()
     for n in range(settings.trainingjob.workers):
         background.spawn(f"trainingjob-worker-{n}", _work(state, background))
     # no wait for a reconciliation blocked on a slow API or store call: the process is ending
@@ -101,7 +115,9 @@ async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo
     key = (str(meta["namespace"]), str(meta["name"]))
     if type == "DELETED":
         state.caches.phases.pop(key, None)
-        state.caches.store.pop(key, None)
+        state.stores.forget(lambda k: k[:2] == ("trainingjob", key))
+        state.caches.fresh_store_wanted = {k: v for k, v in state.caches.fresh_store_wanted.items()
+                                           if k[:2] != ("trainingjob", key)}
         _remove_checkpoint_gauges(key)
         _publish_phases(state.caches)
         return
@@ -222,36 +238,49 @@ def _read_policy(namespace: str, name: str,
         return None, f"CheckpointPolicy {name} is invalid: {e}", None
 
 
-def _store_view(state: TrainingJobs, key: Key, run: str, policy: CheckpointPolicySpec,
-                fresh: bool) -> StoreView | None:
-    """lastCheckpoint and the export marker of the job's ``run`` read from the store (S3; a
-    volume's come from the policy status, see ``volume_view``). Cached for
-    ``store_refresh_s`` unless ``fresh``."""
+def _read_store_view(namespace: str, run: str, policy: CheckpointPolicySpec, deadline_s: float) -> StoreView:
+    """lastCheckpoint and the export marker of ``run``, read from its S3 store (in a store
+    thread of ``state.stores``; raises on failure)."""
     s3 = policy.storage.s3
-    if s3 is None:
-        return None
-    cached = state.caches.store.get(key)
-    if cached and cached[1] == run and not fresh and \
-            time.monotonic() - cached[0] < state.settings.trainingjob.store_refresh_s:
-        return cached[2]
-    ns, job = key[0], run
-    try:
-        store = open_policy_store(policy, k8s.read_secret(ns, s3.credentials_secret_ref.name),
-                                  state.settings.checkpointpolicy.store_retry_deadline_s)
-        newest = store.newest_committed(ns, job)
-        marker = store.export_marker(ns, job)
-    except (StoreError, k8s.SecretForbidden) as e:
-        log.warning("store of %s/%s unreadable: %s", ns, job, e)
-        return None
+    assert s3 is not None
+    store = open_policy_store(policy, k8s.read_secret(namespace, s3.credentials_secret_ref.name), deadline_s)
+    newest = store.newest_committed(namespace, run)
+    marker = store.export_marker(namespace, run)
     last = None
     if newest is not None:
-        last = {"step": newest.step, "uri": store.checkpoint_uri(ns, job, newest.step)}
+        last = {"step": newest.step, "uri": store.checkpoint_uri(namespace, run, newest.step)}
         if newest.marker is not None and newest.marker.time:
             last["time"] = newest.marker.time
-    view = StoreView(last_checkpoint=last, export_committed=marker is not None, export_uri=store.export_uri(ns, job))
-    state.caches.store[key] = (time.monotonic(), run, view)
-    return view
+    return StoreView(last_checkpoint=last, export_committed=marker is not None,
+                     export_uri=store.export_uri(namespace, run))
 
+
+def _store_view(state: TrainingJobs, key: Key, run: str, policy_name: str, policy: CheckpointPolicySpec,
+                fresh: bool) -> StoreView | None:
+    """What the S3 store says about the job's ``run`` (a volume's comes from the policy status,
+    see ``volume_view``), never waiting for the store: the read runs in the policy's store
+    threads (``controllers.store_access``) and re-enqueues the job when it is done. Reused for
+    ``store_refresh_s``; with ``fresh`` (worker 0 exited 0: is the export committed?) only an
+    answer read after the first such request counts, None until there is one."""
+    if policy.storage.s3 is None:
+        return None
+    ns = key[0]
+    deadline = state.settings.checkpointpolicy.store_retry_deadline_s
+    read_key: tuple[str, Key, str] = ("trainingjob", key, run)
+    now = time.monotonic()
+    if fresh:
+        wanted = state.caches.fresh_store_wanted.setdefault(read_key, now)
+        max_age = now - wanted
+    else:
+        state.caches.fresh_store_wanted.pop(read_key, None)
+        wanted, max_age = None, state.settings.trainingjob.store_refresh_s
+    reading = state.stores.read((ns, policy_name), read_key, lambda: _read_store_view(ns, run, policy, deadline),
+                                max_age=max_age, on_done=lambda: state.enqueue_from_thread(key))
+    if reading.error:  # the change itself is logged once by store_access, with the metric
+        log.debug("store of %s/%s unreadable: %s", ns, run, reading.error)
+    if wanted is not None and not reading.newer_than(wanted):
+        return None
+    return reading.value
 
 def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
     job = k8s.get_custom(namespace, TrainingJob.plural, name)
@@ -270,7 +299,7 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
     elif policy is not None:
         worker0_done = any(p["metadata"]["name"] == pods_.worker_name(name, 0) and
                            (p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
-        store = _store_view(state, (namespace, name), run, policy, fresh=worker0_done)
+        store = _store_view(state, (namespace, name), run, str(ref), policy, fresh=worker0_done)
     return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
                     policy_error=policy_error, store=store, default_image=state.settings.images.workload,
                     security=state.settings.security, resume_run=_resume_run(job))

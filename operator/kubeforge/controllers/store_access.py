@@ -1,0 +1,191 @@
+"""Store calls off the reconcile path: bounded, cached and concurrent per store.
+
+A store call can take its whole retry deadline (``store_retry_deadline_s``, 10 s) when the S3
+endpoint is away, and a TrainingJob reconcile used to make two of them in its own thread: with
+about 20 S3-backed jobs and a dead endpoint every reconcile thread waited on S3, and a node
+loss of a job that does not even use S3 was handled minutes late. Here:
+
+- **Concurrent per store.** Each store (a CheckpointPolicy, ``(namespace, name)``) has a small
+  pool of its own (``StoreAccessSettings.threads_per_store``); a dead store occupies only its
+  own threads, never the reconcile pool or another policy's.
+- **Bounded.** ``read`` never blocks its caller: it returns what was last read (with its
+  age), and a read still running for the same key is not started twice, so the work queued
+  per store is at most one read per key.
+- **Cached, failures too.** A failed read marks its store down for a backoff (5 s, doubling to
+  ``max_backoff_s``): reads of a down store are not attempted until it ends, the next one then
+  tries once. Each change is a log line and ``kubeforge_store_reachable{namespace,policy}``;
+  ``outage(store)`` lets the other controllers fail fast with the same error.
+
+When a read finishes its caller's ``on_done`` runs (the TrainingJob controller enqueues the
+job), so a fresh answer is used at once rather than at the next periodic look.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar, cast
+
+from kubeforge.metrics import STORE_REACHABLE
+
+log = logging.getLogger("kubeforge.store_access")
+T = TypeVar("T")
+#: a store: the CheckpointPolicy's (namespace, name)
+StoreKey = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading(Generic[T]):
+    """The newest successful answer for a key (None: none yet), when it was taken
+    (``time.monotonic()``), and the error of the last attempt when that one failed."""
+
+    value: T | None = None
+    taken: float | None = None
+    error: str | None = None
+
+    def newer_than(self, t: float) -> bool:
+        return self.value is not None and self.taken is not None and self.taken >= t
+
+
+@dataclasses.dataclass
+class Outage:
+    """A store that failed: no read of it is started before ``until``."""
+
+    since: float
+    until: float
+    failures: int
+    error: str
+
+
+def shared_stores(memo: Any) -> StoreAccess:
+    """The operator's one ``StoreAccess`` (``main`` puts it in the memo; a memo made without
+    one, as in the unit tests, gets one here)."""
+    stores = memo.get("stores")
+    if stores is None:
+        stores = memo["stores"] = StoreAccess()
+    return cast(StoreAccess, stores)
+
+
+class StoreAccess:
+    """Reads of each store in its own small pool, their answers and failures cached."""
+
+    def __init__(self, threads_per_store: int = 2, base_backoff_s: float = 5.0, max_backoff_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threads_per_store = threads_per_store
+        self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pools: dict[StoreKey, concurrent.futures.ThreadPoolExecutor] = {}
+        self._readings: dict[Hashable, Reading[Any]] = {}
+        self._running: set[Hashable] = set()
+        self._outages: dict[StoreKey, Outage] = {}
+        self._closed = False
+
+    def read(self, store: StoreKey, key: Hashable, fn: Callable[[], T], *, max_age: float,
+             on_done: Callable[[], None] | None = None) -> Reading[T]:
+        """What was last read for ``key``; a new ``fn()`` is started in ``store``'s pool when
+        that is older than ``max_age`` (or there is none), unless one runs already or the
+        store is down. Never waits for ``fn``."""
+        now = self._clock()
+        with self._lock:
+            reading: Reading[T] = self._readings.get(key, Reading())
+            due = reading.taken is None or now - reading.taken > max_age
+            outage = self._outages.get(store)
+            if outage is not None and now < outage.until:
+                return dataclasses.replace(reading, error=reading.error or outage.error)
+            if not due or key in self._running or self._closed:
+                return reading
+            self._running.add(key)
+            pool = self._pools.get(store)
+            if pool is None:
+                pool = self._pools[store] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.threads_per_store, thread_name_prefix=f"store-{store[0]}-{store[1]}")
+        pool.submit(self._run, store, key, fn, on_done)
+        return reading
+
+    def outage(self, store: StoreKey) -> str | None:
+        """Why ``store`` is down now (its last error), or None: callers that read a store
+        themselves fail fast with it instead of waiting out a retry deadline."""
+        with self._lock:
+            outage = self._outages.get(store)
+            return outage.error if outage is not None and self._clock() < outage.until else None
+
+    def failed(self, store: StoreKey, error: str) -> None:
+        """Record a failure of ``store`` seen by a caller that read it itself."""
+        with self._lock:
+            self._mark_down(store, error)
+
+    def succeeded(self, store: StoreKey) -> None:
+        with self._lock:
+            self._mark_up(store)
+
+    def forget(self, match: Callable[[Any], bool]) -> None:
+        """Drop the answers of the keys ``match`` accepts (their object was deleted)."""
+        with self._lock:
+            for key in [k for k in self._readings if match(k)]:
+                del self._readings[key]
+
+    def forget_store(self, store: StoreKey) -> None:
+        """A deleted policy: its outage and its metric go, its threads end once idle."""
+        with self._lock:
+            self._outages.pop(store, None)
+            pool = self._pools.pop(store, None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+        try:
+            STORE_REACHABLE.remove(*store)
+        except KeyError:
+            pass
+
+    def close(self) -> None:
+        """Stop starting reads; running ones are not waited for (the process is ending)."""
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- internals -----------------------------------------------------------------
+
+    def _run(self, store: StoreKey, key: Hashable, fn: Callable[[], Any], on_done: Callable[[], None] | None) -> None:
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - a store's failure is recorded, never raised into a pool
+            with self._lock:
+                self._running.discard(key)
+                old = self._readings.get(key, Reading())
+                self._readings[key] = dataclasses.replace(old, error=str(e))
+                self._mark_down(store, str(e))
+        else:
+            with self._lock:
+                self._running.discard(key)
+                self._readings[key] = Reading(value, self._clock())
+                self._mark_up(store)
+        if on_done is not None:
+            try:
+                on_done()
+            except Exception:  # noqa: BLE001
+                log.exception("after reading the store of %s/%s", *store)
+
+    def _mark_down(self, store: StoreKey, error: str) -> None:
+        now = self._clock()
+        old = self._outages.get(store)
+        failures = (old.failures + 1) if old else 1
+        backoff = min(self.max_backoff_s, self.base_backoff_s * 2 ** (failures - 1))
+        self._outages[store] = Outage(old.since if old else now, now + backoff, failures, error)
+        if old is None:
+            log.warning("store of CheckpointPolicy %s/%s unreachable: %s; its reads pause %.0f s at a time "
+                        "(up to %.0f s), other stores and pod management are not held up", *store, error, backoff,
+                        self.max_backoff_s)
+        STORE_REACHABLE.labels(*store).set(0)
+
+    def _mark_up(self, store: StoreKey) -> None:
+        old = self._outages.pop(store, None)
+        if old is not None:
+            log.info("store of CheckpointPolicy %s/%s reachable again after %.0f s (%d failed reads)", *store,
+                     self._clock() - old.since, old.failures)
+        STORE_REACHABLE.labels(*store).set(1)
