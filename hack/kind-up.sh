@@ -85,12 +85,13 @@ else:
     sys.exit("MinIO did not start: see .dev/kind/minio.log")
 PYEOF
 
-# 5. the chart (its crds/ first), the namespace, the credentials and the examples
+# 5. the namespace (the chart binds its Secret reader there), the chart (its crds/ first), the
+# credentials and the examples
+"$KUBECTL" get namespace "$NS" >/dev/null 2>&1 || "$KUBECTL" create namespace "$NS"
 "$HELM" upgrade --install kubeforge charts/kubeforge -n kubeforge-system --create-namespace \
   --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="$VERSION" --set image.pullPolicy=Never \
   --set workloadImage.repository="${WORKLOAD_IMAGE%:*}" --set workloadImage.tag="$VERSION-cpu" \
   --set "rbac.secretNamespaces={$NS}" --wait --timeout 5m
-"$KUBECTL" get namespace "$NS" >/dev/null 2>&1 || "$KUBECTL" create namespace "$NS"
 "$KUBECTL" label namespace "$NS" pod-security.kubernetes.io/enforce=restricted --overwrite
 "$KUBECTL" create secret generic kubeforge-s3 -n "$NS" \
   --from-literal=AWS_ACCESS_KEY_ID=kubeforge --from-literal=AWS_SECRET_ACCESS_KEY=kubeforge-secret \
