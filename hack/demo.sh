@@ -47,6 +47,8 @@ real_namespace() { # $1: PodSecurity restricted, pods on the real nodes (PodNode
   $KUBECTL annotate namespace "$1" scheduler.alpha.kubernetes.io/node-selector=type=real --overwrite >/dev/null
 }
 real_namespace "$SYSTEM_NS"
+# the workload namespace first: the chart binds its Secret reader there (rbac.secretNamespaces)
+real_namespace "$NS"
 $HELM upgrade --install kubeforge charts/kubeforge --namespace "$SYSTEM_NS" --wait --timeout 180s \
   --set image.repository="${operator_image%:*}" --set image.tag="${operator_image##*:}" \
   --set workloadImage.repository="${trainer_image%:*}" --set workloadImage.tag="${trainer_image##*:}" \
@@ -54,7 +56,6 @@ $HELM upgrade --install kubeforge charts/kubeforge --namespace "$SYSTEM_NS" --wa
 $KUBECTL get pods -n "$SYSTEM_NS" -l app.kubernetes.io/name=kubeforge -o wide
 phase "helm install"
 
-real_namespace "$NS"
 # the local MinIO's credentials, as the Secret the examples reference (the endpoint is the
 # examples' own: minio.kubeforge-local.svc, a cluster DNS name)
 set -a
