@@ -53,6 +53,9 @@ INVALID = [
     ("TrainingJob", "spec.pod.volumeMounts", [{"name": "data", "mountPath": "relative/path"}],
      "spec.pod.volumeMounts[0].mountPath"),
     ("TrainingJob", "spec.failurePolicy.nodeFailureGraceSeconds", -5, "spec.failurePolicy.nodeFailureGraceSeconds"),
+    # a projected service account token would undo automountServiceAccountToken: false
+    ("TrainingJob", "spec.pod.volumes", [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}],
+     'unknown field "spec.pod.volumes[0].projected.sources[0].serviceAccountToken"'),
     ("CheckpointPolicy", "spec.storage.volume", {"claimName": "ckpt"}, "exactly one of s3 or volume must be set"),
     ("CheckpointPolicy", "spec.schedule", {"asyncSave": True}, "everySteps or everySeconds must be set"),
     ("CheckpointPolicy", "spec.storage.s3.bucket", "Bad_Bucket", "spec.storage.s3.bucket"),

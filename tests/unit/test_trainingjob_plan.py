@@ -15,6 +15,7 @@ from kubeforge.api import CheckpointPolicySpec
 from kubeforge.api.common import condition
 from kubeforge.controllers.trainingjob import manifests as tp
 from kubeforge.controllers.trainingjob.plan import NodeHealth, Observed, Plan, StoreView, fmt_time, plan
+from kubeforge.settings import SecuritySettings
 
 pytestmark = pytest.mark.unit
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -40,10 +41,11 @@ class Sim:
         self.events: list[str] = []
         self.node_of: dict[str, str] = {}
         self.last: Plan | None = None
+        self.security = SecuritySettings()
 
     def observe(self) -> Observed:
         return Observed(job=copy.deepcopy(self.job), pods=copy.deepcopy(list(self.pods.values())), nodes=self.nodes,
-                        policy=self.policy, store=self.store, now=self.now)
+                        policy=self.policy, store=self.store, now=self.now, security=self.security)
 
     def step(self, cut_after_status: bool = False) -> Plan:
         """One pass; ``cut_after_status`` applies only the status write (the operator was
@@ -473,3 +475,37 @@ def test_s3_workers_stage_on_a_sized_empty_dir() -> None:
     volume_policy = CheckpointPolicySpec.model_validate({
         "schedule": {"everySteps": 10}, "storage": {"volume": {"claimName": "ckpt"}}})
     assert "checkpoint-staging" not in {v["name"] for v in tp.build_worker_pod(owner, spec, volume_policy, 0, 0)["spec"]["volumes"]}
+
+
+HOST_PATH_POD = {"volumes": [{"name": "node-root", "hostPath": {"path": "/"}}],
+                 "volumeMounts": [{"name": "node-root", "mountPath": "/host"}]}
+
+
+def test_a_running_job_with_a_refused_host_path_fails_and_its_pods_go() -> None:
+    """A job made before hostPath was refused (or while the admission policy was off) does not
+    keep running unmanaged: it fails with the reason and its pods, which hold the node, go."""
+    sim = Sim(job_spec(2, 2, pod=HOST_PATH_POD))
+    sim.security = SecuritySettings(allow_host_path_volumes=True)
+    sim.converge(2)
+    sim.run_all()
+    sim.step()
+    assert len(sim.workers()) == 2 and sim.status()["phase"] == "Running"
+    sim.security = SecuritySettings()  # the operator's setting is off now
+    p = sim.step()
+    assert sim.status()["phase"] == "Failed" and sim.status().get("completionTime")
+    assert (sim.cond("Failed")["status"], sim.cond("Failed")["reason"]) == ("True", "VolumeSourceRefused")
+    assert "hostPath" in sim.cond("Ready")["message"]
+    assert sim.workers() == [] and {d.name for d in p.delete} >= {"llm-worker-0", "llm-worker-1"}
+    assert sim.events.count("VolumeSourceRefused") == 1
+    sim.step()
+    assert sim.events.count("VolumeSourceRefused") == 1, "the failure is posted once"
+
+
+def test_a_finished_job_with_a_host_path_stays_as_it_ended() -> None:
+    sim = Sim(job_spec(1, 1, pod=HOST_PATH_POD))
+    sim.job["status"] = {"phase": "Succeeded", "completionTime": fmt_time(T0), "run": "llm", "conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done",
+         "lastTransitionTime": fmt_time(T0)}]}
+    sim.step()
+    assert sim.status()["phase"] == "Succeeded" and sim.cond("Succeeded")["status"] == "True"
+    assert "VolumeSourceRefused" not in sim.events

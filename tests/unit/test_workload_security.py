@@ -53,6 +53,25 @@ def test_node_reaching_volume_sources_are_refused_by_the_model(volume: dict[str,
     assert "Extra inputs are not permitted" in str(e.value)
 
 
+def test_a_projected_volume_cannot_mount_a_service_account_token() -> None:
+    """automountServiceAccountToken: false means nothing if a volume can project any
+    ServiceAccount's token of the namespace."""
+    token = {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "audience": "api"}}]}}
+    with pytest.raises(ValidationError):
+        TrainingJobSpec.model_validate({"pod": {"volumes": [token]}})
+    ok = TrainingJobSpec.model_validate({"pod": {"volumes": [{"name": "c", "projected": {"sources": [
+        {"configMap": {"name": "a"}}, {"secret": {"name": "b"}}], "defaultMode": 0o440}}]}})
+    assert ok.pod.volumes[0].dump()["projected"] == {"sources": [{"configMap": {"name": "a"}}, {"secret": {"name": "b"}}],
+                                                      "defaultMode": 0o440}
+    schema = crd(TrainingJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    projected = schema["properties"]["spec"]["properties"]["pod"]["properties"]["volumes"]["items"]["properties"][
+        "projected"]
+    source = projected["properties"]["sources"]["items"]
+    assert not projected.get("x-kubernetes-preserve-unknown-fields")
+    assert "serviceAccountToken" not in source["properties"] and not source.get("x-kubernetes-preserve-unknown-fields")
+    assert "exactly one of" in source["x-kubernetes-validations"][0]["message"]
+
+
 def test_env_value_from_is_typed() -> None:
     ok = TrainingJobSpec.model_validate({"pod": {"env": [
         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},

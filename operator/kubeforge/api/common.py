@@ -245,6 +245,38 @@ class HostPathVolumeSource(ApiModel):
                   "BlockDevice"] | None = Field(default=None, description="What must be at path.")
 
 
+#: What a projected volume may combine: a service account token is not among them (the
+#: workloads call no Kubernetes API, and ``automountServiceAccountToken: false`` would mean
+#: nothing if a volume could mount any ServiceAccount's token of the namespace).
+PROJECTION_SOURCES = ("secret", "configMap", "downwardAPI", "clusterTrustBundle")
+
+
+class VolumeProjection(ApiModel):
+    """One source of a projected volume (core/v1 VolumeProjection), without serviceAccountToken."""
+
+    secret: dict[str, Any] | None = _source("Keys of a Secret of this namespace (core/v1 SecretProjection).")
+    config_map: dict[str, Any] | None = _source("Keys of a ConfigMap of this namespace (core/v1 ConfigMapProjection).")
+    downward_api: dict[str, Any] | None = Field(
+        default=None, alias="downwardAPI", description="Fields of the pod as files (core/v1 DownwardAPIProjection).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    cluster_trust_bundle: dict[str, Any] | None = _source(
+        "CA certificates of ClusterTrustBundles (core/v1 ClusterTrustBundleProjection).")
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(exactly_one(PROJECTION_SOURCES),
+             "a projected volume's source must set exactly one of " + ", ".join(PROJECTION_SOURCES) +
+             " (serviceAccountToken is refused: the workloads get no API credential)", reason="FieldValueInvalid"),
+    )
+
+
+class ProjectedVolumeSource(ApiModel):
+    """Secrets, ConfigMaps, the downward API and trust bundles in one directory (core/v1
+    ProjectedVolumeSource); no service account token."""
+
+    sources: list[VolumeProjection] = Field(default_factory=list, max_length=32, description="What to project.")
+    default_mode: int | None = Field(default=None, ge=0, le=511, description="Mode bits of the files (0-0777).")
+
+
 #: The volume sources a worker may use (PodSecurity "restricted" allows exactly these), and
 #: hostPath, allowed only by the operator's setting. Any other source (nfs, iscsi, rbd,
 #: flexVolume, gitRepo, ...) reaches the node or the network on the kubelet's authority and
@@ -263,8 +295,9 @@ class Volume(ApiModel):
     empty_dir: dict[str, Any] | None = _source("Scratch space of the pod (core/v1 EmptyDirVolumeSource).")
     persistent_volume_claim: dict[str, Any] | None = _source(
         "A PersistentVolumeClaim of this namespace (core/v1 PersistentVolumeClaimVolumeSource).")
-    projected: dict[str, Any] | None = _source(
-        "Secrets, ConfigMaps, downward API and service account tokens in one directory (core/v1).")
+    projected: ProjectedVolumeSource | None = Field(default=None, description=(
+        "Secrets, ConfigMaps, the downward API and trust bundles in one directory (core/v1); a "
+        "serviceAccountToken source is refused."))
     downward_api: dict[str, Any] | None = Field(
         default=None, alias="downwardAPI", description="Fields of the pod as files (core/v1 DownwardAPIVolumeSource).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})

@@ -839,10 +839,13 @@ def plan(obs: Observed) -> Plan:
                              "(worker hostnames are DNS labels)")
     if spec is None:
         return _invalid(obs, error or "invalid spec")
-    refused = pods_.refused_volumes(spec, obs.security.allow_host_path_volumes)
-    if refused:
-        return _invalid(obs, refused, "VolumeSourceRefused")
     p = _Planner(obs, spec)
+    refused = pods_.refused_volumes(spec, obs.security.allow_host_path_volumes)
+    if refused and p.finished() is None:
+        # a job that finished stays as it ended; a live one (made before the setting or the
+        # admission policy) fails, and its pods, which hold the node's files, are removed
+        p.fail("VolumeSourceRefused", refused)
+        return _finish(p, "Failed")
     if not p.old.get("run"):
         _announce_run(p)
     p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
