@@ -105,7 +105,7 @@ def test_host_path_job_fails_visibly_and_starts_no_pod() -> None:
 
 
 def test_host_path_is_allowed_by_the_operator_setting() -> None:
-    obs = Observed(job=job({"volumes": [HOST_PATH]}), pods=[], nodes={},
+    obs = Observed(job={**job({"volumes": [HOST_PATH]}), "status": {"run": "llm/runs/job-uid"}}, pods=[], nodes={},
                    security=SecuritySettings(allow_host_path_volumes=True))
     p = plan(obs)
     workers = [m for m in p.create if m["metadata"]["labels"][tp.ROLE_LABEL] == tp.ROLE_WORKER]
@@ -192,3 +192,16 @@ def test_security_settings_from_the_environment() -> None:
     assert s == SecuritySettings(True, False, ({"namespaceSelector": {}},), True)
     with pytest.raises(ValueError, match="KUBEFORGE_SCRAPE_FROM"):
         OperatorSettings.from_env({"KUBEFORGE_SCRAPE_FROM": '{"namespaceSelector": {}}'})
+
+
+def test_network_policy_peers_compare_as_the_api_server_stores_them() -> None:
+    """The NetworkPolicyApplied Event is posted when the peers change, not at every export poll:
+    the API server drops the empty lists our dump has."""
+    from kubeforge.controllers.inferenceservice.handlers import _without_empty
+
+    spec = InferenceServiceSpec.model_validate({"model": {"uri": "s3://b/m"}, "network": {"allowedClients": [
+        {"podSelector": {"matchLabels": {"app": "gw"}}}]}})
+    desired = ch.build_network_policy(IS_OWNER, spec, ())["spec"]["ingress"][0]["from"]
+    as_stored = [{"podSelector": {"matchLabels": {"app": "gw"}}}]
+    assert _without_empty(desired) == _without_empty(as_stored)
+    assert _without_empty(desired) != _without_empty([{"podSelector": {"matchLabels": {"app": "other"}}}])

@@ -154,12 +154,16 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
                           s3_force_path_style=s3.force_path_style,
                           credentials_secret=secret or s3.credentials_secret_ref.name)
     message = f"export of TrainingJob {job_name} committed {marker.time} (step {marker.step})"
-    if secret is None:
-        message += (f"; the pods use CheckpointPolicy {policy_ref['name']}'s read-write Secret "
-                    f"{s3.credentials_secret_ref.name} (security.servingPolicyCredentials allows it)")
     if revision != marker.time:
         message = (f"Pinned to revision {revision}; a newer export committed {marker.time} is not served "
                    "(pods started from now on refuse it: copy the pinned export and serve it by uri)")
+    if secret is None:
+        message += (f"; the pods use CheckpointPolicy {policy_ref['name']}'s read-write Secret "
+                    f"{s3.credentials_secret_ref.name} (security.servingPolicyCredentials allows it)")
+    elif secret == s3.credentials_secret_ref.name:
+        # the operator cannot see what a key may do, only that it is the trainer's Secret
+        message += (f"; spec.model.credentialsSecretRef names CheckpointPolicy {policy_ref['name']}'s own Secret "
+                    f"{secret}, which can write and delete checkpoints: give the servers a read-only credential")
     return ModelResolution(True, "ExportFound", message, model)
 
 
@@ -173,6 +177,16 @@ def trainer_credentials_refused(state: InferenceServices, own: LocalObjectRefere
     return (f"spec.model.credentialsSecretRef must name a read-only credential of the export's store: "
             f"CheckpointPolicy {policy}'s Secret {policy_secret} can write and delete checkpoints, so servers "
             "do not get it (unless the operator sets security.servingPolicyCredentials)")
+
+
+def _without_empty(value: Any) -> Any:
+    """``value`` without empty lists and maps at any depth, as the API server stores it."""
+    if isinstance(value, dict):
+        kept = {k: _without_empty(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in ({}, [])}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
 
 
 def _still_serving(served: dict[str, Any] | None, export_uri: str) -> str:
@@ -220,7 +234,9 @@ def sync_network_policy(state: InferenceServices, owner: Owner, spec: InferenceS
     desired = manifests.build_network_policy(owner, spec, security.scrape_from)
     k8s.apply(desired)
     peers = desired["spec"]["ingress"][0]["from"]
-    if existing is None or (existing.get("spec") or {}).get("ingress", [{}])[0].get("from") != peers:
+    stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
+    # the API server drops empty lists and maps (matchExpressions: [], except: []): compare without them
+    if existing is None or _without_empty(stored) != _without_empty(peers):
         k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
                          f"{json.dumps(peers, separators=(',', ':'))}")
 
