@@ -167,7 +167,11 @@ def trainer_config_schema(info: FieldInfo) -> dict[str, Any]:
     """``spec.trainer.config``: the trainer's ``TrainerConfig``, its sections' rules included."""
     # torch-free by contract (test_trainer_config checks); imported here, not at the top, because
     # `make crds` runs from the repository while the operator image carries no trainer module
-    from kubeforge_runtime.config import TrainerConfig
+    try:
+        from kubeforge_runtime.config import TrainerConfig
+    except ImportError as e:
+        raise SystemExit(f"kubeforge-crds renders spec.trainer.config from kubeforge_runtime.config ({e}): "
+                         "run it where the repository's packages are installed (make crds)") from None
 
     schema = object_schema(TrainerConfig, with_defaults=False, nullable=True)
     schema["description"] = info.description or schema["description"]
