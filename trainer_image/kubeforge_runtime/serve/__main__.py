@@ -128,8 +128,10 @@ def warm_up(engine: LLMEngine) -> None:
 
 def default_model_name(uri: str) -> str:
     """The URI's last path segment, or the job's name for a store export
-    (``.../<namespace>/<job>/export``)."""
+    (``.../<namespace>/<job>/export``, or a run's ``.../<job>/runs/<uid>/export``)."""
     parts = [p for p in uri.rstrip("/").split("/") if p]
+    if len(parts) >= 4 and parts[-1] == "export" and parts[-3] == "runs":
+        return parts[-4]
     if len(parts) >= 2 and parts[-1] == "export":
         return parts[-2]
     return parts[-1] if parts else "model"
