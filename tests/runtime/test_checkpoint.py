@@ -585,3 +585,81 @@ def test_a_job_created_again_under_an_old_name_starts_fresh_unless_it_resumes(tm
     (step_dir / "__0_0.distcp").write_bytes(b"corrupt")
     with pytest.raises(ResumeSourceError, match=r"spec\.resumeFrom\.step: no checkpoint of run .*uid-1 could be"):
         _manager_of(uri, f"{JOB}/runs/uid-7", {"trainingJob": JOB, "step": 3}).restore(model, None, {})
+
+
+SOURCE = "base/runs/uid-s"  # a live TrainingJob "base": spec.resumeFrom.trainingJob names it
+
+
+def test_resuming_from_another_jobs_run_neither_takes_its_lease_nor_marks_its_steps(tmp_path: Path) -> None:
+    """A reader of a run that is not its own leases the step it loads under a name of its own
+    (the source's fallback lease stays), and a load that fails for the reader's own reasons (its
+    model's shapes) marks nothing there: the source's checkpoints stay loadable for the source."""
+    from kubeforge.store import ResumeSourceError
+    from kubeforge_runtime.model import Llama, preset
+
+    uri = f"file://{tmp_path / 'store'}"
+    _save_run(uri, SOURCE, (3, 6), seed=5)
+    store = open_store(uri)
+    store.write_restore_lease(NS, SOURCE, 3)  # base's rank 0 fell back to 3 and holds it
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+    reader = _manager_of(uri, f"{JOB}/runs/uid-r", {"trainingJob": "base", "run": SOURCE})
+    leased_while_loading: list[set[int]] = []
+    load = reader._load
+
+    def spying_load(*args: Any) -> Any:
+        leased_while_loading.append(store.restoring_steps(NS, SOURCE))
+        return load(*args)
+
+    reader._load = spying_load
+    assert reader.restore(model, None, {}) == 6
+    assert leased_while_loading == [{3, 6}], "the reader's lease is its own, next to the source's"
+    assert store.restoring_step(NS, SOURCE) == 3, "the source's own lease is neither overwritten nor deleted"
+    assert store.restoring_steps(NS, SOURCE) == {3}, "the reader's lease is gone once it loaded"
+
+    other_shape = Llama(preset("tiny", num_hidden_layers=1, hidden_size=64, intermediate_size=128))
+    with pytest.raises(ResumeSourceError, match=r"spec\.resumeFrom\.trainingJob: no checkpoint of run base/runs/uid-s"):
+        _manager_of(uri, f"{JOB}/runs/uid-q", {"trainingJob": "base", "run": SOURCE}).restore(other_shape, None, {})
+    assert [(c.step, c.loadable) for c in store.list_checkpoints(NS, SOURCE)] == [(3, True), (6, True)]
+    assert store.restoring_step(NS, SOURCE) == 3
+
+
+def test_a_transient_store_error_while_resuming_is_retried_not_a_bad_source(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreachable store is not "the named step cannot be loaded": StoreError (a restart
+    retries it) instead of ResumeSourceError (exit 79, the job Failed), and no fallback to an
+    older step, no mark on the source run."""
+    from kubeforge.store import ResumeSourceError, Store, StoreError
+    from kubeforge_runtime.model import Llama, preset
+
+    uri = f"file://{tmp_path / 'store'}"
+    _save_run(uri, SOURCE, (3, 6), seed=5)
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+
+    def unreachable(self: Store, *args: Any) -> Path:
+        raise StoreError("s3://ckpt: could not connect to the endpoint (after retries)")
+
+    monkeypatch.setattr(Store, "fetch_verified", unreachable)
+    with pytest.raises(StoreError, match="step 6 of run base/runs/uid-s could not be read") as raised:
+        _manager_of(uri, f"{JOB}/runs/uid-r", {"trainingJob": "base", "run": SOURCE}).restore(model, None, {})
+    assert not isinstance(raised.value, ResumeSourceError)
+    store = open_store(uri)
+    assert [(c.step, c.loadable) for c in store.list_checkpoints(NS, SOURCE)] == [(3, True), (6, True)]
+    assert store.restoring_steps(NS, SOURCE) == set()
+
+
+def test_the_source_jobs_worker_retention_keeps_a_step_another_run_resumes_from(tmp_path: Path) -> None:
+    """Retention in the worker (a volume store) honours the readers' leases as the operator's does."""
+    from kubeforge_runtime.checkpoint import CheckpointManager
+    from kubeforge_runtime.model import Llama, preset
+
+    uri = f"file://{tmp_path / 'store'}"
+    store = open_store(uri)
+    model = Llama(preset("tiny", num_hidden_layers=1, hidden_size=32, intermediate_size=64))
+    source = CheckpointManager.from_env(uri, {"schedule": {"everySteps": 1, "asyncSave": False},
+                                              "retention": {"keepLast": 1}}, 0, 1, namespace=NS, job=SOURCE, env={})
+    source.save(3, model, None, {"step": 3})
+    store.write_restore_lease(NS, SOURCE, 3, reader=f"{JOB}/runs/uid-r")  # a reader is loading step 3
+    source.save(6, model, None, {"step": 6})
+    source.save(9, model, None, {"step": 9})
+    source.close()
+    assert [c.step for c in store.list_checkpoints(NS, SOURCE)] == [3, 9]

@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec, contract
-from kubeforge.api.trainingjob import ResumeFrom
+from kubeforge.api.common import DNS_1035_LABEL
+from kubeforge.api.crdgen import crd
+from kubeforge.api.trainingjob import ResumeFrom, TrainingJob
 from kubeforge.controllers.checkpointpolicy import manifests as policy_manifests
+from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob.manifests import resume_from_env
 from kubeforge.controllers.trainingjob.plan import volume_view
 from kubeforge.store import CommitMarker, ResumeSourceError, Store, open_store
@@ -63,6 +66,8 @@ def test_the_plan_records_the_run_tells_the_workers_and_says_so() -> None:
     p = sim.step()
     assert sim.status()["run"] == "llm/runs/job-uid"
     assert p.events[0].reason == "RunAssigned" and "ns/llm/runs/job-uid, from step 0" in p.events[0].message
+    assert p.create == [], "no pod before status.run reads back"
+    p = sim.step()
     worker = next(m for m in p.create if m["metadata"]["name"] == "llm-worker-0")
     assert env_of(worker)[contract.ENV_JOB_RUN] == "llm/runs/job-uid"
     assert contract.ENV_RESUME_FROM not in env_of(worker)
@@ -78,6 +83,41 @@ def test_a_job_running_across_the_upgrade_keeps_resuming_its_own_checkpoints() -
     assert any(e.reason == "RunAssigned" and "keeps the run" in e.message for e in p.events)
     worker = next(m for m in p.create if m["metadata"]["name"] == "llm-worker-0")
     assert env_of(worker)[contract.ENV_JOB_RUN] == "llm"
+
+
+def test_a_crd_that_drops_status_run_holds_the_job_without_pods_and_its_run_never_flips() -> None:
+    sim = Sim(job_spec(min_r=1, max_r=1, checkpointPolicyRef={"name": "p"}), POLICY)
+    sim.pruned = frozenset({"run"})  # the installed CRD predates status.run: the API server drops it
+    runs, created = [], []
+    for _ in range(5):
+        created += sim.step().create
+        runs.append(job_run(sim.job))
+    assert created == [] and not sim.pods, "no pod while status.run does not read back"
+    assert runs == ["llm/runs/job-uid"] * 5, "the run never flips"
+    ready = sim.cond("Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "CRDOutdated")
+    assert "status.run" in ready["message"] and "apply crds/" in ready["message"].lower()
+    assert "helm does not upgrade CRDs" in ready["message"]
+    assert sim.events.count("CRDOutdated") == 1 and sim.events.count("RunAssigned") == 1
+    assert sim.last is not None and sim.last.requeue_after == 30.0  # looks again: crds/ may be applied
+    sim.pruned = frozenset()  # crds/ applied: the next write records the run, then the pods come
+    sim.converge(2)
+    worker = sim.pods["llm-worker-0"]
+    assert sim.status()["run"] == "llm/runs/job-uid" and env_of(worker)[contract.ENV_JOB_RUN] == "llm/runs/job-uid"
+    assert sim.cond("Ready")["reason"] != "CRDOutdated" and sim.events.count("CRDOutdated") == 1
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "Base", "-base", "base-", "base.v2"])
+def test_resume_from_names_a_training_job_by_its_dns_label_name(name: str) -> None:
+    # a '/' or '..' reached the trainer's store layout (ValueError: retried until the budget was gone)
+    schema = crd(TrainingJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    field = schema["properties"]["spec"]["properties"]["resumeFrom"]["properties"]["trainingJob"]
+    assert field["pattern"] == DNS_1035_LABEL and "DNS-1035" in field["description"]
+    spec, error = parse_spec(TrainingJobSpec, {"checkpointPolicyRef": {"name": "p"}, "resumeFrom": {"trainingJob": name}})
+    assert spec is None and error is not None
+    assert error.startswith("spec.resumeFrom.trainingJob: ") and DNS_1035_LABEL in error
+    assert parse_spec(TrainingJobSpec, {"checkpointPolicyRef": {"name": "p"},
+                                        "resumeFrom": {"trainingJob": "base-v2"}})[0] is not None
 
 
 def test_resume_from_reaches_the_workers_and_a_missing_source_fails_the_job_naming_the_field() -> None:

@@ -147,6 +147,27 @@ def test_a_fresh_restore_lease_protects_its_step_from_the_operators_retention(st
     assert store.restoring_step(NS, JOB) is None
 
 
+def test_every_reader_of_a_run_has_a_lease_of_its_own_and_retention_keeps_all_of_them(store: Store,
+                                                                                      tmp_path: Path) -> None:
+    # a job resuming from another job's run wrote that run's restoring.json, then deleted it
+    from kubeforge.store.report import JobRef, RetentionRule, inspect_store
+
+    for step in (10, 20, 30, 40):
+        write_checkpoint(store, tmp_path, step)
+    store.write_restore_lease(NS, JOB, 10)                            # the run's own rank 0
+    store.write_restore_lease(NS, JOB, 20, reader="other/runs/uid-1")  # another job resuming from it
+    store.write_restore_lease(NS, JOB, 20, reader="llama/runs/uid-2")  # a re-created "llama"
+    assert store.restoring_steps(NS, JOB) == {10, 20}
+    assert store.restoring_step(NS, JOB) == 10 and store.restoring_step(NS, JOB, reader="other/runs/uid-1") == 20
+    store.clear_restore_lease(NS, JOB, reader="other/runs/uid-1")
+    assert store.restoring_step(NS, JOB) == 10, "a reader's release leaves the run's own lease"
+    assert store.restoring_steps(NS, JOB) == {10, 20}
+    assert store.restoring_steps(NS, JOB, max_age_s=-1) == set()
+    report = inspect_store(store, NS, [JobRef(JOB, 40)], RetentionRule(1, None, 3600))
+    assert report.deleted == {JOB: [30]} and [c.step for c in store.list_checkpoints(NS, JOB)] == [10, 20, 40]
+    assert store.runs(NS, JOB) == [JOB], "a lease is no run"
+
+
 def test_the_issues_example_keeps_a_loadable_step_after_a_fallback(store: Store, tmp_path: Path) -> None:
     # keepLast=1, committed [100, 200 broken], restore 100, commit 150: the operator's retention
     # used to keep only 200 (status.lastCheckpoint, the numerically newest) and delete 100 and 150

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from kubeforge.api.common import (
+    DNS_1035_LABEL,
     ApiModel,
     ComputeResources,
     EnvVar,
@@ -105,10 +106,11 @@ class ResumeFrom(ApiModel):
     again under an old name starts fresh unless it says so here. Used only while the run has no
     committed checkpoint of its own; from its first commit on, restarts resume from its own."""
 
-    training_job: str | None = Field(default=None, min_length=1, max_length=63, description=(
+    training_job: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS_1035_LABEL, description=(
         "Resume from the run of this TrainingJob: the existing object of that name, or when there is none "
         "(or it is this one) the newest run a deleted object of that name left in the same store. "
-        "Unset: this job's own name, i.e. the run of its deleted predecessor."))
+        "A TrainingJob name: a DNS-1035 label (lowercase letters, digits and '-', starting with a letter; "
+        "no '/' or '.'). Unset: this job's own name, i.e. the run of its deleted predecessor."))
     step: int | None = Field(default=None, ge=0, description=(
         "Resume from this committed step. Unset: the newest loadable one. The job fails with reason "
         "ResumeSourceInvalid when the step is not committed there or cannot be loaded."))

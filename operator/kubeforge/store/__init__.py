@@ -41,6 +41,8 @@ API (what the operator and the trainer call)::
     plan = plan_retention(store.list_checkpoints(ns, job), keep_last=K, keep_every=M,
                           protected_steps={restoring_step}, incomplete_grace_seconds=3600)
     store.apply_retention(ns, job, plan) -> list[int]    # deleted steps
+    store.write_restore_lease(ns, job, step, reader=None)  # reader: another run resuming from job
+    store.restoring_steps(ns, job) -> set[int]           # every fresh lease: what retention keeps
 
 Errors: ``StoreError`` (unreachable after retries, access denied), ``NotFound``,
 ``CorruptCheckpoint`` (a file does not match its marker).

@@ -8,6 +8,7 @@ Every key is relative to the store root (``s3://bucket/prefix`` or ``file:///pat
     <namespace>/<run>/export/commit.json                             written last
     <namespace>/<run>/export/export-pending.json                     while it is written
     <namespace>/<run>/restoring.json, unloadable.json                see below
+    <namespace>/<run>/restore-leases/<reader>.json                   another run resuming from it
 
 ``<run>`` is one TrainingJob object's run: ``<job>/runs/<uid>`` (its name and its
 ``metadata.uid``), so a job deleted and created again under the same name starts a run of its
@@ -49,6 +50,10 @@ UNLOADABLE_NAME = "unloadable.json"
 EXPORT_PENDING_NAME = "export-pending.json"
 #: ``<job>/runs/<uid>``: the directory of the runs keyed by the TrainingJob's uid
 RUNS_DIR = "runs"
+#: ``<run>/restore-leases/<reader>.json``: the restore lease of another run that starts from this
+#: one (``spec.resumeFrom``). A run writes only its own leases: ``restoring.json`` is the lease of
+#: the run's own rank 0, each reader has one of its own, and retention honours all of them.
+READER_LEASES_DIR = "restore-leases"
 STEP_DIGITS = 10
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MARKER_VERSION = 1
@@ -144,8 +149,17 @@ def checkpoint_prefix(namespace: str, job: str, step: int) -> str:
     return f"{checkpoints_prefix(namespace, job)}/{step_dir_name(step)}"
 
 
-def restore_lease_key(namespace: str, job: str) -> str:
-    return f"{job_prefix(namespace, job)}/{RESTORE_LEASE_NAME}"
+def restore_lease_key(namespace: str, job: str, reader: str | None = None) -> str:
+    """The restore lease of run ``job`` held by its own rank 0, or by run ``reader`` (another
+    run resuming from it: ``restore-leases/<reader run key, '/' as '.'>.json``)."""
+    if reader is None:
+        return f"{job_prefix(namespace, job)}/{RESTORE_LEASE_NAME}"
+    parse_run_key(reader)
+    return f"{reader_leases_prefix(namespace, job)}/{reader.replace('/', '.')}.json"
+
+
+def reader_leases_prefix(namespace: str, job: str) -> str:
+    return f"{job_prefix(namespace, job)}/{READER_LEASES_DIR}"
 
 
 def unloadable_key(namespace: str, job: str) -> str:

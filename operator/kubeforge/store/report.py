@@ -19,11 +19,21 @@ from kubeforge.store.layout import run_key
 from kubeforge.store.retention import plan_retention
 from kubeforge.store.store import Store
 
+#: Ready reasons of a job whose new run is being recorded (the operator waits for ``status.run``
+#: to read back before any pod) or whose CRD drops ``status.run``: see ``trainingjob.plan``.
+RECORDING_RUN = "RecordingRun"
+CRD_OUTDATED = "CRDOutdated"
+
 
 def started_before_runs(status: dict[str, Any]) -> bool:
     """Whether a job without ``status.run`` already ran under an operator that keyed the store
     by name only: its pods exist or existed (worker records), it started, checkpointed or ended.
-    Such a job keeps its legacy run ``<job>``, where its own checkpoints are."""
+    Such a job keeps its legacy run ``<job>``, where its own checkpoints are. Not a job that this
+    operator holds while its run is recorded (or cannot be: an outdated CRD): whatever else its
+    status says, its run is the new one, so it never flips."""
+    reasons = {c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Ready"}
+    if reasons & {RECORDING_RUN, CRD_OUTDATED}:
+        return False
     records = status.get("workerPods") or []
     return bool(status.get("startTime") or status.get("lastCheckpoint") or status.get("completionTime")
                 or status.get("exportUri") or any(r.get("uid") or int(r.get("attempt") or 0) > 0 for r in records))
@@ -99,11 +109,11 @@ def job_summary(store: Store, namespace: str, job: str, name: str | None = None)
 
 
 def protected_steps(store: Store, namespace: str, job: JobRef) -> set[int]:
-    """Never deleted: the checkpoint a job last reported, and the one its rank 0 is restoring
-    right now (a fallback after a corrupt newest one can be older than what retention keeps)."""
+    """Never deleted: the checkpoint a job last reported, the one its rank 0 is restoring right
+    now (a fallback after a corrupt newest one can be older than what retention keeps), and the
+    ones other runs are resuming from (``spec.resumeFrom``: each reader leases its own)."""
     out = {job.last_step} if job.last_step is not None else set()
-    restoring = store.restoring_step(namespace, job.store_key)
-    return out | ({restoring} if restoring is not None else set())
+    return out | store.restoring_steps(namespace, job.store_key)
 
 
 def inspect_store(store: Store, namespace: str, jobs: Sequence[JobRef],

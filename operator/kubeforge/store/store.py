@@ -274,25 +274,40 @@ class Store:
 
     # ------------------------------------------------------------------ restore lease
 
-    def write_restore_lease(self, namespace: str, job: str, step: int) -> None:
-        """Say that ``step`` is being restored: retention keeps it while the lease is fresh."""
+    def write_restore_lease(self, namespace: str, job: str, step: int, reader: str | None = None) -> None:
+        """Say that ``step`` of run ``job`` is being restored: retention keeps it while the lease
+        is fresh. ``reader``: the run that restores it when that is not ``job`` itself (a resume
+        from another run), whose lease is its own and never touches the run's."""
         body = json.dumps({"step": step, "time": layout.utc_now()}).encode()
-        self.backend.put_bytes(layout.restore_lease_key(namespace, job), body)
+        self.backend.put_bytes(layout.restore_lease_key(namespace, job, reader), body)
 
-    def clear_restore_lease(self, namespace: str, job: str) -> None:
-        self.backend.delete([layout.restore_lease_key(namespace, job)])
+    def clear_restore_lease(self, namespace: str, job: str, reader: str | None = None) -> None:
+        self.backend.delete([layout.restore_lease_key(namespace, job, reader)])
 
-    def restoring_step(self, namespace: str, job: str, max_age_s: float = 3600.0) -> int | None:
-        """The step under a fresh restore lease (one older than ``max_age_s`` was left by a
-        process that died while loading and protects nothing)."""
+    def restoring_step(self, namespace: str, job: str, max_age_s: float = 3600.0,
+                       reader: str | None = None) -> int | None:
+        """The step under a fresh restore lease of run ``job``'s own rank 0 (or of ``reader``);
+        one older than ``max_age_s`` was left by a process that died while loading and
+        protects nothing."""
+        return self._lease_step(layout.restore_lease_key(namespace, job, reader), max_age_s)
+
+    def restoring_steps(self, namespace: str, job: str, max_age_s: float = 3600.0) -> set[int]:
+        """Every step of run ``job`` under a fresh restore lease: its own rank 0's and those of
+        the runs resuming from it. What retention must keep."""
+        keys = [layout.restore_lease_key(namespace, job)]
+        keys += [o.key for o in self.backend.list(layout.reader_leases_prefix(namespace, job))
+                 if o.key.endswith(".json")]
+        return {step for step in (self._lease_step(k, max_age_s) for k in keys) if step is not None}
+
+    def _lease_step(self, key: str, max_age_s: float) -> int | None:
         try:
-            raw = json.loads(self.backend.get_bytes(layout.restore_lease_key(namespace, job)))
+            raw = json.loads(self.backend.get_bytes(key))
             age = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(raw["time"])
             step = int(raw["step"])
         except NotFound:
             return None
         except (ValueError, KeyError, TypeError) as e:
-            log.warning("store: unreadable restore lease of %s/%s: %s", namespace, job, e)
+            log.warning("store: unreadable restore lease %s: %s", key, e)
             return None
         return step if age.total_seconds() <= max_age_s else None
 

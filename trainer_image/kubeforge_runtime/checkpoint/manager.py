@@ -51,7 +51,9 @@ import torch.distributed as dist
 from kubeforge.api import contract
 from kubeforge.store import (
     CommitMarker,
+    CorruptCheckpoint,
     FileDigest,
+    NotFound,
     ResumeSourceError,
     Store,
     StoreError,
@@ -223,6 +225,8 @@ class _VerifiedFiles(FileSystem):
         self.store, self.prefix, self.files, self.cache = store, prefix, files, cache
         self._ready: dict[str, Path] = {}
         self._lock = threading.Lock()
+        #: what fetching raised: DCP may report it only as text, inside errors of its own
+        self.failures: list[BaseException] = []
 
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Any:
         if "r" not in mode:
@@ -230,19 +234,21 @@ class _VerifiedFiles(FileSystem):
         name = Path(path).relative_to(self.cache).as_posix()
         with self._lock:
             if name not in self._ready:
-                from kubeforge.store import CorruptCheckpoint
-
                 digest = self.files.get(name)
-                if digest is None:
-                    raise CorruptCheckpoint(f"{self.prefix}/{name}: not in the commit marker")
-                self._ready[name] = self.store.fetch_verified(self.prefix, name, digest, self.cache / name)
+                try:
+                    if digest is None:
+                        raise CorruptCheckpoint(f"{self.prefix}/{name}: not in the commit marker")
+                    self._ready[name] = self.store.fetch_verified(self.prefix, name, digest, self.cache / name)
+                except Exception as exc:
+                    self.failures.append(exc)
+                    raise
         return super().create_stream(self._ready[name], mode)
 
 
 class _VerifiedReader(FileSystemReader):
     def __init__(self, store: Store, prefix: str, files: Mapping[str, FileDigest], cache: Path) -> None:
         super().__init__(cache)
-        self.fs = _VerifiedFiles(store, prefix, files, cache)
+        self.fs = self.verified = _VerifiedFiles(store, prefix, files, cache)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -558,7 +564,8 @@ class CheckpointManager:
         if not in_worker or s.keep_last is None:
             return
         protected = {committed_step} | ({self._restored_step} if self._restored_step is not None else set())
-        try:
+        try:  # and the steps other runs resume from (their leases: spec.resumeFrom of another job)
+            protected |= self.store.restoring_steps(self.namespace, self.job)
             plan = plan_retention(self.store.list_checkpoints(self.namespace, self.job), keep_last=s.keep_last,
                                   keep_every=s.keep_every, protected_steps=protected,
                                   incomplete_grace_seconds=s.incomplete_grace_seconds)
@@ -577,10 +584,12 @@ class CheckpointManager:
         and update ``extra``; returns the step, or None when there is nothing to restore.
 
         A run with no committed checkpoint of its own starts from ``resume_from`` when set
-        (another run, read in place); ResumeSourceError when that names nothing committed or
-        nothing there loads. A checkpoint whose files do not match their marker is skipped with
-        a warning and the previous one is tried; raises StoreError when committed checkpoints
-        exist and none loads."""
+        (another run, read in place and never written: its lease is this run's own, a step that
+        fails to load is not marked there); ResumeSourceError when that names nothing committed
+        or nothing there loads for a reason a retry cannot change, StoreError (retried by a
+        restart, as any failure) when the store could not be read. A checkpoint whose files do
+        not match their marker is skipped with a warning and the previous one is tried; raises
+        StoreError when committed checkpoints exist and none loads."""
         if not self.enabled:
             return None
         assert self.store is not None
@@ -596,20 +605,24 @@ class CheckpointManager:
         if isinstance(candidates[0], str):
             raise StoreError(candidates[0])
         run, resuming, ordered = candidates[0]
+        reader = self.job if resuming else None  # another run's lease is never written or deleted
         tried: list[str] = []
         for ckpt_step, prefix, marker, was_unloadable in ordered:
             if self.rank == 0:  # retention (operator or worker) keeps the step while it loads
-                self.store.write_restore_lease(self.namespace, run, ckpt_step)
-            error: str | None = "the load raised"
+                self.store.write_restore_lease(self.namespace, run, ckpt_step, reader=reader)
+            failure: _LoadFailure | None = _LoadFailure("the load raised", transient=False)
             try:
-                error = self._load(prefix, marker, model, optimizer, extra)
+                failure = self._load(prefix, marker, model, optimizer, extra)
             finally:
                 # kept after a fallback, for the whole run: the step loaded is what this run can
                 # go back to while its own newer commits are unproven (close() clears it)
-                if self.rank == 0 and (error is not None or not tried or resuming):
-                    self.store.clear_restore_lease(self.namespace, run)
-            if error is None:
-                if self.rank == 0 and was_unloadable:  # the earlier failure was transient
+                if self.rank == 0 and (failure is not None or not tried or resuming):
+                    self.store.clear_restore_lease(self.namespace, run, reader=reader)
+            if failure is None:
+                if self.rank == 0 and was_unloadable and resuming:
+                    log.info("checkpoint: step %d of run %s loaded though marked unloadable there; the mark is "
+                             "left to that run", ckpt_step, run)
+                elif self.rank == 0 and was_unloadable:  # the earlier failure was transient
                     try:
                         self.store.clear_unloadable(self.namespace, run, ckpt_step)
                     except StoreError as exc:
@@ -629,12 +642,19 @@ class CheckpointManager:
                 self.last_committed_step = None if resuming else ckpt_step
                 self._last_saved_step = self._restored_step = ckpt_step
                 return cast(int, ckpt_step)
+            error = failure.message
+            if resuming and failure.transient:  # the source is not at fault: a restart tries again
+                raise StoreError(f"spec.resumeFrom: step {ckpt_step} of run {run} could not be read from the "
+                                 f"store ({error}); retried")
             log.warning("checkpoint: step %d of run %s cannot be restored (%s); falling back to the previous one",
                         ckpt_step, run, error)
             tried.append(f"step {ckpt_step}")
-            if self.rank == 0:  # retention stops counting it; lastCheckpoint stops naming it
+            if self.rank == 0 and resuming:  # another job's run: its checkpoints may load for it
+                log.warning("checkpoint: step %d of run %s not marked unloadable there: that run is not this "
+                            "job's (%s)", ckpt_step, run, self.job)
+            elif self.rank == 0:  # retention stops counting it; lastCheckpoint stops naming it
                 try:
-                    self.store.mark_unloadable(self.namespace, run, ckpt_step, marker.time, error or "")
+                    self.store.mark_unloadable(self.namespace, run, ckpt_step, marker.time, error)
                 except StoreError as exc:
                     log.warning("checkpoint: could not record step %d as unloadable: %s", ckpt_step, exc)
         if resuming:
@@ -651,52 +671,56 @@ class CheckpointManager:
         order), or the error every rank raises (a message: StoreError; a ResumeSourceError)."""
         assert self.store is not None
         run, resuming = self.job, False
-        committed = self.store.committed_checkpoints(self.namespace, run)
-        if step is not None:
-            committed = [c for c in committed if c.step == step]
-            if not committed:
-                return f"step {step} has no committed checkpoint under {self.store.uri}/{self.namespace}/{run}"
-        elif not committed and self.resume_from is not None:
-            r = self.resume_from
-            try:
+        try:
+            committed = self.store.committed_checkpoints(self.namespace, run)
+            if step is not None:
+                committed = [c for c in committed if c.step == step]
+                if not committed:
+                    return f"step {step} has no committed checkpoint under {self.store.uri}/{self.namespace}/{run}"
+            elif not committed and self.resume_from is not None:
+                r = self.resume_from
                 source = self.store.resume_source(self.namespace, r.training_job, run=r.run, step=r.step,
                                                   exclude=self.job)
-            except ResumeSourceError as exc:
-                return exc
-            run, resuming, committed = source.run, True, source.checkpoints
+                run, resuming, committed = source.run, True, source.checkpoints
+        except ResumeSourceError as exc:
+            return exc
+        except StoreError as exc:  # unreachable: every rank fails the same, and a restart retries
+            return f"the store could not be listed: {exc}"
         # the loadable ones newest first; the ones a restore failed on last (a read error may
         # have been transient)
         ordered = [c for c in reversed(committed) if c.loadable] + [c for c in reversed(committed) if not c.loadable]
         return run, resuming, [(c.step, c.prefix, c.marker, c.unloadable is not None) for c in ordered]
 
     def _load(self, prefix: str, marker: CommitMarker, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> str | None:
-        """Load one checkpoint on every rank; the error (agreed by all ranks) or None."""
+              optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> _LoadFailure | None:
+        """Load one checkpoint on every rank; why it failed (agreed by all ranks: transient when
+        it was on any) or None."""
         assert self.store is not None
         cache = (self.settings.staging_dir / "restore" / self.namespace / self.job
                  / f"step-{marker.step}" / f"rank-{self.rank}")
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
-        error = None
+        failure: _LoadFailure | None = None
         state = self._state_dict(model, optimizer)
         state["extra"] = b""
+        reader = _VerifiedReader(self.store, prefix, marker.files, cache)
         try:
-            reader = _VerifiedReader(self.store, prefix, marker.files, cache)
             if self._io_group is not None:
                 dcp_load(state, storage_reader=reader, process_group=self._io_group)
             else:
                 with _single_process():
                     dcp_load(state, storage_reader=reader, no_dist=True)
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - agreed below, then fallback
-            error = _describe(exc)
+            failure = _LoadFailure(_describe(exc), any(_transient(e) for e in (exc, *reader.verified.failures)))
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         if self._control_group is not None:
-            errors: list[Any] = [None] * self.world_size
-            dist.all_gather_object(errors, error, group=self._control_group)
-            error = next((e for e in errors if e), None)
-        if error is not None:
-            return error
+            failures: list[Any] = [None] * self.world_size
+            dist.all_gather_object(failures, failure, group=self._control_group)
+            failed = [f for f in failures if f is not None]
+            failure = _LoadFailure(failed[0].message, any(f.transient for f in failed)) if failed else None
+        if failure is not None:
+            return failure
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
             set_model_state_dict(model, state["model"])
@@ -721,6 +745,25 @@ def _single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadFailure:
+    """Why a checkpoint did not load: the message, and whether a retry may load it."""
+
+    message: str
+    transient: bool
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure a retry may not meet again: the store unreachable or refusing (StoreError), the
+    local disk. Not a file missing or unlike its marker, nor a state that does not fit the model
+    (another config's shapes): those stay whatever the retry."""
+    if isinstance(exc, CheckpointException):
+        return any(_transient(e) for e, _tb in exc.failures.values())
+    if isinstance(exc, (CorruptCheckpoint, NotFound)):
+        return False
+    return isinstance(exc, (StoreError, OSError))
 
 
 def _describe(exc: BaseException) -> str:

@@ -44,7 +44,7 @@ from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob import manifests as pods_
 from kubeforge.settings import SecuritySettings
-from kubeforge.store.report import job_run
+from kubeforge.store.report import CRD_OUTDATED, RECORDING_RUN, job_run
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
 #: node-monitor grace (40 s by default) plus a heartbeat. A peer that failed in that time (its
@@ -744,6 +744,36 @@ def _deadline(p: _Planner) -> Plan | None:
     return _finish(p, "Failed")
 
 
+def _run_recorded(p: _Planner) -> Plan | None:
+    """No pod of a new run before its ``status.run`` reads back from the API server (and no
+    other phase: a write of theirs is what this waits for).
+
+    A CRD that predates the field (helm never upgrades CRDs) drops it on write; ``job_run``
+    would then recompute the run from the status, and once pods exist it names the legacy run:
+    the later pods would write elsewhere than the first ones. So the first write records the
+    run (Ready False RecordingRun) and creates nothing; when a later read shows that write but
+    not the run, the CRD is outdated: Ready False CRDOutdated, one Warning Event, no pods, and
+    the status stays as it is (job_run keeps naming the new run). A legacy run (the job started
+    before runs were keyed by uid) is decided by its history and needs no such wait."""
+    if p.old.get("run") or p.run == p.owner.name:
+        return None
+    ready = condition(p.conds, "Ready") or {}
+    if ready.get("reason") in (RECORDING_RUN, CRD_OUTDATED):  # the write went through, status.run did not
+        message = (f"status.run ({p.run}) does not read back from the API server: the installed TrainingJob CRD "
+                   "predates it. Apply crds/ (kubectl apply --server-side -f crds/): helm does not upgrade CRDs. "
+                   "No worker is created until then")
+        if ready.get("reason") != CRD_OUTDATED:
+            p.event(CRD_OUTDATED, message, warning=True)
+        p.cond("Ready", False, CRD_OUTDATED, message)
+        p.plan.status = _status(p, "Pending")  # looked at again every RESYNC_S: the CRD may be applied by then
+        return p.plan
+    _announce_run(p)
+    p.cond("Ready", False, RECORDING_RUN, f"recording status.run ({p.run}) before the first worker")
+    p.plan.status = _status(p, "Pending")
+    p.plan.look_again(SHORT_REQUEUE_S)
+    return p.plan
+
+
 def _workers(p: _Planner) -> Plan | None:
     """Account every worker; a configuration error fails the job."""
     p.winner, p.active, p.ready = p.workers()
@@ -827,7 +857,8 @@ def _announce_run(p: _Planner) -> None:
             "fails with reason ResumeSourceInvalid if that is not there")
 
 
-PHASES = (_already_finished, _suspension, _policy_missing, _deadline, _workers, _success, _restart_budget)
+PHASES = (_already_finished, _run_recorded, _suspension, _policy_missing, _deadline, _workers, _success,
+          _restart_budget)
 
 
 def plan(obs: Observed) -> Plan:
@@ -846,8 +877,8 @@ def plan(obs: Observed) -> Plan:
         # admission policy) fails, and its pods, which hold the node's files, are removed
         p.fail("VolumeSourceRefused", refused)
         return _finish(p, "Failed")
-    if not p.old.get("run"):
-        _announce_run(p)
+    if not p.old.get("run") and p.run == p.owner.name:
+        _announce_run(p)  # a new run is announced with the write that records it (``_run_recorded``)
     p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
     if obs.security.network_policies:
         p.plan.children.append(pods_.build_network_policy(p.owner, obs.security.scrape_from))
