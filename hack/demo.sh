@@ -52,7 +52,8 @@ real_namespace "$NS"
 $HELM upgrade --install kubeforge charts/kubeforge --namespace "$SYSTEM_NS" --wait --timeout 180s \
   --set image.repository="${operator_image%:*}" --set image.tag="${operator_image##*:}" \
   --set workloadImage.repository="${trainer_image%:*}" --set workloadImage.tag="${trainer_image##*:}" \
-  --set "rbac.secretNamespaces={$NS}" -f hack/cluster/local-values.yaml >/dev/null
+  --set "rbac.secretNamespaces={$NS}" -f hack/cluster/local-values.yaml \
+  -f .dev/cluster/nodes/chart-values.yaml >/dev/null
 $KUBECTL get pods -n "$SYSTEM_NS" -l app.kubernetes.io/name=kubeforge -o wide
 phase "helm install"
 

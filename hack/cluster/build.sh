@@ -77,7 +77,7 @@ build_kubeflow() {
   echo ">> built kubeflow in $((SECONDS - t0))s" >&2
 }
 
-parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds node containerd coredns}
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator-crds node containerd coredns kube-router}
 for p in $parts; do
   case $p in
     kubernetes) build_part kubernetes "$KUBERNETES_VERSION" "$(k8s_ldflags)" \
@@ -96,6 +96,10 @@ for p in $parts; do
         containerd-shim-runc-v2=github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
         ctr=github.com/containerd/containerd/v2/cmd/ctr ;;
     coredns) build_part coredns "$COREDNS_VERSION" "-s -w" coredns=github.com/coredns/coredns ;;
+    # the real nodes' NetworkPolicy enforcer (run in firewall-only mode by nodes.py)
+    kube-router) build_part kube-router "$KUBE_ROUTER_VERSION" \
+        "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+        kube-router=github.com/cloudnativelabs/kube-router/v2/cmd/kube-router ;;
     etcd) build_part etcd "$ETCD_VERSION" "-s -w" etcd=go.etcd.io/etcd/server/v3 ;;
     kwok) build_part kwok "$KWOK_VERSION" "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" kwok=sigs.k8s.io/kwok/cmd/kwok ;;
     # stamped with its Kubernetes version, as helm's Makefile does: unstamped it claims v1.20

@@ -71,7 +71,7 @@ gen_containerd() {
     "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
 }
 
-parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator containerd coredns}
+parts=${*:-kubernetes etcd kwok helm minio kind prometheus-operator containerd coredns kube-router}
 for p in $parts; do
   case $p in
     kubernetes) gen_kubernetes ;;
@@ -82,6 +82,7 @@ for p in $parts; do
     kind) gen_plain kind sigs.k8s.io/kind "$KIND_VERSION" ;;
     containerd) gen_containerd ;;
     coredns) gen_plain coredns github.com/coredns/coredns "$COREDNS_VERSION" ;;
+    kube-router) gen_plain kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$KUBE_ROUTER_VERSION" ;;
     prometheus-operator) gen_prometheus_operator ;;
     kubeflow) gen_kubeflow ;;
     *) echo "unknown part: $p" >&2; exit 2 ;;

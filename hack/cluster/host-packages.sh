@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the host packages the real nodes and the image builds need, when missing:
-# runc, the CNI plugins, iptables, conntrack, podman (with its OCI runtime) and debootstrap.
+# runc, the CNI plugins, iptables, conntrack, ipset (kube-router's), podman (with its OCI runtime)
+# and debootstrap.
 # Debian's packages; a no-op when every command is already there.
 set -euo pipefail
 declare -A pkg_of=(
-  [runc]=runc [iptables]=iptables [conntrack]=conntrack [podman]=podman
+  [runc]=runc [iptables]=iptables [conntrack]=conntrack [ipset]=ipset [podman]=podman
   [debootstrap]=debootstrap [/usr/lib/cni/bridge]=containernetworking-plugins
   [ip]=iproute2 [mount.fuse3]=fuse3 [fuse-overlayfs]=fuse-overlayfs
 )

@@ -20,6 +20,12 @@ in every v1 hierarchy) and the kubelet puts its pods under the same root, so sto
 (``fail``) kills exactly its processes and containers, found by pid in that cgroup.
 The kubelet's device-plugin socket folder is fixed (/var/lib/kubelet/device-plugins): each
 node's mount namespace binds its own folder there.
+
+NetworkPolicy is enforced on each node by kube-router in firewall-only mode (no routing, no
+service proxy: the bridge CNI and kube-proxy keep those jobs), in the node's network
+namespace: its iptables chains and ipsets live there and go with it. It runs under an
+identity of its own (``ENFORCER_USER``) that may only read pods, namespaces, nodes,
+services, endpoints and NetworkPolicies.
 """
 
 from __future__ import annotations
@@ -55,7 +61,20 @@ NODE_PRIVATE_DIRS = (Path("/var/lib/kubelet"), Path("/var/log/containers"), Path
 #: the values they had.
 KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
-PROCESSES = ("containerd", "gpu-plugin", "kubelet", "kube-proxy")
+PROCESSES = ("containerd", "gpu-plugin", "kubelet", "kube-proxy", "kube-router")
+#: kube-router's client identity and what it may read (its informers watch all of these, even
+#: in firewall-only mode).
+ENFORCER_USER = "system:kubeforge:kube-router"
+ENFORCER_RULES = [
+    {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+]
+#: Name prefixes of what kube-router's network policy controller makes in a node's netns:
+#: filter chains and ipsets (its own Cleanup uses the same prefixes).
+ENFORCER_CHAIN_PREFIXES = ("KUBE-ROUTER-", "KUBE-POD-FW-", "KUBE-NWPLCY-")
+ENFORCER_IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-")
 #: The apiserver's --service-cluster-ip-range.
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -73,6 +92,11 @@ class Network:
     @property
     def cluster_cidr(self) -> str:
         return f"10.{self.index}.0.0/16"
+
+    @property
+    def nodes_cidr(self) -> str:
+        """The bridge's network: the host's address and every node's."""
+        return f"10.{self.index}.0.0/24"
 
     @property
     def pods_cidr(self) -> str:
@@ -111,7 +135,8 @@ def missing_capabilities() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (network namespaces, bridges, cgroups and mounts need it)")
-    for cmd in ("ip", "iptables", "nsenter", "unshare", "runc", "podman", "debootstrap"):
+    for cmd in ("ip", "iptables", "iptables-save", "iptables-restore", "ipset", "nsenter", "unshare", "runc",
+                "podman", "debootstrap"):
         if shutil.which(cmd) is None:
             missing.append(f"the command {cmd!r} (hack/cluster/host-packages.sh installs it)")
     for plugin in ("bridge", "host-local", "loopback", "portmap"):
@@ -190,6 +215,27 @@ class RealNodes:
             sh("iptables", "-w", "-I", "FORWARD", "1", "-j", n.chain)
             sh("iptables", "-w", "-I", "INPUT", "1", "-i", n.bridge, "!", "-d", n.host_ip, "-j", "DROP")
         self._save_kernel_tunables()
+        self._write_chart_values()
+
+    @property
+    def chart_values(self) -> Path:
+        """Helm values the chart needs on this cluster (``helm install -f``), written by ``up``."""
+        return self.dir / "chart-values.yaml"
+
+    def _write_chart_values(self) -> None:
+        """With NetworkPolicy enforced, the chart's defaults do not fit this cluster: the
+        operator's egress policy names the API server's and S3's usual ports (443, 6443, 9000),
+        but here they listen on the port base's (a Service's policy sees the endpoint's port,
+        after kube-proxy's DNAT); and the tests' and benchmarks' HTTP clients run in a real
+        node's network namespace, which kube-router lets reach only that node's own pods, so
+        the nodes' network may reach the workloads' metrics (and server) ports as a node-local
+        Prometheus would."""
+        c = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.chart_values.write_text(json.dumps({
+            "networkPolicy": {"egressPorts": [443, 6443, 9000, c.apiserver_port, c.minio_port]},
+            "workloadNetworkPolicies": {"scrapeFrom": [{"ipBlock": {"cidr": self.net.nodes_cidr}}]},
+        }, indent=1))
 
     def _save_kernel_tunables(self) -> None:
         saved = self.dir / "kernel-tunables.json"
@@ -319,6 +365,9 @@ state = "{run / 'containerd'}"
         if not (pki / "kube-proxy.crt").exists():
             self.cluster._cert("kube-proxy", "/CN=system:kube-proxy")
         self.cluster._kubeconfig(d / "kube-proxy.kubeconfig", "kube-proxy")
+        if not (pki / "kube-router.crt").exists():
+            self.cluster._cert("kube-router", f"/CN={ENFORCER_USER}")
+        self.cluster._kubeconfig(d / "kube-router.kubeconfig", "kube-router")
         (d / "resolv.conf").write_text("")  # pods get cluster DNS only: no resolver of the host
         (d / "kubelet.yaml").write_text(json.dumps({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
@@ -392,6 +441,69 @@ state = "{run / 'containerd'}"
             self._start_in_node(i, "gpu-plugin", [bins["fake-gpu-plugin"], "--count", str(self.cfg.real_node_gpus),
                                                   "--plugin-dir", str(DEVICE_PLUGIN_DIR)])
         self._start_in_node(i, "kube-proxy", [bins["kube-proxy"], "--config", str(d / "kube-proxy.yaml"), "--v=1"])
+        self._start_enforcer(i, d)
+
+    def _grant_enforcer(self) -> None:
+        objs = [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": "kubeforge-local:kube-router"}, "rules": ENFORCER_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": "kubeforge-local:kube-router"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": "kubeforge-local:kube-router"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": ENFORCER_USER}]},
+        ]
+        self.cluster.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
+
+    def _start_enforcer(self, i: int, d: Path) -> None:
+        """kube-router, firewall only, once the kubelet has registered the Node (kube-router
+        reads its InternalIP at start and exits without it); waits for its chains, so a node
+        is not up while NetworkPolicies go unenforced."""
+        name = self.node_name(i)
+        self._grant_enforcer()
+        self.cluster._wait(f"{name} registered", lambda: self.cluster.kubectl(
+            "get", "node", name, "-o", "jsonpath={.status.addresses}", check=False).stdout.strip() != "", 60,
+                           f"node-{i}-kubelet")
+        self._start_in_node(i, "kube-router", [
+            str(tools.binary("kube-router")), "--run-firewall=true", "--run-router=false",
+            "--run-service-proxy=false", "--kubeconfig", str(d / "kube-router.kubeconfig"),
+            "--hostname-override", name, f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--health-port=0", "--metrics-port=0", "--v=0"])
+        self.cluster._wait(f"kube-router's chains on {name}", lambda: sh(
+            "ip", "netns", "exec", self.net.netns(i), "iptables", "-w", "-n", "-L", "KUBE-ROUTER-FORWARD",
+            check=False).returncode == 0, 60, f"node-{i}-kube-router")
+
+    def enforcer_state(self, i: int) -> tuple[list[str], list[str]]:
+        """kube-router's filter chains and ipsets in node ``i``'s network namespace."""
+        ns = self.net.netns(i)
+        saved = sh("ip", "netns", "exec", ns, "iptables-save", "-t", "filter", check=False).stdout
+        chains = [line.split()[0][1:] for line in saved.splitlines()
+                  if line.startswith(":") and line[1:].startswith(ENFORCER_CHAIN_PREFIXES)]
+        sets = sh("ip", "netns", "exec", ns, "ipset", "list", "-n", check=False).stdout.split()
+        return chains, [s for s in sets if s.startswith(ENFORCER_IPSET_PREFIXES)]
+
+    def _remove_enforcer_state(self, i: int) -> None:
+        """Remove kube-router's chains, the jumps to them and its ipsets from node ``i``'s netns
+        (kube-router stopped first: it would make them again)."""
+        ns = self.net.netns(i)
+        if sh("ip", "netns", "pids", ns, check=False).returncode or shutil.which("ipset") is None:
+            return
+        saved = sh("ip", "netns", "exec", ns, "iptables-save", "-t", "filter", check=False).stdout
+
+        def enforcers(line: str) -> bool:
+            words = line.split()
+            if line.startswith(":"):
+                return words[0][1:].startswith(ENFORCER_CHAIN_PREFIXES)
+            if not line.startswith("-A "):
+                return False
+            targets = [words[k + 1] for k, w in enumerate(words[:-1]) if w in ("-j", "-g")]
+            return any(w.startswith(ENFORCER_CHAIN_PREFIXES) for w in [words[1], *targets])
+
+        kept = [line for line in saved.splitlines() if not enforcers(line)]
+        if len(kept) != len(saved.splitlines()):
+            sh("ip", "netns", "exec", ns, "iptables-restore", input="\n".join(kept) + "\n")
+        for name in self.enforcer_state(i)[1]:
+            sh("ip", "netns", "exec", ns, "ipset", "destroy", name, check=False)
 
     def ctr(self, i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(str(tools.binary("ctr")), "--address", str(self.socket(i)), "-n", "k8s.io", *args, check=check)
@@ -466,7 +578,7 @@ state = "{run / 'containerd'}"
     def kill_node(self, i: int, timeout: float = 15) -> None:
         """Stop every process of node ``i``: the kubelet and kube-proxy by their pid files,
         then everything left in the node's cgroup (containerd, shims, containers)."""
-        for p in ("kubelet", "kube-proxy", "gpu-plugin"):
+        for p in ("kube-router", "kubelet", "kube-proxy", "gpu-plugin"):
             self.cluster._stop(f"node-{i}-{p}", timeout=5)
         deadline = time.monotonic() + timeout
         sig = signal.SIGTERM
@@ -497,9 +609,11 @@ state = "{run / 'containerd'}"
 
     def teardown(self) -> None:
         """Remove everything the real nodes changed on the host (processes, mounts, cgroups,
-        namespaces, links, routes, chains, sysctls); the images in containerd's root stay."""
+        namespaces, links, routes, chains and ipsets, sysctls); the images in containerd's root
+        stay."""
         for i in range(self.cfg.real_nodes):
             self.kill_node(i)
+            self._remove_enforcer_state(i)
             self._remove_cgroup(i)
             f = self.mntns(i)
             if f.exists():

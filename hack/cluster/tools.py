@@ -50,9 +50,11 @@ _PART_OF = {
     "kubectl": "kubernetes", "etcd": "etcd", "kwok": "kwok", "helm": "helm", "minio": "minio", "kind": "kind",
     "kubelet": "node", "kube-proxy": "node", "fake-gpu-plugin": "node", "pause": "node",
     "containerd": "containerd", "containerd-shim-runc-v2": "containerd", "ctr": "containerd", "coredns": "coredns",
+    "kube-router": "kube-router",
 }
-#: Parts built from another part's wrapper module, at that part's version.
-_VERSION_OF = {"node": "KUBERNETES_VERSION"}
+#: Parts built from another part's wrapper module, at that part's version, and parts whose
+#: version variable is not <PART>_VERSION.
+_VERSION_OF = {"node": "KUBERNETES_VERSION", "kube-router": "KUBE_ROUTER_VERSION"}
 
 
 def binary(name: str, build: bool = True) -> Path:
