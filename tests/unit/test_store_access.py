@@ -13,6 +13,7 @@ from kubeforge.controllers.store_access import StoreAccess
 from kubeforge.controllers.trainingjob import handlers
 from kubeforge.controllers.trainingjob.plan import StoreView
 from kubeforge.settings import OperatorSettings
+from kubeforge.store import StoreError
 from prometheus_client import REGISTRY
 
 pytestmark = pytest.mark.unit
@@ -77,7 +78,7 @@ def test_a_failure_is_cached_with_a_backoff_and_a_success_clears_it() -> None:
     def fn() -> str:
         calls.append(1)
         if failing[0]:
-            raise RuntimeError("connection refused")
+            raise StoreError("connection refused")
         return "ok"
 
     def read_and_wait() -> Any:
@@ -152,3 +153,82 @@ def test_fresh_means_read_after_worker_zero_finished(monkeypatch: pytest.MonkeyP
     seen = handlers._store_view(state, key, "job", "policy", POLICY, fresh=True)
     assert seen is not None and seen.export_committed is True
     state.stores.close()
+
+
+D, E = ("ns", "policy-d"), ("ns", "policy-e")
+
+
+def test_an_answer_is_as_old_as_its_read_not_its_end() -> None:
+    """A read already in flight when the export question was asked may have fetched the marker
+    before the commit: it does not count as newer than the question."""
+    now = [10.0]
+    stores, gate = StoreAccess(clock=lambda: now[0]), threading.Event()
+    done = threading.Event()
+    stores.read(D, "job", lambda: gate.wait(5) and "before the commit", max_age=30, on_done=done.set)
+    wait_until(lambda: now[0] == 10.0)  # the read has started at t=10
+    time.sleep(0.1)
+    now[0] = 20.0  # worker 0 exits now: the question is asked at t=20
+    gate.set()
+    assert done.wait(5)
+    reading = stores.read(D, "job", lambda: "after", max_age=30)
+    assert reading.value == "before the commit" and not reading.newer_than(20.0)
+    stores.close()
+
+
+def test_other_errors_are_the_keys_answer_not_an_outage() -> None:
+    stores, done = StoreAccess(), threading.Event()
+
+    def forbidden() -> str:
+        raise PermissionError("secrets is forbidden")
+
+    stores.read(E, "job", forbidden, max_age=0, on_done=done.set)
+    assert done.wait(5)
+    assert stores.outage(E) is None
+    assert stores.read(E, "job", forbidden, max_age=30).error == "secrets is forbidden"
+    stores.close()
+
+
+def test_a_forgotten_key_or_store_leaves_no_trace_of_a_read_in_flight() -> None:
+    store = ("ns", "policy-f")
+    stores, gate, calls = StoreAccess(), threading.Event(), []
+
+    def slow() -> str:
+        calls.append(1)
+        gate.wait(5)
+        return "stale"
+
+    stores.read(store, "gone", slow, max_age=30)
+    stores.read(store, "kept", slow, max_age=30)
+    wait_until(lambda: len(calls) == 2)
+    stores.forget(lambda k: k == "gone")
+    stores.forget_store(store)  # the policy deleted (or its spec changed) while both read
+    gate.set()
+    time.sleep(0.3)
+    assert stores.read(store, "gone", lambda: "fresh", max_age=30).value is None
+    assert reachable(store) is None, "a read that ended after its policy was deleted brought its gauge back"
+    done = threading.Event()
+    stores.read(store, "kept", lambda: "fresh", max_age=30, on_done=done.set)  # a new pool, a new read
+    assert done.wait(5)
+    assert stores.read(store, "kept", lambda: "x", max_age=30).value == "fresh"
+    stores.close()
+
+
+def test_reads_queued_before_an_outage_do_not_each_wait_it_out() -> None:
+    store = ("ns", "policy-g")
+    stores, calls = StoreAccess(threads_per_store=1), []
+    first_started, release = threading.Event(), threading.Event()
+
+    def failing() -> str:
+        calls.append(1)
+        first_started.set()
+        release.wait(5)
+        raise StoreError("connection refused")
+
+    for i in range(4):  # one runs, three wait in the pool's queue
+        stores.read(store, f"job-{i}", failing, max_age=0)
+    assert first_started.wait(5)
+    release.set()
+    wait_until(lambda: stores.outage(store) is not None)
+    time.sleep(0.3)
+    assert len(calls) == 1, "reads queued behind the failure each tried the dead store"
+    stores.close()

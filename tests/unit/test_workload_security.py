@@ -205,3 +205,25 @@ def test_network_policy_peers_compare_as_the_api_server_stores_them() -> None:
     as_stored = [{"podSelector": {"matchLabels": {"app": "gw"}}}]
     assert _without_empty(desired) == _without_empty(as_stored)
     assert _without_empty(desired) != _without_empty([{"podSelector": {"matchLabels": {"app": "other"}}}])
+
+
+
+def test_empty_selectors_are_peers_not_noise() -> None:
+    from kubeforge.controllers.inferenceservice.handlers import _without_empty
+
+    namespace = [{"podSelector": {}}]
+    everyone = [{"namespaceSelector": {}}]
+    assert _without_empty(namespace) != _without_empty(everyone)
+    assert _without_empty([{"podSelector": {"matchLabels": {}, "matchExpressions": []}}]) == namespace
+
+
+def test_a_volume_whose_source_was_dropped_fails_the_job_visibly() -> None:
+    """Stored before admission refused it, an nfs volume or a projected serviceAccountToken
+    reads back without its source (the API server prunes unknown fields): the job fails saying
+    so, instead of retrying a pod the API server refuses."""
+    for volume in ({"name": "data"}, {"name": "t", "projected": {"sources": [{}]}}):
+        p = plan(Observed(job=job({"volumes": [volume]}), pods=[], nodes={}))
+        assert p.create == []
+        ready = next(c for c in p.status["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "VolumeSourceRefused"), ready
+        assert "no volume source this operator accepts is left" in ready["message"]

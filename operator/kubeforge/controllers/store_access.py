@@ -11,9 +11,10 @@ loss of a job that does not even use S3 was handled minutes late. Here:
 - **Bounded.** ``read`` never blocks its caller: it returns what was last read (with its
   age), and a read still running for the same key is not started twice, so the work queued
   per store is at most one read per key.
-- **Cached, failures too.** A failed read marks its store down for a backoff (5 s, doubling to
-  ``max_backoff_s``): reads of a down store are not attempted until it ends, the next one then
-  tries once. Each change is a log line and ``kubeforge_store_reachable{namespace,policy}``;
+- **Cached, failures too.** A read that fails with ``StoreError`` marks its store down for a
+  backoff (5 s, doubling to ``max_backoff_s``): reads of a down store are not attempted until
+  it ends (queued ones are dropped), the next one then tries once. Other errors (a Secret the
+  operator may not read, a bug) are the key's answer, not an outage. Each change is a log line and ``kubeforge_store_reachable{namespace,policy}``;
   ``outage(store)`` lets the other controllers fail fast with the same error.
 
 When a read finishes its caller's ``on_done`` runs (the TrainingJob controller enqueues the
@@ -31,6 +32,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar, cast
 
 from kubeforge.metrics import STORE_REACHABLE
+from kubeforge.store import StoreError
 
 log = logging.getLogger("kubeforge.store_access")
 T = TypeVar("T")
@@ -40,8 +42,9 @@ StoreKey = tuple[str, str]
 
 @dataclasses.dataclass(frozen=True)
 class Reading(Generic[T]):
-    """The newest successful answer for a key (None: none yet), when it was taken
-    (``time.monotonic()``), and the error of the last attempt when that one failed."""
+    """The newest successful answer for a key (None: none yet), when its read started
+    (``time.monotonic()``: an answer is no older than that), and the error of the last attempt
+    when that one failed."""
 
     value: T | None = None
     taken: float | None = None
@@ -81,7 +84,10 @@ class StoreAccess:
         self._lock = threading.Lock()
         self._pools: dict[StoreKey, concurrent.futures.ThreadPoolExecutor] = {}
         self._readings: dict[Hashable, Reading[Any]] = {}
-        self._running: set[Hashable] = set()
+        #: reads in flight: key -> (its store, a token); a read whose token is gone (its key or
+        #: store forgotten meanwhile) leaves no trace when it ends
+        self._running: dict[Hashable, tuple[StoreKey, object]] = {}
+        self._store_of: dict[Hashable, StoreKey] = {}
         self._outages: dict[StoreKey, Outage] = {}
         self._closed = False
 
@@ -99,12 +105,15 @@ class StoreAccess:
                 return dataclasses.replace(reading, error=reading.error or outage.error)
             if not due or key in self._running or self._closed:
                 return reading
-            self._running.add(key)
             pool = self._pools.get(store)
             if pool is None:
                 pool = self._pools[store] = concurrent.futures.ThreadPoolExecutor(
                     max_workers=self.threads_per_store, thread_name_prefix=f"store-{store[0]}-{store[1]}")
-        pool.submit(self._run, store, key, fn, on_done)
+            token = object()
+            self._running[key] = (store, token)
+            self._store_of[key] = store
+            # under the lock: forget_store cannot shut this pool down between choosing and using it
+            pool.submit(self._run, store, key, token, fn, on_done)
         return reading
 
     def outage(self, store: StoreKey) -> str | None:
@@ -124,18 +133,26 @@ class StoreAccess:
             self._mark_up(store)
 
     def forget(self, match: Callable[[Any], bool]) -> None:
-        """Drop the answers of the keys ``match`` accepts (their object was deleted)."""
+        """Drop the answers (and reads in flight) of the keys ``match`` accepts: their object
+        was deleted."""
         with self._lock:
-            for key in [k for k in self._readings if match(k)]:
-                del self._readings[key]
+            for key in [k for k in {*self._readings, *self._running} if match(k)]:
+                self._readings.pop(key, None)
+                self._running.pop(key, None)
+                self._store_of.pop(key, None)
 
     def forget_store(self, store: StoreKey) -> None:
-        """A deleted policy: its outage and its metric go, its threads end once idle."""
+        """A policy deleted or changed: its outage, answers, reads in flight and metric go
+        (a changed spec is tried afresh at once), its threads end once idle."""
         with self._lock:
             self._outages.pop(store, None)
             pool = self._pools.pop(store, None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+            for key in [k for k, s in self._store_of.items() if s == store]:
+                self._readings.pop(key, None)
+                self._running.pop(key, None)
+                del self._store_of[key]
+            if pool is not None:
+                pool.shutdown(wait=False)
         try:
             STORE_REACHABLE.remove(*store)
         except KeyError:
@@ -151,19 +168,38 @@ class StoreAccess:
 
     # ---- internals -----------------------------------------------------------------
 
-    def _run(self, store: StoreKey, key: Hashable, fn: Callable[[], Any], on_done: Callable[[], None] | None) -> None:
+    def _current(self, key: Hashable, token: object) -> bool:
+        entry = self._running.get(key)
+        return entry is not None and entry[1] is token
+
+    def _run(self, store: StoreKey, key: Hashable, token: object, fn: Callable[[], Any],
+             on_done: Callable[[], None] | None) -> None:
+        started = self._clock()
+        with self._lock:
+            outage = self._outages.get(store)
+            if outage is not None and started < outage.until:  # queued before the store went down
+                if self._current(key, token):
+                    del self._running[key]
+                return
         try:
             value = fn()
         except Exception as e:  # noqa: BLE001 - a store's failure is recorded, never raised into a pool
             with self._lock:
-                self._running.discard(key)
+                if not self._current(key, token):
+                    return
+                del self._running[key]
                 old = self._readings.get(key, Reading())
                 self._readings[key] = dataclasses.replace(old, error=str(e))
-                self._mark_down(store, str(e))
+                if isinstance(e, StoreError):
+                    self._mark_down(store, str(e))
+                else:
+                    log.warning("reading the store of CheckpointPolicy %s/%s for %s failed: %s", *store, key, e)
         else:
             with self._lock:
-                self._running.discard(key)
-                self._readings[key] = Reading(value, self._clock())
+                if not self._current(key, token):
+                    return
+                del self._running[key]
+                self._readings[key] = Reading(value, started)
                 self._mark_up(store)
         if on_done is not None:
             try:

@@ -196,7 +196,10 @@ def reconcile(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
     """Storage checked and status written at once (retention waits for the periodic pass; a
     volume's first inspector pass starts now)."""
     assert namespace is not None and name is not None  # a namespaced kind
-    enforce(_state(memo), namespace, name, retention=False)
+    state = _state(memo)
+    # a new or changed spec (endpoint, bucket, Secret) is tried at once, not after the old one's backoff
+    state.stores.forget_store((namespace, name))
+    enforce(state, namespace, name, retention=False)
 
 
 @kopf.on.event(GROUP, VERSION, CheckpointPolicy.plural)

@@ -56,12 +56,17 @@ class InferenceServices:
         self.settings = settings
         self.following: set[Key] = set()
         self.ready: dict[Key, bool] = {}
+        #: services seen deleted (until one of the name is seen again): a reconcile still running
+        #: when its service went must not count it back
+        self.deleted: set[Key] = set()
         #: which stores are down (shared with the other controllers): their reads fail fast
         self.stores = stores or StoreAccess()
         #: the export poll: services side by side, each at most once at a time
         self.passes: SideBySide[Key] = SideBySide("export-poll", settings.inferenceservice.export_poll_concurrency)
 
     def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
+        if (owner.namespace, owner.name) in self.deleted:
+            return  # a reconcile that ended after the service was deleted: it counts no more
         ready = condition(status.get("conditions"), "Ready")
         is_ready = bool(ready and ready["status"] == "True")
         self.ready[(owner.namespace, owner.name)] = is_ready
@@ -70,6 +75,7 @@ class InferenceServices:
 
     def forget(self, key: Key) -> None:
         """A deleted service neither follows an export nor counts as Ready any more."""
+        self.deleted.add(key)
         self.following.discard(key)
         if self.ready.pop(key, None) is not None:
             INFERENCESERVICE_READY.remove(*key)
@@ -180,10 +186,12 @@ def trainer_credentials_refused(state: InferenceServices, own: LocalObjectRefere
 
 
 def _without_empty(value: Any) -> Any:
-    """``value`` without empty lists and maps at any depth, as the API server stores it."""
+    """``value`` as the API server stores it: without empty lists and empty ``matchLabels``.
+    An empty selector itself means something (``podSelector: {}``: every pod of the namespace,
+    ``namespaceSelector: {}``: every namespace) and is kept."""
     if isinstance(value, dict):
         kept = {k: _without_empty(v) for k, v in value.items()}
-        return {k: v for k, v in kept.items() if v not in ({}, [])}
+        return {k: v for k, v in kept.items() if v != [] and not (k == "matchLabels" and v == {})}
     if isinstance(value, list):
         return [_without_empty(v) for v in value]
     return value
@@ -326,7 +334,9 @@ def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: ko
     state = _state(memo)
     if type == "DELETED" or meta.get("deletionTimestamp"):
         state.forget(key)
-    elif (spec.get("model") or {}).get("trainingJobRef"):
+        return
+    state.deleted.discard(key)
+    if (spec.get("model") or {}).get("trainingJobRef"):
         state.following.add(key)
     else:
         state.following.discard(key)

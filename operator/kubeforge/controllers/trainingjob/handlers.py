@@ -116,8 +116,9 @@ async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo
     if type == "DELETED":
         state.caches.phases.pop(key, None)
         state.stores.forget(lambda k: k[:2] == ("trainingjob", key))
-        state.caches.fresh_store_wanted = {k: v for k, v in state.caches.fresh_store_wanted.items()
-                                           if k[:2] != ("trainingjob", key)}
+        wanted = state.caches.fresh_store_wanted  # reconcile threads use it too: removed in place
+        for k in [k for k in list(wanted) if k[:2] == ("trainingjob", key)]:
+            wanted.pop(k, None)
         _remove_checkpoint_gauges(key)
         _publish_phases(state.caches)
         return

@@ -139,9 +139,18 @@ def build_network_policy(owner: Owner, scrape_from: tuple[dict[str, Any], ...] =
 
 
 def refused_volumes(spec: TrainingJobSpec, allow_host_path: bool) -> str | None:
-    """Why the job's volumes may not run (a hostPath the operator does not allow), or None.
+    """Why the job's volumes may not run (a hostPath the operator does not allow, a volume whose
+    source the API server dropped), or None.
     Admission refuses these already where the chart's policy is installed; this is the
     second line, for CRDs applied without it and objects stored before it."""
+    sourceless = [f"spec.pod.volumes[{i}] ({v.name})" for i, v in enumerate(spec.pod.volumes) if not v.source()]
+    sourceless += [f"spec.pod.volumes[{i}].projected.sources[{j}] ({v.name})" for i, v in enumerate(spec.pod.volumes)
+                   if v.projected for j, src in enumerate(v.projected.sources) if not src.dump()]
+    if sourceless:
+        # what admission refuses now, stored before it: the API server drops an unknown source
+        # (nfs, a projected serviceAccountToken) when it reads the object back
+        return (f"{', '.join(sourceless)}: no volume source this operator accepts is left (nfs, iscsi, a projected "
+                "serviceAccountToken and other sources are refused; mount them through a PersistentVolumeClaim)")
     if allow_host_path:
         return None
     bad = [f"spec.pod.volumes[{i}].hostPath ({v.name})" for i, v in enumerate(spec.pod.volumes) if v.host_path]
