@@ -204,8 +204,8 @@ def test_a_forgotten_key_or_store_leaves_no_trace_of_a_read_in_flight() -> None:
     stores.forget_store(store)  # the policy deleted (or its spec changed) while both read
     gate.set()
     time.sleep(0.3)
-    assert stores.read(store, "gone", lambda: "fresh", max_age=30).value is None
     assert reachable(store) is None, "a read that ended after its policy was deleted brought its gauge back"
+    assert stores.read(store, "gone", lambda: "fresh", max_age=30).value is None  # (starts a new read)
     done = threading.Event()
     stores.read(store, "kept", lambda: "fresh", max_age=30, on_done=done.set)  # a new pool, a new read
     assert done.wait(5)
