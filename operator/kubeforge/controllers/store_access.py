@@ -117,20 +117,31 @@ class StoreAccess:
         return reading
 
     def outage(self, store: StoreKey) -> str | None:
-        """Why ``store`` is down now (its last error), or None: callers that read a store
-        themselves fail fast with it instead of waiting out a retry deadline."""
+        """Why ``store`` is down now (its last error), or None."""
         with self._lock:
             outage = self._outages.get(store)
             return outage.error if outage is not None and self._clock() < outage.until else None
+
+    def call(self, store: StoreKey, fn: Callable[[], T]) -> T:
+        """``fn()`` for a caller that reads ``store`` in its own thread, under the same outage
+        rule as ``read``: while the store is down it fails fast (``StoreError`` with the last
+        error) instead of waiting out a retry deadline, and its ``StoreError`` marks it down."""
+        down = self.outage(store)
+        if down is not None:
+            raise StoreError(f"{down} (retried after a backoff)")
+        try:
+            value = fn()
+        except StoreError as e:
+            self.failed(store, str(e))
+            raise
+        with self._lock:
+            self._mark_up(store)
+        return value
 
     def failed(self, store: StoreKey, error: str) -> None:
         """Record a failure of ``store`` seen by a caller that read it itself."""
         with self._lock:
             self._mark_down(store, error)
-
-    def succeeded(self, store: StoreKey) -> None:
-        with self._lock:
-            self._mark_up(store)
 
     def forget(self, match: Callable[[Any], bool]) -> None:
         """Drop the answers (and reads in flight) of the keys ``match`` accepts: their object

@@ -81,17 +81,11 @@ def check_storage(state: CheckpointPolicies, spec: CheckpointPolicySpec,
     problem = secret_check(s3.credentials_secret_ref.name, secret)
     if problem:
         return problem, None
-    down = state.stores.outage((namespace, name))
-    if down is not None:
-        # failed a moment ago: not waited out again before its backoff ends (store_access)
-        return StorageCheck(False, "BucketUnreachable", f"bucket {s3.bucket}: {down} (retried after a backoff)"), None
     store = open_policy_store(spec, secret, state.settings.checkpointpolicy.store_retry_deadline_s)
     try:
-        store.check()
+        state.stores.call((namespace, name), store.check)  # fails fast while the store is down
     except StoreError as e:
-        state.stores.failed((namespace, name), str(e))
         return StorageCheck(False, "BucketUnreachable", f"bucket {s3.bucket}: {e}"), None
-    state.stores.succeeded((namespace, name))
     return StorageCheck(True, "BucketReachable", f"bucket {s3.bucket} answers at {s3.endpoint or 'AWS'}"), store
 
 

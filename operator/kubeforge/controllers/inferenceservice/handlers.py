@@ -137,17 +137,12 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
     # the export of this object's run only: one of a deleted job of the same name is never served
     run = job_run(job)
     export_uri = store.export_uri(owner.namespace, run)
-    store_key = (owner.namespace, policy_ref["name"])
-    down = state.stores.outage(store_key)
-    if down is not None:  # failed a moment ago: not waited out again before its backoff ends
-        return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {down} "
-                                                          "(retried after a backoff)" + _still_serving(served, export_uri))
-    try:
-        marker = store.export_marker(owner.namespace, run)
+    try:  # fails fast while the store is down
+        marker = state.stores.call((owner.namespace, policy_ref["name"]),
+                                   lambda: store.export_marker(owner.namespace, run))
     except StoreError as e:
-        state.stores.failed(store_key, str(e))
-        return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {e}")
-    state.stores.succeeded(store_key)
+        return ModelResolution(False, "StoreUnreachable", f"reading the export marker at {export_uri}: {e}"
+                                                          + _still_serving(served, export_uri))
     if marker is None:
         return ModelResolution(False, "WaitingForTrainingJob",
                                f"TrainingJob {job_name} (run {run}) has no committed export at {export_uri} yet"
