@@ -378,3 +378,46 @@ class NetworkPeer(ApiModel):
         Rule("!has(self.ipBlock) || (!has(self.podSelector) && !has(self.namespaceSelector))",
              "ipBlock must not be set together with podSelector or namespaceSelector", reason="FieldValueInvalid"),
     )
+
+
+class StoreRef(ApiModel):
+    """Where flywheel data (captured traffic, feedback, datasets) lives: exactly one of a
+    CheckpointPolicy's S3 storage or an S3 URI with its own credentials."""
+
+    checkpoint_policy_ref: LocalObjectReference | None = Field(default=None, description=(
+        "Use this CheckpointPolicy's S3 storage (bucket, prefix, endpoint). Its Secret is used only where "
+        "credentialsSecretRef is empty and the operator's setting allows handing policy credentials to that "
+        "workload (serving pods: security.servingPolicyCredentials)."))
+    uri: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]*[a-z0-9](/.*)?$", description=(
+        "s3://bucket/prefix: the store root."))
+    credentials_secret_ref: LocalObjectReference | None = Field(default=None, description=(
+        "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY that may write under the store root "
+        "(required with uri)."))
+    s3_endpoint: str | None = Field(default=None, pattern=r"^https?://", description=(
+        "S3-compatible endpoint URL with uri (empty means AWS); with checkpointPolicyRef the policy's."))
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("has(self.checkpointPolicyRef) != has(self.uri)", "exactly one of checkpointPolicyRef or uri must be set",
+             reason="FieldValueInvalid"),
+        Rule("!has(self.uri) || has(self.credentialsSecretRef)", "credentialsSecretRef must be set with uri",
+             field_path=".credentialsSecretRef", reason="FieldValueRequired"),
+        Rule("!has(self.s3Endpoint) || has(self.uri)",
+             "s3Endpoint must be set only with uri (a CheckpointPolicy names its own endpoint)", field_path=".s3Endpoint",
+             reason="FieldValueForbidden"),
+    )
+
+
+class RedactPattern(ApiModel):
+    """A user redaction rule: matches of `regex` become the placeholder <NAME>."""
+
+    name: str = Field(pattern=r"^[A-Z][A-Z0-9_]{0,31}$", description=(
+        "Placeholder name, e.g. EMPLOYEE_ID for <EMPLOYEE_ID>: uppercase letters, digits and '_'."))
+    regex: str = Field(min_length=1, max_length=1024, description="Python regular expression (re syntax).")
+
+
+class Redaction(ApiModel):
+    """PII redaction: emails, phone numbers, credit-card-like numbers (Luhn-checked) and API-key-like
+    strings become <EMAIL>, <PHONE>, <CREDIT_CARD>, <API_KEY>; plus the user's patterns."""
+
+    enabled: bool = Field(default=True, description="Redact before anything is written.")
+    patterns: list[RedactPattern] = Field(default_factory=list, max_length=64, description="Extra patterns.")

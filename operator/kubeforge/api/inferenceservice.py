@@ -13,8 +13,10 @@ from kubeforge.api.common import (
     Kind,
     LocalObjectReference,
     NetworkPeer,
+    Redaction,
     Rule,
     StatusBase,
+    StoreRef,
     Toleration,
     dns_label_name_rules,
 )
@@ -127,6 +129,41 @@ class ServingNetwork(ApiModel):
         "that default (add {podSelector: {}} to keep the namespace)."))
 
 
+class DriftSettings(ApiModel):
+    """Drift of the live prompts against the served export's training data, as the Population
+    Stability Index per feature (prompt length, token frequency)."""
+
+    window_prompts: int = Field(default=500, ge=50, le=1000000, description=(
+        "Each server profiles its most recent prompts: between windowPrompts and twice that many."))
+    min_prompts: int = Field(default=200, ge=1, description=(
+        "Fewest live prompts (all replicas) before PSI is computed and DriftDetected decided."))
+    minor_threshold: float = Field(default=0.1, gt=0, description="PSI from which drift is reported as minor.")
+    major_threshold: float = Field(default=0.25, gt=0, description="PSI above which DriftDetected is True.")
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("self.minorThreshold <= self.majorThreshold", "minorThreshold must not exceed majorThreshold",
+             field_path=".minorThreshold", reason="FieldValueInvalid"),
+    )
+
+
+class Logging(ApiModel):
+    """Capture of served traffic and user feedback for the data flywheel (docs/flywheel.md).
+
+    Sampled requests are written, redacted, as WebDataset shards under
+    <store>/<namespace>/<name>/capture/; POST /v1/feedback records ratings and corrections next to
+    them. Capture never blocks a request: when the store is slow or down, records are dropped
+    and counted (kubeforge:capture_dropped_total)."""
+
+    sample_rate: float = Field(default=1.0, ge=0, le=1, description="Share of requests captured (0 to 1).")
+    store: StoreRef = Field(description="Where captured records go.")
+    redact: Redaction = Field(default_factory=Redaction, description="PII redaction before writing.")
+    max_record_bytes: int = Field(default=65536, ge=1024, le=8388608, description=(
+        "A record's largest size; longer prompts and completions are cut (the record says truncated)."))
+    feedback_ttl_seconds: int = Field(default=604800, ge=60, le=31536000, description=(
+        "How long a completion id accepts feedback; older ids answer 404."))
+    drift: DriftSettings = Field(default_factory=DriftSettings, description="Prompt drift detection.")
+
+
 class InferenceServiceSpec(ApiModel):
     """The model and how it is served and scaled."""
 
@@ -158,6 +195,9 @@ class InferenceServiceSpec(ApiModel):
     service_account_name: str | None = Field(default=None, description=(
         "ServiceAccount of the serving pods; its API token is never mounted (the server calls no Kubernetes API)."))
     network: ServingNetwork = Field(default_factory=ServingNetwork, description="Who may reach the servers.")
+    logging: Logging | None = Field(default=None, description=(
+        "Capture sampled traffic and feedback for training (the data flywheel); absent: nothing is captured "
+        "and /v1/feedback answers 501."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("!has(self.gpuProduct) || self.gpus > 0", "gpuProduct must not be set when gpus is 0",
@@ -177,9 +217,28 @@ class ServedModel(ApiModel):
     step: int | None = Field(default=None, description="Training step of the export, when known.")
 
 
+class DriftStatus(ApiModel):
+    """The latest drift reading."""
+
+    psi: dict[str, float] = Field(default_factory=dict, description="PSI per feature: prompt_length, token_frequency.")
+    level: Literal["stable", "minor", "major"] | None = Field(default=None, description="The worst feature's level.")
+    prompts: int = Field(default=0, description="Live prompts the reading is over (all replicas).")
+    baseline: str | None = Field(default=None, description="The baseline profile compared against.")
+    time: str | None = Field(default=None, description="When it was computed.")
+
+
+class CaptureStatus(ApiModel):
+    """Where captured traffic goes."""
+
+    uri: str | None = Field(default=None, description="The capture directory (shards, feedback, profiles).")
+    sample_rate: float | None = Field(default=None, description="The sample rate in effect.")
+
+
 class InferenceServiceStatus(StatusBase):
     """Observed state of the service. Conditions: Ready (serving the wanted model),
-    ModelReady (the model source resolved), Available (at least one replica ready)."""
+    ModelReady (the model source resolved), Available (at least one replica ready); with
+    spec.logging also CaptureReady (the capture store resolved) and DriftDetected (live prompts'
+    PSI against the export's training data above logging.drift.majorThreshold)."""
 
     url: str | None = Field(default=None, description=(
         "Cluster-local base URL of the server; the OpenAI-compatible API is under /v1."))
@@ -187,6 +246,8 @@ class InferenceServiceStatus(StatusBase):
     ready_replicas: int | None = Field(default=None, description="Replicas ready to serve.")
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     model: ServedModel | None = Field(default=None, description="The model being served.")
+    capture: CaptureStatus | None = Field(default=None, description="Traffic capture, with spec.logging.")
+    drift: DriftStatus | None = Field(default=None, description="Prompt drift, with spec.logging.")
 
 
 #: The children are named "<name>-server", and a Service name is a DNS label (63 characters).

@@ -121,6 +121,24 @@ class ResumeFrom(ApiModel):
     )
 
 
+class DatasetRef(ApiModel):
+    """A version of a Dataset (the flywheel's curated traffic) to train on."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Dataset, in this namespace.")
+    version: int | None = Field(default=None, ge=1, description=(
+        "A committed version; unset: the newest when the job starts (then kept for the job's life)."))
+
+
+class TrainingData(ApiModel):
+    """Training data named by reference, resolved by the operator."""
+
+    dataset_ref: DatasetRef | None = Field(default=None, description=(
+        "Train on this Dataset version's train split (SFT records: loss on the targets only). The operator "
+        "resolves it to the version's URI, records it in status.dataset and sets trainer.config.data.paths "
+        "and format (sft); the job waits (reason WaitingForDataset) until the version is committed. The job's "
+        "CheckpointPolicy credentials must be able to read it."))
+
+
 _PARALLELISM = "self.trainer.config.parallelism"
 _HYBRID = (f"has(self.trainer.config) && has({_PARALLELISM}) && has({_PARALLELISM}.sharding) && "
            f"{_PARALLELISM}.sharding == 'hybrid' && has({_PARALLELISM}.shard_group_size)")
@@ -144,8 +162,14 @@ class TrainingJobSpec(ApiModel):
         "Delete the TrainingJob this long after it succeeded or failed."))
     resume_from: ResumeFrom | None = Field(default=None, description=(
         "Start from a checkpoint of another run (a deleted job's, or another job's) rather than step 0."))
+    data: TrainingData | None = Field(default=None, description=(
+        "Training data by reference (a Dataset version); trainer.config.data holds the rest of the data settings."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.data) || !has(self.data.datasetRef) || !has(self.trainer.config) || "
+             "!has(self.trainer.config.data) || !has(self.trainer.config.data.paths)",
+             "trainer.config.data.paths must not be set with data.datasetRef: the operator sets it to the "
+             "dataset version's URI", field_path=".data.datasetRef", reason="FieldValueForbidden"),
         Rule("!has(self.resumeFrom) || has(self.checkpointPolicyRef)",
              "resumeFrom must come with a checkpointPolicyRef: the runs it resumes are in that policy's store",
              field_path=".resumeFrom", reason="FieldValueRequired"),
@@ -197,6 +221,14 @@ class CheckpointRef(ApiModel):
 Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 
 
+class ResolvedDataset(ApiModel):
+    """The Dataset version a job trains on, as resolved when it started."""
+
+    name: str = Field(description="The Dataset.")
+    version: int = Field(description="Its version.")
+    uri: str = Field(description="Where the version is.")
+
+
 class TrainingJobStatus(StatusBase):
     """Observed state of the job."""
 
@@ -210,6 +242,8 @@ class TrainingJobStatus(StatusBase):
     run: str | None = Field(default=None, description=(
         "This object's run, where under <store>/<namespace>/ its checkpoints and export are: <name>/runs/<uid>, "
         "or <name> for a job that started before runs were keyed by uid. Decided once, before the first worker."))
+    dataset: ResolvedDataset | None = Field(default=None, description=(
+        "The Dataset version spec.data.datasetRef resolved to, kept for the job's life."))
     message: str | None = Field(default=None, description="Latest human-readable summary.")
     worker_pods: list[WorkerPodRecord] = Field(default_factory=list, description=(
         "The current attempt of every worker index, by which restarts are counted exactly once."))
