@@ -129,6 +129,16 @@ class DatasetRef(ApiModel):
         "A committed version; unset: the newest when the job starts (then kept for the job's life)."))
 
 
+class InitFrom(ApiModel):
+    """The weights a job starts from (fine-tuning), by reference."""
+
+    training_job_ref: LocalObjectReference = Field(description=(
+        "Start from the committed export of this TrainingJob (e.g. the one an InferenceService serves). The "
+        "operator resolves it to the export's URI, records it in status.initFrom and sets "
+        "trainer.config.model.init_from; the trainer downloads and verifies it against its commit marker. The "
+        "job waits (reason WaitingForInitFrom) until the export is committed."))
+
+
 class TrainingData(ApiModel):
     """Training data named by reference, resolved by the operator."""
 
@@ -162,6 +172,8 @@ class TrainingJobSpec(ApiModel):
         "Delete the TrainingJob this long after it succeeded or failed."))
     resume_from: ResumeFrom | None = Field(default=None, description=(
         "Start from a checkpoint of another run (a deleted job's, or another job's) rather than step 0."))
+    init_from: InitFrom | None = Field(default=None, description=(
+        "Start from another job's export instead of random weights (fine-tuning)."))
     data: TrainingData | None = Field(default=None, description=(
         "Training data by reference (a Dataset version); trainer.config.data holds the rest of the data settings."))
 
@@ -170,6 +182,10 @@ class TrainingJobSpec(ApiModel):
              "!has(self.trainer.config.data) || !has(self.trainer.config.data.paths)",
              "trainer.config.data.paths must not be set with data.datasetRef: the operator sets it to the "
              "dataset version's URI", field_path=".data.datasetRef", reason="FieldValueForbidden"),
+        Rule("!has(self.initFrom) || !has(self.trainer.config) || !has(self.trainer.config.model) || "
+             "!has(self.trainer.config.model.init_from)",
+             "trainer.config.model.init_from must not be set with initFrom: the operator sets it to the export's URI",
+             field_path=".initFrom", reason="FieldValueForbidden"),
         Rule("!has(self.resumeFrom) || has(self.checkpointPolicyRef)",
              "resumeFrom must come with a checkpointPolicyRef: the runs it resumes are in that policy's store",
              field_path=".resumeFrom", reason="FieldValueRequired"),
@@ -229,6 +245,14 @@ class ResolvedDataset(ApiModel):
     uri: str = Field(description="Where the version is.")
 
 
+class ResolvedInit(ApiModel):
+    """The export a job starts from, as resolved when it started."""
+
+    training_job: str = Field(description="The TrainingJob whose export it is.")
+    uri: str = Field(description="Where the export is.")
+    revision: str | None = Field(default=None, description="The export's revision (its commit marker's time).")
+
+
 class TrainingJobStatus(StatusBase):
     """Observed state of the job."""
 
@@ -242,6 +266,8 @@ class TrainingJobStatus(StatusBase):
     run: str | None = Field(default=None, description=(
         "This object's run, where under <store>/<namespace>/ its checkpoints and export are: <name>/runs/<uid>, "
         "or <name> for a job that started before runs were keyed by uid. Decided once, before the first worker."))
+    init_from: ResolvedInit | None = Field(default=None, description=(
+        "The export spec.initFrom resolved to, kept for the job's life."))
     dataset: ResolvedDataset | None = Field(default=None, description=(
         "The Dataset version spec.data.datasetRef resolved to, kept for the job's life."))
     message: str | None = Field(default=None, description="Latest human-readable summary.")
