@@ -159,6 +159,8 @@ class Logging(ApiModel):
     redact: Redaction = Field(default_factory=Redaction, description="PII redaction before writing.")
     max_record_bytes: int = Field(default=65536, ge=1024, le=8388608, description=(
         "A record's largest size; longer prompts and completions are cut (the record says truncated)."))
+    shard_seconds: int = Field(default=60, ge=5, le=3600, description=(
+        "A shard is committed after this long (or 1000 records), so records reach the store within it."))
     feedback_ttl_seconds: int = Field(default=604800, ge=60, le=31536000, description=(
         "How long a completion id accepts feedback; older ids answer 404."))
     drift: DriftSettings = Field(default_factory=DriftSettings, description="Prompt drift detection.")
