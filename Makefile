@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBEFORGE_CACHE ?= $(HOME)/.cache/kubeforge
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-serving-text bench-operator bench-e2e bench-store-outage lint kind-up kind-down
+.PHONY: help install host-packages tools images crds cluster-up cluster-down cluster-status demo demo-flywheel test test-unit test-cluster test-runtime test-realpods bench-trainer bench-checkpoint bench-serving bench-serving-text bench-operator bench-e2e bench-store-outage bench-flywheel lint kind-up kind-down
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ cluster-status: install ## show the local control plane's processes
 demo: cluster-up ## the whole loop on real pods: images, helm install, train, serve, answer
 	@hack/demo.sh
 
+demo-flywheel: cluster-up ## the data flywheel on real pods: captured traffic + feedback -> curated Dataset -> fine-tune, and PSI under shifted traffic
+	@hack/demo-flywheel.sh
+
 test: install tools ## the whole suite (starts the local cluster itself; builds the images first, cached)
 	@t0=$$SECONDS; $(PY) hack/cluster/images.py build >/dev/null && echo "images: $$((SECONDS - t0))s" || echo "images: the build failed after $$((SECONDS - t0))s; the real-pod tests say why"
 	@t0=$$SECONDS; $(PY) -m pytest tests; rc=$$?; echo "tests: $$((SECONDS - t0))s"; exit $$rc
@@ -100,6 +103,9 @@ bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench
 
 bench-e2e: install tools ## apply -> train -> serve -> answer, node loss, image builds, on real pods -> bench/results/e2e.json
 	$(PY) bench/e2e.py
+
+bench-flywheel: install ## capture overhead, dedup precision/recall, curation of 100k records, PSI on shifted traffic -> bench/results/flywheel.json
+	$(PY) bench/flywheel.py
 
 bench-store-outage: install tools ## node loss of a job without S3 while 30 jobs' S3 is dead, this operator vs BEFORE (a revision) -> bench/results/store_outage.json
 	$(PY) bench/store_outage.py $(if $(BEFORE),--before $(BEFORE))
