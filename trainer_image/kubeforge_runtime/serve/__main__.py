@@ -5,6 +5,10 @@ in a worker thread, warm up, then turn ready. On SIGTERM (or SIGINT): ``/health`
 new ``/v1`` requests get 503, requests already accepted run to completion for up to
 ``--shutdown-timeout`` seconds, then the process exits 0. Unlike vLLM, in-flight requests are
 not aborted: a rolling update or a scale-down must not cut answers off mid-sentence.
+
+With ``--capture-uri``, sampled requests and all feedback are written to the store by a
+background thread (``serve/capture.py``); the drain then closes it last, flushing what is
+queued into final shards and the prompt profile within the shutdown budget.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -28,10 +33,13 @@ from kubeforge.api.contract import ENV_MODEL_REVISION
 
 from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.model.hf import eos_token_ids, load_hf
+from kubeforge_runtime.redact import Redactor
 from kubeforge_runtime.serve.api import OpenAIServer, ServerSettings, ServerState
 from kubeforge_runtime.serve.async_engine import AsyncEngine
+from kubeforge_runtime.serve.capture import CaptureSettings, CaptureWriter, open_capture_backend, writer_name
 from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine, settle_process
-from kubeforge_runtime.serve.metrics import ServingMetrics
+from kubeforge_runtime.serve.feedback import DEFAULT_TTL_S, CompletionIds
+from kubeforge_runtime.serve.metrics import CaptureMetrics, ServingMetrics
 from kubeforge_runtime.serve.model_source import fetch_model
 from kubeforge_runtime.serve.sampling import SamplingParams
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -39,6 +47,10 @@ from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokeniz
 T = TypeVar("T")
 
 log = logging.getLogger("kubeforge_runtime.serve")
+
+#: share of the shutdown budget (at most CAPTURE_DRAIN_MAX_S) kept for flushing capture
+CAPTURE_DRAIN_SHARE = 0.2
+CAPTURE_DRAIN_MAX_S = 5.0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -83,7 +95,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: the container's CPU limit when one is set)")
     p.add_argument("--log-level", default=os.environ.get("KUBEFORGE_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    add_capture_args(p)
+    args = p.parse_args(argv)
+    check_capture_args(p, args)
+    return args
+
+
+def add_capture_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("capture and feedback (the data flywheel; docs/flywheel.md)")
+    g.add_argument("--capture-uri", default=None,
+                   help="capture directory, s3://bucket/prefix/<ns>/<svc>/capture or file:///...; unset: capture "
+                        "and feedback are off")
+    g.add_argument("--capture-s3-endpoint", default=os.environ.get("KUBEFORGE_CAPTURE_S3_ENDPOINT") or None,
+                   help="S3 endpoint of the capture store (env KUBEFORGE_CAPTURE_S3_ENDPOINT); credentials from "
+                        "KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY, else AWS_*")
+    g.add_argument("--capture-sample-rate", type=float, default=1.0, help="share of requests recorded, 0..1")
+    g.add_argument("--no-capture-redact", dest="capture_redact", action="store_false",
+                   help="record prompts and completions as they are (PII redaction is on by default)")
+    g.add_argument("--capture-redact-pattern", action="append", default=[], metavar="NAME=RE",
+                   help="also replace matches of RE by <NAME> (repeatable)")
+    g.add_argument("--capture-max-record-bytes", type=int, default=65536,
+                   help="a record's JSON is cut to this size (truncated=true)")
+    g.add_argument("--capture-queue-size", type=int, default=10000,
+                   help="records held in memory for the writer; beyond, dropped and counted")
+    g.add_argument("--capture-shard-records", type=int, default=1000, help="records per shard at most")
+    g.add_argument("--capture-shard-seconds", type=float, default=60.0, help="seconds a shard stays open at most")
+    g.add_argument("--capture-writer", default=os.environ.get("KUBEFORGE_POD_NAME") or socket.gethostname(),
+                   help="this server's name in shard and profile names (env KUBEFORGE_POD_NAME, else the host name)")
+    g.add_argument("--feedback-key", default=os.environ.get("KUBEFORGE_FEEDBACK_KEY") or None,
+                   help="HMAC key signing completion ids, shared by all replicas (env KUBEFORGE_FEEDBACK_KEY); "
+                        "without one a per-process key is drawn and feedback verifies only here")
+    g.add_argument("--feedback-ttl-seconds", type=float, default=DEFAULT_TTL_S,
+                   help="feedback is accepted this long after the answer")
+    g.add_argument("--drift-window", type=int, default=500, help="prompts per live-profile window")
+    g.add_argument("--profile-interval-seconds", type=float, default=30.0,
+                   help="how often the live prompt profile is written to the store")
+    g.add_argument("--served-revision", default=os.environ.get(ENV_MODEL_REVISION) or None,
+                   help="revision recorded with each captured request (env " + ENV_MODEL_REVISION + ")")
+
+
+def check_capture_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0.0 <= args.capture_sample_rate <= 1.0:
+        p.error(f"--capture-sample-rate must be within 0..1, got {args.capture_sample_rate}")
+    for name, low in [("capture_max_record_bytes", 1024), ("capture_queue_size", 1), ("capture_shard_records", 1),
+                      ("drift_window", 1)]:
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    for name in ("capture_shard_seconds", "profile_interval_seconds", "feedback_ttl_seconds"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0")
+    patterns = []
+    for item in args.capture_redact_pattern:
+        name, sep, regex = item.partition("=")
+        if not sep or not regex:
+            p.error(f"--capture-redact-pattern must be NAME=REGEX, got {item!r}")
+        patterns.append((name, regex))
+    try:
+        Redactor(patterns)
+    except ValueError as e:
+        p.error(f"--capture-redact-pattern: {e}")
+    args.capture_redact_patterns = tuple(patterns)
+
+
+def capture_settings(args: argparse.Namespace) -> CaptureSettings:
+    return CaptureSettings(
+        sample_rate=args.capture_sample_rate, redact=args.capture_redact, redact_patterns=args.capture_redact_patterns,
+        max_record_bytes=args.capture_max_record_bytes, queue_size=args.capture_queue_size,
+        shard_records=args.capture_shard_records, shard_seconds=args.capture_shard_seconds,
+        writer=writer_name(args.capture_writer), drift_window=args.drift_window,
+        profile_interval_s=args.profile_interval_seconds)
+
+
+def completion_ids(args: argparse.Namespace) -> CompletionIds:
+    if args.feedback_key:
+        return CompletionIds(args.feedback_key.encode(), args.feedback_ttl_seconds)
+    if args.capture_uri:
+        log.warning("no --feedback-key (KUBEFORGE_FEEDBACK_KEY): completion ids are signed with a key of this "
+                    "process, so feedback verifies only on this replica and only until it restarts")
+    return CompletionIds.random_key(args.feedback_ttl_seconds)
 
 
 def load_engine(args: argparse.Namespace, model_name: str) -> tuple[LLMEngine, ByteTokenizer | HFTokenizer, str]:
@@ -165,7 +254,18 @@ async def serve(args: argparse.Namespace) -> int:
     model_name = args.served_model_name or default_model_name(args.model)
     state = ServerState()
     server = OpenAIServer(ServerSettings(model_name=model_name, api_key=args.api_key,
-                                         max_queue_len=args.max_queue_len), state)
+                                         max_queue_len=args.max_queue_len, served_revision=args.served_revision,
+                                         max_correction_bytes=args.capture_max_record_bytes // 2),
+                          state, completion_ids(args))
+    # opened before listening so that a malformed URI fails the pod at once; an unreachable
+    # store is not checked: it costs records (counted), never the service
+    capture_backend = None
+    if args.capture_uri:
+        env = os.environ.get
+        capture_backend = open_capture_backend(
+            args.capture_uri, args.capture_s3_endpoint,
+            env("KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID") or env("AWS_ACCESS_KEY_ID") or None,
+            env("KUBEFORGE_CAPTURE_AWS_SECRET_ACCESS_KEY") or env("AWS_SECRET_ACCESS_KEY") or None)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=1.0)
@@ -182,6 +282,7 @@ async def serve(args: argparse.Namespace) -> int:
     pending: set[asyncio.Future[Any]] = {load, stopper}
     await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     engine: AsyncEngine | None = None
+    capture: CaptureWriter | None = None
     rc = 0
     if load.done():
         try:
@@ -193,23 +294,35 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             engine = AsyncEngine(llm)
             engine.start()
-            server.attach(engine, tokenizer, root)
+            if capture_backend is not None:
+                capture = CaptureWriter(capture_backend, capture_settings(args),
+                                        CaptureMetrics(model_name, llm.metrics.registry), tokenizer.decode)
+                capture.start()
+                log.info("capturing %.0f%% of requests to %s (redaction %s)", 100 * args.capture_sample_rate,
+                         capture_backend.uri, "on" if args.capture_redact else "off")
+            server.attach(engine, tokenizer, root, capture)
             state.ready = True
             log.info("ready")
             await stopper
     stopper.cancel()
 
     state.draining = True
+    deadline = time.monotonic() + args.shutdown_timeout
     if engine is not None:
         log.info("draining: %d requests in flight, up to %.0fs", state.in_flight, args.shutdown_timeout)
-        deadline = time.monotonic() + args.shutdown_timeout
-        while state.in_flight and time.monotonic() < deadline:
+        # the capture flush comes last, inside the same budget
+        requests_deadline = deadline - (min(CAPTURE_DRAIN_MAX_S, CAPTURE_DRAIN_SHARE * args.shutdown_timeout)
+                                        if capture is not None else 0.0)
+        while state.in_flight and time.monotonic() < requests_deadline:
             await asyncio.sleep(0.05)
         if state.in_flight:
             log.warning("shutdown timeout: %d requests still in flight are cut off", state.in_flight)
         else:
             log.info("drained")
     await runner.cleanup()
+    if capture is not None:
+        if await asyncio.to_thread(capture.close, max(0.5, deadline - time.monotonic())):
+            log.info("capture flushed")
     if engine is not None:
         engine.stop()
     return rc

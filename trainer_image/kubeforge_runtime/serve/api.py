@@ -1,14 +1,21 @@
 """The OpenAI-compatible HTTP front end (aiohttp).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
-``GET /v1/models``, ``GET /health`` (readiness: 200 only when loaded, warmed and not
-draining), ``GET /livez`` (liveness), ``GET /metrics`` (Prometheus text, vLLM names).
+``POST /v1/feedback``, ``GET /v1/models``, ``GET /health`` (readiness: 200 only when loaded,
+warmed and not draining), ``GET /livez`` (liveness), ``GET /metrics`` (Prometheus text, vLLM
+names, plus kubeforge's capture series).
+
+Completion ids are signed (``feedback.CompletionIds``) so that feedback on an answer verifies
+on any replica with the same key. With capture on, every prompt feeds the live profile and a
+sampled request is handed to the ``CaptureWriter`` as one small dict once it is answered.
 
 Error answers use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 malformed JSON, wrong types, unknown parameters (``param`` names the field) and prompts
 that do not fit the context (the message gives the limits); 401 a missing or wrong API key;
 404 an unknown model; 429 with ``Retry-After`` when the waiting queue is full; 503 while
-loading or draining.
+loading or draining. ``/v1/feedback`` answers a bad body with 422 (``param`` names the
+field), an unknown or expired id with 404, a full capture queue with 503 and Retry-After (the
+feedback would be lost otherwise) and, without capture, 501.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubeforge_runtime.serve.async_engine import AsyncEngine, EngineDeadError, EngineStepError
+from kubeforge_runtime.serve.capture import FEEDBACK, REQUESTS, CaptureWriter
 from kubeforge_runtime.serve.engine import RequestOutput
+from kubeforge_runtime.serve.feedback import CompletionIds, FeedbackBody, new_feedback_id
 from kubeforge_runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kubeforge_runtime.serve.sampling import SamplingParams
 from kubeforge_runtime.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, ByteTokenizer, HFTokenizer
@@ -50,6 +59,10 @@ class ServerSettings:
     max_queue_len: int = 256
     #: the Retry-After a 429 or 503 suggests, in seconds
     retry_after_s: int = 1
+    #: the served model's revision (its export marker's time), recorded with captured requests
+    served_revision: str | None = None
+    #: a feedback correction's UTF-8 size limit (so that its record fits the capture's record size)
+    max_correction_bytes: int = 65536
 
 
 @dataclasses.dataclass
@@ -117,7 +130,21 @@ def _decode_body(raw: bytes, model: type[SamplingFields]) -> Any:
         raise _validation_error(e) from None
 
 
-def _validation_error(e: pydantic.ValidationError) -> APIError:
+def _decode_feedback(raw: bytes) -> FeedbackBody:
+    """A bad feedback body is a 422, malformed JSON included (the completion routes answer 400)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(422, f"request body is not valid JSON: {e}", "body") from None
+    if not isinstance(body, dict):
+        raise APIError(422, "request body must be a JSON object", "body")
+    try:
+        return FeedbackBody.model_validate(body)
+    except pydantic.ValidationError as e:
+        raise _validation_error(e, 422) from None
+
+
+def _validation_error(e: pydantic.ValidationError, status: int = 400) -> APIError:
     errors = e.errors()
     # a union reports one error per member; the first names the field well enough
     first = errors[0]
@@ -126,7 +153,7 @@ def _validation_error(e: pydantic.ValidationError) -> APIError:
     for err in errors[:4]:
         p = _param_of(tuple(err["loc"])) or "body"
         msgs.append(f"{p}: {err['msg']}" + (" (unknown parameter)" if err["type"] == "extra_forbidden" else ""))
-    return APIError(400, "; ".join(dict.fromkeys(msgs)), param or None)
+    return APIError(status, "; ".join(dict.fromkeys(msgs)), param or None)
 
 
 class ChatTemplate:
@@ -173,20 +200,44 @@ def _add_bos(tokenizer: ByteTokenizer | HFTokenizer) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class _Trace:
+    """What capture keeps of one answer while it is produced: choice 0 (the one recorded) and
+    when the first token of any choice came."""
+
+    arrival: float
+    first_token_at: float | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def see(self, index: int, out: RequestOutput) -> None:
+        if self.first_token_at is None and out.new_token_ids:
+            self.first_token_at = time.monotonic()
+        if index == 0:
+            self.text += out.delta_text
+            if out.finished:
+                self.finish_reason, self.completion_tokens = out.finish_reason, out.num_output_tokens
+
+
 class OpenAIServer:
-    def __init__(self, settings: ServerSettings, state: ServerState) -> None:
+    def __init__(self, settings: ServerSettings, state: ServerState, ids: CompletionIds | None = None) -> None:
         self.settings = settings
         self.state = state
+        self.ids = ids or CompletionIds.random_key()
+        self.capture: CaptureWriter | None = None
         self.engine: AsyncEngine | None = None
         self.tokenizer: ByteTokenizer | HFTokenizer | None = None
         self.chat_template: ChatTemplate | None = None
         self.add_bos = True
         self.model_root = ""
 
-    def attach(self, engine: AsyncEngine, tokenizer: ByteTokenizer | HFTokenizer, model_root: str) -> None:
+    def attach(self, engine: AsyncEngine, tokenizer: ByteTokenizer | HFTokenizer, model_root: str,
+               capture: CaptureWriter | None = None) -> None:
         """Called once the model is loaded (the HTTP side listens from the start so that
         probes see 503 rather than a refused connection while weights download)."""
         self.engine, self.tokenizer, self.model_root = engine, tokenizer, model_root
+        self.capture = capture
         self.chat_template = ChatTemplate(tokenizer)
         self.add_bos = _add_bos(tokenizer)
 
@@ -200,6 +251,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/feedback", self.feedback)
         return app
 
     @web.middleware
@@ -368,8 +420,11 @@ class OpenAIServer:
             for j in range(req.n):
                 jobs.append((ids, self._sampling(req, mt, j)))
         self._admit(len(jobs))
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, created = self.ids.new("cmpl"), int(time.time())
         usage_prompt = sum(len(ids) for ids in prompts) * req.n
+        # the profile counts what the user wrote: text prompts without the bos added here
+        strip_bos = self.add_bos and (isinstance(p, str) or isinstance(p[0], str))
+        trace = self._observe(arrival, [ids[1:] if strip_bos else ids for ids in prompts])
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
@@ -377,14 +432,18 @@ class OpenAIServer:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, jobs, arrival, chunk, None, rid, created, "text_completion",
-                                      usage_prompt, include_usage)
-        texts, finishes, completion, cached = await self._collect(jobs, arrival)
-        return web.json_response({
-            "id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
-            "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]}
-                        for i in range(len(jobs))],
-            "usage": _usage(usage_prompt, completion, cached)})
+            resp = await self._stream(request, jobs, arrival, chunk, None, rid, created, "text_completion",
+                                      usage_prompt, include_usage, trace)
+        else:
+            texts, finishes, completion, cached = await self._collect(jobs, arrival, trace)
+            resp = web.json_response({
+                "id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
+                "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finishes[i]}
+                            for i in range(len(jobs))],
+                "usage": _usage(usage_prompt, completion, cached)})
+        if trace is not None:
+            self._capture_request(trace, rid, "completions", _first_prompt(p), None, len(jobs), len(prompts[0]))
+        return resp
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -397,7 +456,8 @@ class OpenAIServer:
         mt = self._check_prompt(ids, max_tokens, "messages")
         jobs = [(ids, self._sampling(req, mt, j)) for j in range(req.n)]
         self._admit(len(jobs))
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, created = self.ids.new("chatcmpl"), int(time.time())
+        trace = self._observe(arrival, [ids])
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
@@ -413,14 +473,64 @@ class OpenAIServer:
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, jobs, arrival, chunk, first, rid, created, "chat.completion.chunk",
-                                      len(ids) * req.n, include_usage)
-        texts, finishes, completion, cached = await self._collect(jobs, arrival)
-        return web.json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": self.settings.model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                         "finish_reason": finishes[i]} for i in range(len(jobs))],
-            "usage": _usage(len(ids) * req.n, completion, cached)})
+            resp = await self._stream(request, jobs, arrival, chunk, first, rid, created, "chat.completion.chunk",
+                                      len(ids) * req.n, include_usage, trace)
+        else:
+            texts, finishes, completion, cached = await self._collect(jobs, arrival, trace)
+            resp = web.json_response({
+                "id": rid, "object": "chat.completion", "created": created, "model": self.settings.model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                             "finish_reason": finishes[i]} for i in range(len(jobs))],
+                "usage": _usage(len(ids) * req.n, completion, cached)})
+        if trace is not None:
+            self._capture_request(trace, rid, "chat.completions", None, messages, len(jobs), len(ids))
+        return resp
+
+    # -- capture and feedback -------------------------------------------------------------
+
+    def _observe(self, arrival: float, prompts: list[list[int]]) -> _Trace | None:
+        """Every prompt goes to the live profile; a trace comes back when this request is
+        sampled (one random number: an unsampled request costs nothing more)."""
+        capture = self.capture
+        if capture is None:
+            return None
+        for ids in prompts:
+            capture.observe_prompt(ids)
+        return _Trace(arrival) if capture.sampled() else None
+
+    def _capture_request(self, trace: _Trace, rid: str, endpoint: str, prompt: str | list[int] | None,
+                         messages: list[dict[str, str]] | None, n: int, prompt_tokens: int) -> None:
+        assert self.capture is not None
+        if trace.finish_reason is None:
+            return  # the answer broke off (an in-band error): nothing whole to keep
+        now = time.monotonic()
+        self.capture.capture(REQUESTS, {
+            "id": rid, "time": time.time() - (now - trace.arrival), "model": self.settings.model_name,
+            "revision": self.settings.served_revision, "endpoint": endpoint, "prompt": prompt,
+            "messages": messages, "completion": trace.text, "n": n, "prompt_tokens": prompt_tokens,
+            "completion_tokens": trace.completion_tokens, "finish_reason": trace.finish_reason,
+            "ttft_s": (trace.first_token_at or now) - trace.arrival, "latency_s": now - trace.arrival})
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        if self.capture is None:
+            raise APIError(501, "feedback needs capture, and this server runs without it (no --capture-uri; "
+                                "set spec.logging on the InferenceService)", err_type="server_error")
+        raw = await request.read()
+        body = await _off_loop(len(raw), _decode_feedback, raw)
+        if not self.ids.verify(body.id):
+            raise APIError(404, f"no completion `{body.id}`: unknown, or older than the feedback TTL", "id",
+                           err_type="not_found_error")
+        if body.correction is not None and len(body.correction.encode()) > self.settings.max_correction_bytes:
+            raise APIError(422, f"correction: at most {self.settings.max_correction_bytes} bytes (UTF-8)",
+                           "correction")
+        fid = new_feedback_id()
+        queued = self.capture.capture(FEEDBACK, {"id": fid, "completion_id": body.id, "time": time.time(),
+                                                 "rating": body.rating, "correction": body.correction,
+                                                 "tags": body.tags})
+        if not queued:
+            raise APIError(503, "capture queue is full; retry", err_type="server_error",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        return web.json_response({"id": fid, "object": "feedback", "completion_id": body.id})
 
     def _encode_prompts(self, p: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
         if isinstance(p, str):
@@ -447,13 +557,15 @@ class OpenAIServer:
         ids = self.tokenizer.encode(text)
         return [self.tokenizer.bos_id, *ids] if self.add_bos else ids
 
-    async def _collect(self, jobs: list[tuple[list[int], SamplingParams]], arrival: float,
+    async def _collect(self, jobs: list[tuple[list[int], SamplingParams]], arrival: float, trace: _Trace | None,
                        ) -> tuple[list[str], list[str | None], int, int]:
         texts = [""] * len(jobs)
         finishes: list[str | None] = [None] * len(jobs)
         completion = cached = 0
         async with contextlib.aclosing(self._outputs(jobs, arrival)) as outs:
             async for i, out in outs:
+                if trace is not None:
+                    trace.see(i, out)
                 texts[i] += out.delta_text
                 if out.finished:
                     finishes[i] = out.finish_reason
@@ -464,7 +576,7 @@ class OpenAIServer:
     async def _stream(self, request: web.Request, jobs: list[tuple[list[int], SamplingParams]], arrival: float,
                       chunk: Callable[[int, str, str | None], dict[str, Any]],
                       first: Callable[[int], dict[str, Any]] | None, rid: str, created: int, obj: str,
-                      usage_prompt: int, include_usage: bool) -> web.StreamResponse:
+                      usage_prompt: int, include_usage: bool, trace: _Trace | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
@@ -479,6 +591,8 @@ class OpenAIServer:
         try:
             async with contextlib.aclosing(self._outputs(jobs, arrival)) as outs:
                 async for i, out in outs:
+                    if trace is not None:
+                        trace.see(i, out)
                     if out.finished:
                         completion += out.num_output_tokens
                         cached += out.num_cached_tokens
@@ -488,6 +602,8 @@ class OpenAIServer:
             raise
         except Exception as e:  # noqa: BLE001 - headers are sent; report in-band like OpenAI
             log.warning("stream %s failed: %r", rid, e)
+            if trace is not None:
+                trace.finish_reason = None
             await send({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
         else:
             if include_usage:
@@ -496,6 +612,14 @@ class OpenAIServer:
         await send("[DONE]")
         await resp.write_eof()
         return resp
+
+
+def _first_prompt(p: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+    """The prompt of choice 0, the one capture records (token ids are decoded by the writer)."""
+    if isinstance(p, str):
+        return p
+    first = p[0]
+    return [int(t) for t in p if isinstance(t, int)] if isinstance(first, int) else first
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:

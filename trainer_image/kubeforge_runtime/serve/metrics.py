@@ -57,3 +57,25 @@ class ServingMetrics:
 
     def request_success_for(self, reason: str) -> Counter:
         return self._success.labels(model_name=self._model_name, finished_reason=reason)
+
+
+class CaptureMetrics:
+    """The flywheel's capture series (``docs/flywheel.md``), in the engine's registry so that
+    one ``/metrics`` scrape has them. Every label value is bound up front: an alert on
+    ``capture_dropped_total{reason="store_error"}`` needs the series to exist at 0."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry) -> None:
+        r = registry
+        records = Counter("kubeforge:capture_records", "Captured records committed to the store, by kind.",
+                          ["model_name", "kind"], registry=r)
+        nbytes = Counter("kubeforge:capture_bytes", "Bytes of committed capture shards, by kind.",
+                         ["model_name", "kind"], registry=r)
+        dropped = Counter("kubeforge:capture_dropped", "Captured records lost: queue_full (the in-memory queue "
+                          "was full) or store_error (their shard could not be written).",
+                          ["model_name", "reason"], registry=r)
+        self.records = {k: records.labels(model_name=model_name, kind=k) for k in ("requests", "feedback")}
+        self.bytes = {k: nbytes.labels(model_name=model_name, kind=k) for k in ("requests", "feedback")}
+        self.dropped = {k: dropped.labels(model_name=model_name, reason=k) for k in ("queue_full", "store_error")}
+        self.profile_prompts = Counter("kubeforge:prompt_profile_prompts", "Prompts added to the live prompt "
+                                       "profile (every prompt, sampled or not).", ["model_name"],
+                                       registry=r).labels(model_name=model_name)
