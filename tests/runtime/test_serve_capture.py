@@ -548,14 +548,17 @@ def test_sample_rate_zero_records_nothing_but_profiles_every_prompt(model_dir: P
             ask(s, "/v1/completions", {"prompt": p, "max_tokens": 2})
         ask(s, "/v1/completions", {"prompt": ["ab", "cd"], "max_tokens": 1})
         ask(s, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1})
+        ask(s, "/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": "hello there"}], "max_tokens": 1})
         profile_path = capture / "profiles" / "pod-a.json"
-        profile = wait_for(lambda: profile_path.exists() and (lambda p: p if p.prompts == 13 else None)(
-            flywheel.Profile.model_validate_json(profile_path.read_bytes())), what="the profile of 13 prompts")
+        profile = wait_for(lambda: profile_path.exists() and (lambda p: p if p.prompts == 14 else None)(
+            flywheel.Profile.model_validate_json(profile_path.read_bytes())), what="the profile of 14 prompts")
     finally:
         assert s.stop() == 0
-    # the byte tokenizer: one id per byte, no bos in the profile
+    # the byte tokenizer: one id per byte, no bos in the profile; a chat is its contents, one per
+    # line, without the template (what the trainer's baseline profiles)
     expected = flywheel.Profile()
-    for ids in [list(p.encode()) for p in [*prompts, "ab", "cd"]] + [[5, 6, 7]]:
+    for ids in [list(p.encode()) for p in [*prompts, "ab", "cd"]] + [[5, 6, 7], list(b"be brief\nhello there")]:
         expected.add(ids)
     assert (profile.prompt_length, profile.token_frequency) == (expected.prompt_length, expected.token_frequency)
     assert not (capture / "requests").exists() or not list((capture / "requests").iterdir())

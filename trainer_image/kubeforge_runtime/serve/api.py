@@ -457,7 +457,13 @@ class OpenAIServer:
         jobs = [(ids, self._sampling(req, mt, j)) for j in range(req.n)]
         self._admit(len(jobs))
         rid, created = self.ids.new("chatcmpl"), int(time.time())
-        trace = self._observe(arrival, [ids])
+        # the profile counts what the user wrote, as the trainer's baseline does: the messages'
+        # contents, one per line, without the chat template's role names and special tokens
+        profiled: list[int] = []
+        if self.capture is not None:
+            user_text = "\n".join(m["content"] for m in messages)
+            profiled = await _off_loop(len(user_text), self.tokenizer.encode, user_text)
+        trace = self._observe(arrival, [profiled])
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
