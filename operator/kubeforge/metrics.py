@@ -46,3 +46,7 @@ LAST_CHECKPOINT_TIME = Gauge("kubeforge_trainingjob_last_checkpoint_timestamp_se
 CHECKPOINT_INTERVAL = Gauge("kubeforge_trainingjob_checkpoint_interval_seconds",
                             "The checkpoint interval of a TrainingJob's policy (schedule.everySeconds).",
                             ["namespace", "trainingjob"])
+DRIFT_PSI = Gauge("kubeforge_drift_psi",
+                  "Population Stability Index of an InferenceService's live prompts against the served export's "
+                  "training baseline, per feature (prompt_length, token_frequency); present only while measured.",
+                  ["namespace", "service", "feature"])

@@ -6,7 +6,11 @@ Handlers:
 - create/update/resume of an InferenceService, and a periodic pass over those that follow a
   TrainingJob's export (the store has no watch: the pass re-reads the commit marker);
 - events of the serving Deployments and pods, which refresh replicas and the Available/Ready
-  conditions of their owner.
+  conditions of their owner;
+- with spec.logging, a periodic drift pass over the services that capture: it reads the
+  servers' live prompt profiles and the served export's baseline through ``StoreAccess``
+  (never in a reconcile, never waiting for S3) and writes status.drift, DriftDetected and
+  ``kubeforge_drift_psi``.
 
 The operator writes ``spec.replicas`` of nothing: the HPA and ``kubectl scale`` write it
 through the scale subresource, and the Deployment follows it. State (the services that follow
@@ -15,42 +19,78 @@ an export, which are Ready) is the operator's, in ``memo.inferenceservices``.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, cast
 
 import kopf
 
 from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, InferenceService, InferenceServiceSpec, TrainingJob
-from kubeforge.api.common import GROUP, VERSION, LocalObjectReference, condition
-from kubeforge.api.contract import SERVING_PORT
+from kubeforge.api.common import API_VERSION, GROUP, VERSION, LocalObjectReference, condition
+from kubeforge.api.contract import ENV_S3_ACCESS_KEY_ID, ENV_S3_SECRET_ACCESS_KEY, SERVING_PORT
+from kubeforge.api.inferenceservice import DriftSettings
 from kubeforge.controllers.background import Background, SideBySide
 from kubeforge.controllers.inferenceservice import manifests
-from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedModel
+from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedCapture, ResolvedModel
 from kubeforge.controllers.inferenceservice.plan import (
+    DRIFT_INTERVAL_S,
+    PROFILE_MAX_AGE_S,
+    Baseline,
+    CaptureResolution,
+    DriftDecision,
+    LiveProfiles,
     ModelResolution,
+    StoreKey,
+    baseline_uri,
     choose_export,
+    decide_drift,
+    drift_changed,
+    drift_patch,
+    drift_unreadable,
     model_of,
     model_of_status,
+    profile_fits,
+    resolve_capture,
     status_patch,
 )
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec
-from kubeforge.controllers.store_access import StoreAccess, shared_stores
-from kubeforge.metrics import INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
+from kubeforge.controllers.store_access import Reading, StoreAccess, shared_stores
+from kubeforge.metrics import DRIFT_PSI, INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
 from kubeforge.settings import OperatorSettings
-from kubeforge.store import StoreError, open_policy_store
+from kubeforge.store import NotFound, S3Options, StoreError, flywheel, open_backend, open_policy_store
+from kubeforge.store.flywheel import Profile
+from kubeforge.store.layout import utc_now
 from kubeforge.store.report import job_run
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+#: The first item of this controller's StoreAccess keys (the second is the service's key).
+PROFILES_READ, BASELINE_READ = "inferenceservice-profiles", "inferenceservice-baseline"
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftTarget:
+    """What the drift pass reads for one capturing service: its capture directory and the
+    model it serves (whose directory holds the baseline), each with its store's key."""
+
+    owner: Owner
+    settings: DriftSettings
+    capture: ResolvedCapture
+    capture_store: StoreKey
+    model: ResolvedModel
+    model_store: StoreKey | None
 
 
 class InferenceServices:
     """The controller's state: the services that follow a TrainingJob's export (the export
-    poll goes over them) and whether each is Ready (the gauge)."""
+    poll goes over them), whether each is Ready (the gauge), and those that capture (the
+    drift pass goes over them)."""
 
     def __init__(self, settings: OperatorSettings, stores: StoreAccess | None = None) -> None:
         self.settings = settings
@@ -63,6 +103,15 @@ class InferenceServices:
         self.stores = stores or StoreAccess()
         #: the export poll: services side by side, each at most once at a time
         self.passes: SideBySide[Key] = SideBySide("export-poll", settings.inferenceservice.export_poll_concurrency)
+        #: services whose capture is resolved, and what their drift reading needs
+        self.capturing: dict[Key, DriftTarget] = {}
+        #: services with kubeforge_drift_psi series
+        self.measured: set[Key] = set()
+        #: guards ``capturing`` and ``measured`` (reconciles, the drift pass and store threads)
+        self.lock = threading.Lock()
+        self.drift_passes: SideBySide[Key] = SideBySide("drift", settings.inferenceservice.export_poll_concurrency)
+        #: one drift reading applied at a time per service (the pass, and a read that finished)
+        self.drift_locks: dict[Key, threading.Lock] = {}
 
     def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
         if (owner.namespace, owner.name) in self.deleted:
@@ -74,12 +123,55 @@ class InferenceServices:
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
 
     def forget(self, key: Key) -> None:
-        """A deleted service neither follows an export nor counts as Ready any more."""
+        """A deleted service neither follows an export nor counts as Ready any more, and its
+        drift is no longer measured."""
         self.deleted.add(key)
         self.following.discard(key)
         if self.ready.pop(key, None) is not None:
             INFERENCESERVICE_READY.remove(*key)
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
+        self.stop_capture(key)
+        self.drift_locks.pop(key, None)
+
+    def capture(self, key: Key, target: DriftTarget) -> None:
+        """Measure ``key``'s drift from now on with ``target`` (a changed one is read afresh)."""
+        with self.lock:
+            if key in self.deleted:
+                return  # a reconcile that ended after the service was deleted
+            old = self.capturing.get(key)
+            self.capturing[key] = target
+        if old is not None and old != target:
+            self.stores.forget(lambda k: _drift_read_of(k, key))
+
+    def stop_capture(self, key: Key) -> None:
+        """spec.logging removed, its store not resolved, or the service deleted: no drift
+        reading, no gauge series, no cached answers."""
+        with self.lock:
+            self.capturing.pop(key, None)
+            self.set_psi(key, {})
+        self.stores.forget(lambda k: _drift_read_of(k, key))
+
+    def set_psi(self, key: Key, psi: Mapping[str, float]) -> None:
+        """kubeforge_drift_psi of ``key``: one series per feature measured, none when empty
+        (call with ``lock`` held)."""
+        for feature in flywheel.FEATURES:
+            if feature in psi:
+                DRIFT_PSI.labels(*key, feature).set(psi[feature])
+            elif key in self.measured:
+                try:
+                    DRIFT_PSI.remove(*key, feature)
+                except KeyError:
+                    pass
+        if psi:
+            self.measured.add(key)
+        else:
+            self.measured.discard(key)
+
+
+def _drift_read_of(read_key: Hashable, key: Key) -> bool:
+    """Whether a StoreAccess key is one of this service's drift reads."""
+    return (isinstance(read_key, tuple) and len(read_key) >= 2 and read_key[0] in (PROFILES_READ, BASELINE_READ)
+            and read_key[1] == key)
 
 
 def _state(memo: kopf.Memo) -> InferenceServices:
@@ -105,7 +197,8 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
     secret = m.credentials_secret_ref.name if m.credentials_secret_ref else None
     if m.uri:
         return ModelResolution(True, "ModelURI", f"serving {m.uri}",
-                               ResolvedModel(uri=m.uri, s3_endpoint=m.s3_endpoint, credentials_secret=secret))
+                               ResolvedModel(uri=m.uri, s3_endpoint=m.s3_endpoint, credentials_secret=secret),
+                               (owner.namespace, m.uri) if m.uri.startswith("s3://") else None)
     assert m.training_job_ref is not None
     job_name = m.training_job_ref.name
     job = k8s.get_custom(owner.namespace, TrainingJob.plural, job_name)
@@ -165,7 +258,25 @@ def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceService
         # the operator cannot see what a key may do, only that it is the trainer's Secret
         message += (f"; spec.model.credentialsSecretRef names CheckpointPolicy {policy_ref['name']}'s own Secret "
                     f"{secret}, which can write and delete checkpoints: give the servers a read-only credential")
-    return ModelResolution(True, "ExportFound", message, model)
+    return ModelResolution(True, "ExportFound", message, model, (owner.namespace, policy_ref["name"]))
+
+
+def read_capture(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec) -> CaptureResolution | None:
+    """spec.logging's store resolved (``plan.resolve_capture``); None without spec.logging.
+    Only the API server is read: nothing here waits for S3."""
+    lg = spec.logging
+    if lg is None:
+        return None
+    policy, error = None, None
+    ref = lg.store.checkpoint_policy_ref
+    if ref is not None:
+        body = k8s.get_custom(owner.namespace, CheckpointPolicy.plural, ref.name)
+        if body is not None:
+            try:
+                policy = CheckpointPolicySpec.model_validate(body.get("spec") or {})
+            except ValueError as e:
+                error = f"CheckpointPolicy {ref.name} of logging.store is invalid: {e}"
+    return resolve_capture(owner, lg, policy, state.settings.security.serving_policy_credentials, error)
 
 
 def trainer_credentials_refused(state: InferenceServices, own: LocalObjectReference | None, policy: str,
@@ -267,6 +378,41 @@ def _events_for_transition(body: dict[str, Any], old: Mapping[str, Any] | None, 
     if new_model is not None and new_model.revision and old_revision and new_model.revision != old_revision:
         k8s.record_event(body, "ModelRolloutStarted",
                          f"rolling out export revision {new_model.revision} (was {old_revision})")
+    _capture_events(body, old, new)
+
+
+def _capture_events(body: dict[str, Any], old: Mapping[str, Any] | None, new: dict[str, Any]) -> None:
+    """An Event when CaptureReady changes, when what is captured changes (status.capture), and
+    when capture stops because spec.logging went."""
+    before = condition((old or {}).get("conditions"), "CaptureReady") or {}
+    after = condition(new["conditions"], "CaptureReady")
+    if after is None:
+        if before:
+            k8s.record_event(body, "CaptureStopped", "spec.logging removed: the servers capture nothing and "
+                             "/v1/feedback answers 501")
+        return
+    if (before.get("status"), before.get("reason")) != (after["status"], after["reason"]):
+        k8s.record_event(body, after["reason"], after["message"], warning=after["status"] != "True")
+    elif after["status"] == "True" and (old or {}).get("capture") != new.get("capture"):
+        k8s.record_event(body, "CaptureChanged", after["message"])
+
+
+def track_capture(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
+                  capture: CaptureResolution | None, resolution: ModelResolution) -> None:
+    """Register what the drift pass reads for this service, or stop measuring it. While the
+    model cannot be resolved (the store is down, say) the model of the last resolution stays."""
+    key = (owner.namespace, owner.name)
+    if spec.logging is None or capture is None or capture.capture is None or capture.store is None:
+        state.stop_capture(key)
+        return
+    old = state.capturing.get(key)
+    if resolution.model is not None:
+        model, model_store = resolution.model, resolution.store
+    elif old is not None:
+        model, model_store = old.model, old.model_store
+    else:
+        return  # nothing is served yet: nothing to compare with
+    state.capture(key, DriftTarget(owner, spec.logging.drift, capture.capture, capture.store, model, model_store))
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -287,26 +433,31 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
         deployment = read_deployment(owner)
         served = model_of_status(deployment) if deployment is not None else None
         resolution = resolve_model(state, owner, parsed, served)
+        capture = read_capture(state, owner, parsed)
         model = resolution.model
         if model is None and deployment is not None:
             model = model_of(deployment)  # keep serving what runs, and keep following spec.replicas
         if model is not None:
-            deployment = k8s.apply(manifests.build_deployment(owner, parsed, model, state.settings.images.workload))
+            deployment = k8s.apply(manifests.build_deployment(owner, parsed, model, state.settings.images.workload,
+                                                              capture.capture if capture else None))
         k8s.apply(manifests.build_service(owner))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
         sync_network_policy(state, owner, parsed, body)
+        track_capture(state, owner, parsed, capture, resolution)
         stuck = read_stuck(owner)
-        new = status_patch(owner, parsed, status, generation, resolution, deployment, stuck)
+        new = status_patch(owner, parsed, status, generation, resolution, deployment, stuck, capture)
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
         if not resolution.ready:
             logger.info("model not ready: %s", resolution.message)
+        if capture is not None and not capture.ready:
+            logger.info("capture not ready: %s", capture.message)
         written = _write_status(owner, lambda st: status_patch(owner, parsed, st, generation, resolution,
-                                                                 deployment, stuck)) or new
+                                                                 deployment, stuck, capture)) or new
         deployment, stuck = read_deployment(owner), read_stuck(owner)
 
         def fresh(st: dict[str, Any]) -> dict[str, Any] | None:
-            out = status_patch(owner, parsed, st, generation, resolution, deployment, stuck)
+            out = status_patch(owner, parsed, st, generation, resolution, deployment, stuck, capture)
             return out if out != {k: st.get(k) for k in out} else None
         state.count_ready(owner, _write_status(owner, fresh) or written)
 
@@ -351,14 +502,21 @@ async def _poll_exports(state: InferenceServices) -> None:
                            state.settings.inferenceservice.export_poll_interval_s)
 
 
+async def _measure_drifts(state: InferenceServices) -> None:
+    """Every capturing service side by side (each only starts reads and applies answers)."""
+    await state.drift_passes.run(sorted(state.capturing), lambda key: measure_drift(state, key), DRIFT_INTERVAL_S)
+
+
 @kopf.on.startup()
 async def start_export_poll(memo: kopf.Memo, **_: Any) -> None:
     settings = cast(OperatorSettings, memo.settings)
     state = memo.inferenceservices = InferenceServices(settings, shared_stores(memo))
-    cast(Background, memo.background).close_with(state.passes.close)
-    cast(Background, memo.background).every("inferenceservice-export-poll",
-                                            settings.inferenceservice.export_poll_interval_s,
-                                            lambda: _poll_exports(state))
+    background = cast(Background, memo.background)
+    background.close_with(state.passes.close)
+    background.close_with(state.drift_passes.close)
+    background.every("inferenceservice-export-poll", settings.inferenceservice.export_poll_interval_s,
+                     lambda: _poll_exports(state))
+    background.every("inferenceservice-drift", DRIFT_INTERVAL_S, lambda: _measure_drifts(state))
 
 
 CHILD_LABELS = {"app.kubernetes.io/managed-by": "kubeforge", "app.kubernetes.io/component": manifests.COMPONENT}
@@ -432,3 +590,131 @@ def refresh_availability(state: InferenceServices, namespace: str, name: str,
     written = _write_status(owner, availability)
     if written is not None:
         state.count_ready(owner, written)
+
+
+# ---------------------------------------------------------------------------- drift
+
+def _s3_options(endpoint: str | None, region: str | None, force_path_style: bool | None,
+                secret: Mapping[str, str], deadline_s: float) -> S3Options:
+    return S3Options(endpoint_url=endpoint, region=region,
+                     force_path_style=True if force_path_style is None else force_path_style,
+                     access_key_id=secret.get(ENV_S3_ACCESS_KEY_ID),
+                     secret_access_key=secret.get(ENV_S3_SECRET_ACCESS_KEY), retry_deadline_s=deadline_s)
+
+
+def _secret(namespace: str, name: str | None) -> dict[str, str]:
+    """A credentials Secret's data; a missing one is an error of its own (not a store outage)."""
+    if name is None:
+        return {}
+    data = k8s.read_secret(namespace, name)
+    if data is None:
+        raise LookupError(f"Secret {name} does not exist")
+    return data
+
+
+def read_live_profiles(namespace: str, capture: ResolvedCapture, deadline_s: float) -> LiveProfiles:
+    """The servers' live profiles under ``<capture>/profiles/`` rewritten in the last
+    PROFILE_MAX_AGE_S (in a store thread: raises ``StoreError`` when the store fails)."""
+    backend = open_backend(capture.uri, _s3_options(capture.s3_endpoint, capture.s3_region,
+                                                    capture.s3_force_path_style,
+                                                    _secret(namespace, capture.credentials_secret), deadline_s))
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=PROFILE_MAX_AGE_S)
+    profiles: list[Profile] = []
+    skipped: list[str] = []
+    for info in backend.list(flywheel.PROFILES):
+        if not info.key.endswith(".json") or info.modified < cutoff:
+            continue
+        try:
+            profile = Profile.model_validate_json(backend.get_bytes(info.key))
+        except NotFound:
+            continue  # its pod's profile went between the listing and the read
+        except ValueError:
+            skipped.append(info.key)
+            continue
+        if profile_fits(profile):
+            profiles.append(profile)
+        else:
+            skipped.append(info.key)
+    return LiveProfiles(tuple(profiles), tuple(skipped))
+
+
+def read_baseline(namespace: str, model: ResolvedModel, deadline_s: float) -> Baseline:
+    """The served model's baseline profile (in a store thread), or that there is none."""
+    uri = baseline_uri(model)
+    assert uri is not None
+    backend = open_backend(model.uri, _s3_options(model.s3_endpoint, model.s3_region, model.s3_force_path_style,
+                                                  _secret(namespace, model.credentials_secret), deadline_s))
+    try:
+        data = backend.get_bytes(flywheel.BASELINE_PROFILE_NAME)
+    except NotFound:
+        return Baseline(uri, None)
+    return Baseline(uri, Profile.model_validate_json(data))
+
+
+def _drift_decision(target: DriftTarget, live: Reading[LiveProfiles],
+                    baseline: Reading[Baseline]) -> DriftDecision | None:
+    """What the newest answers say; None while one was never read (nor failed)."""
+    if live.value is None and live.error:
+        return drift_unreadable("profiles", target.capture.uri, live.error)
+    if baseline.value is None and baseline.error:
+        return drift_unreadable("baseline", baseline_uri(target.model), baseline.error)
+    if live.value is None or baseline.value is None:
+        return None
+    return decide_drift(target.settings, live.value, baseline.value, utc_now())
+
+
+def measure_drift(state: InferenceServices, key: Key) -> None:
+    """One drift reading of a capturing service: start the reads that are due (in the stores'
+    own threads, never waited for) and apply what their newest answers say. A read that
+    finishes applies its answer at once (``on_done``)."""
+    target = state.capturing.get(key)
+    if target is None:
+        return
+    namespace = key[0]
+    deadline = state.settings.inferenceservice.store_retry_deadline_s
+    max_age = DRIFT_INTERVAL_S / 2  # every pass reads again
+
+    def done() -> None:
+        measure_drift(state, key)
+
+    live = state.stores.read(target.capture_store, (PROFILES_READ, key, target.capture.uri),
+                             lambda: read_live_profiles(namespace, target.capture, deadline), max_age=max_age,
+                             on_done=done)
+    if target.model_store is None or baseline_uri(target.model) is None:
+        baseline: Reading[Baseline] = Reading(Baseline(None))
+    else:
+        baseline = state.stores.read(target.model_store, (BASELINE_READ, key, target.model.uri),
+                                     lambda: read_baseline(namespace, target.model, deadline), max_age=max_age,
+                                     on_done=done)
+    decision = _drift_decision(target, live, baseline)
+    if decision is not None:
+        with state.drift_locks.setdefault(key, threading.Lock()):
+            apply_drift(state, target, decision)
+
+
+def apply_drift(state: InferenceServices, target: DriftTarget, decision: DriftDecision) -> None:
+    """Write status.drift and DriftDetected, set the gauge; an Event and a log line when the
+    condition's status or reason changes."""
+    owner = target.owner
+    key = (owner.namespace, owner.name)
+    before: dict[str, Any] = {}
+
+    def compute(st: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal before
+        before = condition(st.get("conditions"), "DriftDetected") or {}
+        out = drift_patch(st, decision)
+        return out if out != {k: st.get(k) for k in out} else None
+
+    written = _write_status(owner, compute)
+    with state.lock:
+        if state.capturing.get(key) != target:
+            return  # logging removed or changed, or the service deleted, meanwhile
+        state.set_psi(key, decision.psi)
+    if written is None or not drift_changed(before, decision):
+        return
+    body = {"apiVersion": API_VERSION, "kind": InferenceService.kind,
+            "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid}}
+    k8s.record_event(body, decision.reason, decision.message, warning=decision.reason == "MajorDrift")
+    log.log(logging.WARNING if decision.reason == "MajorDrift" else logging.INFO,
+            "InferenceService %s/%s: DriftDetected %s (%s): %s", *key, decision.status, decision.reason,
+            decision.message)

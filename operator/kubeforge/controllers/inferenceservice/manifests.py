@@ -1,6 +1,6 @@
 """The children of an InferenceService as plain manifests (``build_*``, for server-side
-apply): pure functions of the spec, the resolved model and the default image → Deployment,
-Service, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy.
+apply): pure functions of the spec, the resolved model (and capture store) and the default
+image → Deployment, Service, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy.
 
 Nothing here talks to the API server or the store; ``handlers.py`` reads, calls ``plan`` and
 these, applies and patches status.
@@ -9,6 +9,8 @@ these, applies and patches status.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import math
 from typing import Any
 
@@ -17,9 +19,11 @@ from kubeforge.api.common import API_VERSION
 from kubeforge.api.contract import (
     DEFAULT_WORKLOAD_IMAGE,
     ENV_MODEL_REVISION,
+    ENV_S3_ACCESS_KEY_ID,
     ENV_S3_ENDPOINT,
     ENV_S3_FORCE_PATH_STYLE,
     ENV_S3_REGION,
+    ENV_S3_SECRET_ACCESS_KEY,
     SERVING_PORT,
 )
 from kubeforge.api.inferenceservice import Autoscaling, RatePolicy
@@ -50,6 +54,17 @@ POD_METRICS = {"WaitingRequests": "vllm:num_requests_waiting", "RunningRequests"
 #: Seconds between SIGKILL's deadline and the end of the engine's own drain.
 GRACE_MARGIN_S = 5
 STARTUP_PROBE_PERIOD_S = 10
+#: Capture credentials of the server (``python -m kubeforge_runtime.serve``): their own names,
+#: from keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the capture Secret, so that they never
+#: meet the model store's credentials (envFrom AWS_*) in the same container.
+ENV_CAPTURE_ACCESS_KEY_ID = "KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID"
+ENV_CAPTURE_SECRET_ACCESS_KEY = "KUBEFORGE_CAPTURE_AWS_SECRET_ACCESS_KEY"
+#: The pod's name (downward API): the writer in capture shard and profile names.
+ENV_POD_NAME = "KUBEFORGE_POD_NAME"
+#: The HMAC key completion ids are signed with; the same on every replica of a service.
+ENV_FEEDBACK_KEY = "KUBEFORGE_FEEDBACK_KEY"
+ENV_API_KEY = "KUBEFORGE_API_KEY"
+API_KEY_SECRET_KEY = "api-key"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +86,19 @@ class ResolvedModel:
     #: the store's addressing (a TrainingJob's export: its policy's forcePathStyle); None: the default
     s3_force_path_style: bool | None = None
     credentials_secret: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCapture:
+    """Where the servers capture traffic (``spec.logging`` resolved): the capture directory
+    ``<store root>/<namespace>/<name>/capture`` and what reaches it. Region and addressing are
+    the operator's, for its own reads of the profiles; the servers take the endpoint only."""
+
+    uri: str
+    credentials_secret: str
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_force_path_style: bool = True
 
 
 def child_name(name: str) -> str:
@@ -119,8 +147,10 @@ def _pvc_source(uri: str) -> tuple[str, str]:
     return claim, f"{PVC_MOUNT_ROOT}/{claim}/{path}".rstrip("/")
 
 
-def server_args(name: str, spec: InferenceServiceSpec, model: ResolvedModel) -> list[str]:
-    """The flags of ``python -m kubeforge_runtime.serve`` (see its ``--help``)."""
+def server_args(name: str, spec: InferenceServiceSpec, model: ResolvedModel,
+                capture: ResolvedCapture | None = None) -> list[str]:
+    """The flags of ``python -m kubeforge_runtime.serve`` (see its ``--help``); the capture
+    flags only with ``capture`` (spec.logging resolved)."""
     e = spec.engine
     model_arg = _pvc_source(model.uri)[1] if model.uri.startswith("pvc://") else model.uri
     args = ["--model", model_arg, "--served-model-name", name, "--host", "0.0.0.0", "--port", str(SERVING_PORT),
@@ -135,10 +165,69 @@ def server_args(name: str, spec: InferenceServiceSpec, model: ResolvedModel) -> 
         args += ["--kv-cache-memory-fraction", str(e.kv_cache_memory_fraction)]
     if not e.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
+    if capture is not None and spec.logging is not None:
+        args += capture_args(spec, capture)
     return args
 
 
-def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any]]:
+def capture_args(spec: InferenceServiceSpec, capture: ResolvedCapture) -> list[str]:
+    """The server's capture, feedback and drift flags (.dev/flywheel-contract.md, "Server").
+    The served revision reaches the records through KUBEFORGE_MODEL_REVISION (``_env``)."""
+    lg = spec.logging
+    assert lg is not None
+    args = ["--capture-uri", capture.uri]
+    if capture.s3_endpoint:
+        args += ["--capture-s3-endpoint", capture.s3_endpoint]
+    args += ["--capture-sample-rate", str(lg.sample_rate)]
+    if lg.redact.enabled:
+        for pattern in lg.redact.patterns:
+            args += ["--capture-redact-pattern", f"{pattern.name}={pattern.regex}"]
+    else:
+        args.append("--no-capture-redact")
+    args += ["--capture-max-record-bytes", str(lg.max_record_bytes),
+             "--capture-shard-seconds", str(lg.shard_seconds),
+             "--feedback-ttl-seconds", str(lg.feedback_ttl_seconds),
+             "--drift-window", str(lg.drift.window_prompts)]
+    return args
+
+
+def derived_feedback_key(uid: str) -> str:
+    """The feedback key of a service without an API key: hex(HMAC-SHA256(metadata.uid,
+    "kubeforge-feedback")).
+
+    Every replica must verify the completion ids any other replica issued, so the key must be
+    the same on all of them and survive rollouts; deriving it from the object's uid needs no
+    Secret to be created, rotated or garbage-collected, and a service deleted and created again
+    under the same name gets a new key (its old ids stop verifying). The trade-off: whoever can
+    read the InferenceService (its uid) or its Deployment (this value) can mint ids that verify,
+    so the key only keeps ids from being guessed by clients, not forged by cluster readers. A
+    forged id still joins no captured request. With spec.apiKeySecretRef the API key is the
+    feedback key instead (``_capture_env``): then ids cannot be forged without the key that
+    /v1/feedback demands anyway."""
+    return hmac.new(uid.encode(), b"kubeforge-feedback", hashlib.sha256).hexdigest()
+
+
+def _secret_key(secret: str, key: str) -> dict[str, Any]:
+    return {"secretKeyRef": {"name": secret, "key": key}}
+
+
+def _capture_env(owner: Owner, spec: InferenceServiceSpec, capture: ResolvedCapture) -> list[dict[str, Any]]:
+    """The capture credentials under their own names, the writer's name, and the feedback key
+    (the API key's Secret where there is one, else ``derived_feedback_key``)."""
+    feedback: dict[str, Any] = (
+        {"name": ENV_FEEDBACK_KEY, "valueFrom": _secret_key(spec.api_key_secret_ref.name, API_KEY_SECRET_KEY)}
+        if spec.api_key_secret_ref else {"name": ENV_FEEDBACK_KEY, "value": derived_feedback_key(owner.uid)})
+    return [
+        {"name": ENV_CAPTURE_ACCESS_KEY_ID, "valueFrom": _secret_key(capture.credentials_secret, ENV_S3_ACCESS_KEY_ID)},
+        {"name": ENV_CAPTURE_SECRET_ACCESS_KEY,
+         "valueFrom": _secret_key(capture.credentials_secret, ENV_S3_SECRET_ACCESS_KEY)},
+        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+        feedback,
+    ]
+
+
+def _env(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel,
+         capture: ResolvedCapture | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "HOME", "value": TMP_DIR}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
     if model.revision:
         env.append({"name": ENV_MODEL_REVISION, "value": model.revision})
@@ -149,8 +238,9 @@ def _env(spec: InferenceServiceSpec, model: ResolvedModel) -> list[dict[str, Any
     if model.s3_force_path_style is not None:
         env.append({"name": ENV_S3_FORCE_PATH_STYLE, "value": "true" if model.s3_force_path_style else "false"})
     if spec.api_key_secret_ref:
-        env.append({"name": "KUBEFORGE_API_KEY", "valueFrom": {"secretKeyRef": {
-            "name": spec.api_key_secret_ref.name, "key": "api-key"}}})
+        env.append({"name": ENV_API_KEY, "valueFrom": _secret_key(spec.api_key_secret_ref.name, API_KEY_SECRET_KEY)})
+    if capture is not None and spec.logging is not None:
+        env += _capture_env(owner, spec, capture)
     return env + [v.dump() for v in spec.env]
 
 
@@ -160,10 +250,13 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel,
-                     default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
+                     default_image: str = DEFAULT_WORKLOAD_IMAGE,
+                     capture: ResolvedCapture | None = None) -> dict[str, Any]:
     """The serving Deployment. Replicas follow spec.replicas (which the HPA and `kubectl scale`
     write through the scale subresource); a rolling update surges one pod and never removes a
-    ready one first, so no request is dropped while a new model revision rolls out."""
+    ready one first, so no request is dropped while a new model revision rolls out. With
+    ``capture`` (spec.logging resolved) the servers capture traffic there; without it (no
+    spec.logging, or its store not resolved: CaptureReady False) they capture nothing."""
     startup_failures = math.ceil(spec.lifecycle.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
     volumes: list[dict[str, Any]] = [
         {"name": "model-cache", "emptyDir": {"sizeLimit": spec.model_cache_size} if spec.model_cache_size else {}},
@@ -180,8 +273,8 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         "image": workload_image(spec.image, default_image),
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["python", "-m", "kubeforge_runtime.serve"],
-        "args": server_args(owner.name, spec, model),
-        "env": _env(spec, model),
+        "args": server_args(owner.name, spec, model, capture),
+        "env": _env(owner, spec, model, capture),
         "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": workload.resources(spec.resources.cpu, spec.resources.memory, spec.gpus),
         # /health answers 200 only once the model is loaded and warmed, and 503 again while
@@ -270,7 +363,8 @@ def build_network_policy(owner: Owner, spec: InferenceServiceSpec,
                          scrape_from: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     """Ingress to the serving pods only on the server port, only from the allowed clients and
     the operator's scrape sources (Prometheus reads /metrics on that port; the HPA reads
-    Prometheus through prometheus-adapter, never the pods). Egress stays open (the store)."""
+    Prometheus through prometheus-adapter, never the pods). Egress stays open: the servers reach
+    the model's store and, with spec.logging, the capture store."""
     peers = allowed_clients(spec) + [dict(p) for p in scrape_from]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _metadata(owner),

@@ -24,18 +24,21 @@ from typing import Any, cast
 import kopf
 
 from kubeforge import k8s
-from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, TrainingJob
+from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, Dataset, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
+from kubeforge.api.trainingjob import DatasetRef
 from kubeforge.controllers.background import Background, WorkQueue
 from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.controllers.trainingjob import manifests as pods_
 from kubeforge.controllers.trainingjob.plan import (
+    DatasetResolution,
     NodeHealth,
     Observed,
     Plan,
     StoreView,
     node_health,
     plan,
+    resolve_dataset,
     volume_view,
 )
 from kubeforge.metrics import (
@@ -61,7 +64,10 @@ class Caches:
     nodes: dict[str, NodeHealth] = dataclasses.field(default_factory=dict)
     pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
     phases: dict[Key, str] = dataclasses.field(default_factory=dict)
-    applied: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (job uid, generation)
+    #: (job uid, generation, status.dataset uri): the children were applied for that
+    applied: set[tuple[str, int, str | None]] = dataclasses.field(default_factory=set)
+    #: Dataset (namespace, name) -> the jobs waiting for a version of it
+    dataset_waiters: dict[Key, set[Key]] = dataclasses.field(default_factory=dict)
     #: store reads that must be newer than this (monotonic) time: worker 0 finished, its export is in question
     fresh_store_wanted: dict[tuple[str, Key, str], float] = dataclasses.field(default_factory=dict)
 
@@ -115,6 +121,7 @@ async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo
     key = (str(meta["namespace"]), str(meta["name"]))
     if type == "DELETED":
         state.caches.phases.pop(key, None)
+        _track_dataset_wait(state.caches, key, None)
         state.stores.forget(lambda k: k[:2] == ("trainingjob", key))
         wanted = state.caches.fresh_store_wanted  # reconcile threads use it too: removed in place
         for k in [k for k in list(wanted) if k[:2] == ("trainingjob", key)]:
@@ -166,6 +173,25 @@ async def policy_event(type: str | None, spec: kopf.Spec, meta: kopf.Meta, statu
         return
     for entry in status.get("jobs") or []:
         _state(memo).enqueue((str(meta["namespace"]), entry["name"]))
+
+
+@kopf.on.event(GROUP, VERSION, Dataset.plural)
+async def dataset_event(type: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """A job waiting for a version of this Dataset looks again now (a new version committed)."""
+    key = (str(meta["namespace"]), str(meta["name"]))
+    for job in list(_state(memo).caches.dataset_waiters.get(key, ())):
+        _state(memo).enqueue(job)
+
+
+def _track_dataset_wait(caches: Caches, job: Key, dataset: str | None) -> None:
+    """Remember which Dataset ``job`` waits for (None: none)."""
+    for key, waiting in list(caches.dataset_waiters.items()):
+        if job in waiting and key != (job[0], dataset):
+            waiting.discard(job)
+            if not waiting:
+                caches.dataset_waiters.pop(key, None)
+    if dataset is not None:
+        caches.dataset_waiters.setdefault((job[0], dataset), set()).add(job)
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -303,7 +329,20 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
         store = _store_view(state, (namespace, name), run, str(ref), policy, fresh=worker0_done)
     return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
                     policy_error=policy_error, store=store, default_image=state.settings.images.workload,
-                    security=state.settings.security, resume_run=_resume_run(job))
+                    security=state.settings.security, resume_run=_resume_run(job), dataset=_read_dataset(job))
+
+
+def _read_dataset(job: dict[str, Any]) -> DatasetResolution | None:
+    """spec.data.datasetRef resolved against the Dataset as it is now; read only until
+    status.dataset records a version (then kept for the job's life)."""
+    ref = ((job.get("spec") or {}).get("data") or {}).get("datasetRef")
+    if not ref or (job.get("status") or {}).get("dataset"):
+        return None
+    try:
+        parsed = DatasetRef.model_validate(ref)
+    except ValueError:
+        return None  # plan() reports the invalid spec
+    return resolve_dataset(parsed, k8s.get_custom(job["metadata"]["namespace"], Dataset.plural, parsed.name))
 
 
 def _resume_run(job: dict[str, Any]) -> str | None:
@@ -328,6 +367,7 @@ def reconcile_job(state: TrainingJobs, namespace: str, name: str) -> float | Non
         if not apply_status(obs, decided):
             return 0.5  # someone wrote the job meanwhile: observe again
         apply_children(state.caches, obs, decided)
+        _track_dataset_wait(state.caches, (namespace, name), decided.waiting_for_dataset)
         phase = decided.status.get("phase") or "Pending"
         state.caches.phases[(namespace, name)] = phase
         _publish_checkpoint_gauges((namespace, name), phase, obs)
@@ -376,7 +416,8 @@ def apply_status(obs: Observed, decided: Plan) -> bool:
 def apply_children(caches: Caches, obs: Observed, decided: Plan) -> None:
     meta = obs.job["metadata"]
     ns = meta["namespace"]
-    applied = (meta["uid"], int(meta.get("generation") or 0))
+    # the config follows status.dataset too: recorded after the first children were applied
+    applied = (meta["uid"], int(meta.get("generation") or 0), (decided.status.get("dataset") or {}).get("uri"))
     if decided.children and applied not in caches.applied:
         for child in decided.children:
             k8s.apply(child)

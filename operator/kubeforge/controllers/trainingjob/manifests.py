@@ -4,7 +4,8 @@ cluster.
 
 Children (names are deterministic, so creating what exists is a harmless 409):
 
-- ConfigMap ``<job>-config``: the trainer config YAML;
+- ConfigMap ``<job>-config``: the trainer config YAML (with spec.data.datasetRef, its
+  ``data.paths`` and ``data.format`` name the resolved Dataset version's train split);
 - headless Service ``<job>`` (publishNotReadyAddresses) giving every pod of the job a stable
   DNS name ``<pod hostname>.<job>.<namespace>.svc``;
 - Pod ``<job>-rdzv``: the rendezvous store (``python -m kubeforge_runtime.rendezvous``), a
@@ -59,6 +60,7 @@ from kubeforge.controllers.workload import (
     pod_security,
     workload_image,
 )
+from kubeforge.store.flywheel import TRAIN_SPLIT
 from kubeforge.store.policy import storage_uri
 
 JOB_LABEL = "kubeforge.dev/job-name"
@@ -106,11 +108,21 @@ def checkpoint_uri(policy: CheckpointPolicySpec) -> str:
     return storage_uri(policy, CHECKPOINT_MOUNT_DIR)
 
 
-def trainer_config(spec: TrainingJobSpec) -> dict[str, Any]:
-    """The trainer config as mounted: the user's, with ``export.enabled`` from spec.export."""
+#: The trainer's data format of a Dataset version's splits (prompt + target records, loss on the target).
+SFT_FORMAT = "sft"
+
+
+def trainer_config(spec: TrainingJobSpec, dataset_uri: str | None = None) -> dict[str, Any]:
+    """The trainer config as mounted: the user's, with ``export.enabled`` from spec.export and,
+    with ``dataset_uri`` (status.dataset.uri: the Dataset version spec.data.datasetRef resolved
+    to), ``data.paths`` = its train split and ``data.format`` = sft; the user's other data
+    settings (seq_len, shuffle...) stay."""
     config: dict[str, Any] = json.loads(json.dumps(spec.trainer.config))
     export: dict[str, Any] = config["export"] if isinstance(config.get("export"), dict) else {}
     config["export"] = {**export, "enabled": spec.export.enabled}
+    if dataset_uri is not None:
+        data: dict[str, Any] = config["data"] if isinstance(config.get("data"), dict) else {}
+        config["data"] = {**data, "paths": [f"{dataset_uri.rstrip('/')}/{TRAIN_SPLIT}"], "format": SFT_FORMAT}
     return config
 
 
@@ -160,9 +172,10 @@ def refused_volumes(spec: TrainingJobSpec, allow_host_path: bool) -> str | None:
             "(allowed only when the operator sets security.allowHostPathVolumes)")
 
 
-def build_config_map(owner: Owner, spec: TrainingJobSpec) -> dict[str, Any]:
+def build_config_map(owner: Owner, spec: TrainingJobSpec, dataset_uri: str | None = None) -> dict[str, Any]:
+    """The trainer config file (``trainer_config``)."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_map_name(owner.name), "config"),
-            "data": {CONFIG_FILE_NAME: yaml.safe_dump(trainer_config(spec), sort_keys=True)}}
+            "data": {CONFIG_FILE_NAME: yaml.safe_dump(trainer_config(spec, dataset_uri), sort_keys=True)}}
 
 
 def build_headless_service(owner: Owner) -> dict[str, Any]:

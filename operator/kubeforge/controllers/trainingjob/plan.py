@@ -29,6 +29,11 @@ any other failure                     application      replaced; > maxRestarts f
 worker 0 exits 0 (+ export committed) (none)           job Succeeded
 worker 0 exits 0, export missing      application      replaced (resumes, re-exports)
 ====================================  ===============  ===========================
+
+A job with ``spec.data.datasetRef`` creates no pod before the Dataset version is resolved
+(Ready False, WaitingForDataset); the resolution is recorded in ``status.dataset`` with the
+first status write that can make one, and kept for the job's life: a newer version of the
+Dataset never changes what a running (or restarted) job trains on.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from typing import Any
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.common import condition, set_condition
 from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ExitCode
+from kubeforge.api.trainingjob import DatasetRef
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob import manifests as pods_
 from kubeforge.settings import SecuritySettings
+from kubeforge.store import flywheel
 from kubeforge.store.report import CRD_OUTDATED, RECORDING_RUN, job_run
 
 #: How long before a node turned NotReady it may already have been dead: the control plane's
@@ -83,6 +90,40 @@ class StoreView:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetResolution:
+    """What spec.data.datasetRef resolves to now: ``resolved`` = status.dataset ({name,
+    version, uri}) or None, and ``message`` why not."""
+
+    resolved: dict[str, Any] | None = None
+    message: str = ""
+
+
+def resolve_dataset(ref: DatasetRef, dataset: dict[str, Any] | None) -> DatasetResolution:
+    """The Dataset version ``ref`` names, from the Dataset as read (None: it does not exist):
+    the pinned version among status.versions, or status.newestVersion / newestUri."""
+    wanted = f"version {ref.version} of Dataset {ref.name}" if ref.version else f"the newest version of Dataset {ref.name}"
+    if dataset is None:
+        return DatasetResolution(None, f"waiting for {wanted}: Dataset {ref.name} does not exist in this namespace")
+    status = dataset.get("status") or {}
+    versions = {int(v["version"]): str(v["uri"]) for v in status.get("versions") or []
+                if v.get("version") is not None and v.get("uri")}
+    if ref.version is not None:
+        uri = versions.get(ref.version)
+        if uri is None:
+            kept = ", ".join(str(v) for v in sorted(versions)) or "none"
+            return DatasetResolution(None, f"waiting for {wanted}: it has no committed version {ref.version} "
+                                     f"(committed versions kept: {kept})")
+        return DatasetResolution({"name": ref.name, "version": ref.version, "uri": uri})
+    newest, uri = status.get("newestVersion"), status.get("newestUri")
+    if newest is None or not uri:
+        if not versions:
+            return DatasetResolution(None, f"waiting for {wanted}: it has no committed version yet")
+        newest = max(versions)
+        uri = versions[newest]
+    return DatasetResolution({"name": ref.name, "version": int(newest), "uri": str(uri)})
+
+
+@dataclasses.dataclass(frozen=True)
 class Observed:
     job: dict[str, Any]
     pods: list[dict[str, Any]]
@@ -98,6 +139,8 @@ class Observed:
     resume_run: str | None = None
     #: hostPath allowed or not, NetworkPolicies made or not (the operator's settings).
     security: SecuritySettings = dataclasses.field(default_factory=SecuritySettings)
+    #: spec.data.datasetRef resolved, read only while status.dataset is not recorded yet.
+    dataset: DatasetResolution | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +169,8 @@ class Plan:
     children: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     delete_job: bool = False
     requeue_after: float | None = RESYNC_S
+    #: The Dataset the job waits for (its events bring the job back), if it waits for one.
+    waiting_for_dataset: str | None = None
 
     def look_again(self, seconds: float) -> None:
         seconds = max(seconds, 0.2)
@@ -272,6 +317,8 @@ class _Planner:
         for r in old.get("workerPods") or []:
             self.records[int(r["index"])] = {k: v for k, v in r.items() if k in ("index", "attempt", "uid")}
         self.plan = Plan(status={})
+        #: status.dataset: recorded once, kept for the job's life
+        self.dataset: dict[str, Any] | None = old.get("dataset")
         self.failed = 0
         self.replaced: list[_Outcome] = []
         #: from ``workers()``: worker 0's pod if it succeeded, the active and the ready workers
@@ -636,6 +683,7 @@ def _status(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> d
         "lastCheckpoint": old.get("lastCheckpoint"),
         "exportUri": old.get("exportUri"),
         "run": p.run,
+        "dataset": p.dataset,
         "message": ready.get("message") or None,
     }
     store = p.obs.store
@@ -728,6 +776,23 @@ def _policy_missing(p: _Planner) -> Plan | None:
         return None
     p.cond("Ready", False, "CheckpointPolicyNotFound", p.obs.policy_error or f"CheckpointPolicy {ref.name} not found")
     p.plan.status = _status(p, "Pending")
+    p.plan.look_again(10.0)
+    return p.plan
+
+
+def _dataset_missing(p: _Planner) -> Plan | None:
+    """spec.data.datasetRef not resolved yet: no pod, Ready False WaitingForDataset (an Event
+    when the wait begins or its reason changes), looked at again on the Dataset's events."""
+    ref = p.spec.data.dataset_ref if p.spec.data else None
+    if ref is None or p.dataset is not None:
+        return None
+    resolution = p.obs.dataset or DatasetResolution(None, f"waiting for Dataset {ref.name}")
+    old = condition(p.conds, "Ready") or {}
+    if (old.get("reason"), old.get("message")) != ("WaitingForDataset", resolution.message):
+        p.event("WaitingForDataset", f"no worker is created until then: {resolution.message}")
+    p.cond("Ready", False, "WaitingForDataset", resolution.message)
+    p.plan.status = _status(p, "Pending")
+    p.plan.waiting_for_dataset = ref.name
     p.plan.look_again(10.0)
     return p.plan
 
@@ -857,8 +922,19 @@ def _announce_run(p: _Planner) -> None:
             "fails with reason ResumeSourceInvalid if that is not there")
 
 
-PHASES = (_already_finished, _run_recorded, _suspension, _policy_missing, _deadline, _workers, _success,
-          _restart_budget)
+PHASES = (_already_finished, _run_recorded, _suspension, _policy_missing, _dataset_missing, _deadline, _workers,
+          _success, _restart_budget)
+
+
+def _record_dataset(p: _Planner) -> None:
+    """Record spec.data.datasetRef's resolution, once (an unfinished job only)."""
+    ref = p.spec.data.dataset_ref if p.spec.data else None
+    resolved = p.obs.dataset.resolved if p.obs.dataset else None
+    if ref is None or p.dataset is not None or resolved is None or p.finished() is not None:
+        return
+    p.dataset = resolved
+    p.event("DatasetResolved", f"trains on Dataset {resolved['name']} version {resolved['version']} "
+            f"({resolved['uri']}/{flywheel.TRAIN_SPLIT}); newer versions of the Dataset do not change this job")
 
 
 def plan(obs: Observed) -> Plan:
@@ -879,7 +955,11 @@ def plan(obs: Observed) -> Plan:
         return _finish(p, "Failed")
     if not p.old.get("run") and p.run == p.owner.name:
         _announce_run(p)  # a new run is announced with the write that records it (``_run_recorded``)
-    p.plan.children = [pods_.build_config_map(p.owner, spec), pods_.build_headless_service(p.owner)]
+    _record_dataset(p)
+    p.plan.children = [pods_.build_headless_service(p.owner)]
+    if p.dataset is not None or not (spec.data and spec.data.dataset_ref):
+        # a job waiting for its dataset gets no config yet: no worker could mount it
+        p.plan.children.insert(0, pods_.build_config_map(p.owner, spec, (p.dataset or {}).get("uri")))
     if obs.security.network_policies:
         p.plan.children.append(pods_.build_network_policy(p.owner, obs.security.scrape_from))
     for phase in PHASES:
