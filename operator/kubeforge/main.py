@@ -22,7 +22,7 @@ from kubeforge.settings import OperatorSettings
 
 #: The handler modules; importing one registers its handlers (nothing else imports them).
 HANDLERS = ("kubeforge.controllers.trainingjob.handlers", "kubeforge.controllers.checkpointpolicy.handlers",
-            "kubeforge.controllers.inferenceservice.handlers")
+            "kubeforge.controllers.inferenceservice.handlers", "kubeforge.controllers.dataset.handlers")
 
 ANNOTATION_PREFIX = "kubeforge.dev"
 

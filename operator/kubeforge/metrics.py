@@ -50,3 +50,15 @@ DRIFT_PSI = Gauge("kubeforge_drift_psi",
                   "Population Stability Index of an InferenceService's live prompts against the served export's "
                   "training baseline, per feature (prompt_length, token_frequency); present only while measured.",
                   ["namespace", "service", "feature"])
+DATASET_RECORDS = Gauge("kubeforge_dataset_records",
+                        "Records per split (train, eval) of a Dataset's newest committed version.",
+                        ["namespace", "dataset", "split"])
+DATASET_PENDING_RECORDS = Gauge("kubeforge_dataset_pending_records",
+                                "Captured request records of a Dataset's source that no committed version curated yet.",
+                                ["namespace", "dataset"])
+DATASET_CURATIONS = Counter("kubeforge_dataset_curations_total",
+                            "Curations of a Dataset by outcome: succeeded (a version committed), failed, source_empty.",
+                            ["namespace", "dataset", "outcome"])
+DATASET_RETENTION_DELETED = Counter("kubeforge_dataset_retention_deleted_total",
+                                    "What a Dataset's retention deleted from its store: version, incomplete_version "
+                                    "or shard.", ["namespace", "dataset", "what"])

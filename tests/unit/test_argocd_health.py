@@ -19,7 +19,7 @@ from lupa import lua51
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMIZATIONS = REPO / "deploy" / "argocd" / "resource_customizations" / "kubeforge.dev"
-KINDS = ("TrainingJob", "CheckpointPolicy", "InferenceService")
+KINDS = ("TrainingJob", "CheckpointPolicy", "InferenceService", "Dataset")
 HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 #: What Argo CD's Lua VM does not offer a health script (it opens base, table, string, math).
 SANDBOXED = ("io", "os", "debug", "require", "dofile", "loadfile", "load", "loadstring", "package")
@@ -70,6 +70,7 @@ def test_every_health_status_a_kind_needs_is_covered() -> None:
     assert seen["TrainingJob"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
     assert seen["InferenceService"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
     assert seen["CheckpointPolicy"] == {"Healthy", "Progressing", "Degraded"}
+    assert seen["Dataset"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
 
 
 @pytest.mark.parametrize("kind,input_path", [(k, p) for k, p, _ in cases()], ids=lambda v: v)

@@ -1,14 +1,19 @@
 {{- /*
 Exactly what the operator calls; no wildcards. Where each rule comes from:
-  kubeforge.dev      kopf watches all three kinds (list, watch) and patches them (progress and
+  kubeforge.dev      kopf watches all four kinds (list, watch) and patches them (progress and
                      diff-base annotations; no kind gets a finalizer); the
                      controllers get TrainingJobs and CheckpointPolicies, list TrainingJobs
-                     (CheckpointPolicy job summaries) and delete a finished TrainingJob (ttl).
-  <kind>/status      status patches of all three kinds.
+                     (CheckpointPolicy job summaries) and delete a finished TrainingJob (ttl);
+                     the Dataset controller gets Datasets and the InferenceService or
+                     CheckpointPolicy a Dataset's source names.
+  <kind>/status      status patches of all four kinds.
   <kind>/finalizers  children carry ownerReferences with blockOwnerDeletion: clusters running
-                     the OwnerReferencesPermissionEnforcement admission plugin ask for update.
+                     the OwnerReferencesPermissionEnforcement admission plugin ask for update
+                     (Datasets own their curation pods).
   pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
                      CheckpointPolicy on a volume: create, get and delete its store inspector pod.
+                     Dataset: watch and list its curation pods by label, create one per version,
+                     delete finished ones.
   services, configmaps   server-side apply of job and InferenceService children: patch, and
                      create for an apply that creates the object; list and watch, so that a
                      deleted child is made again.
@@ -19,7 +24,8 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   secrets            get, and only in the namespaces of kubeforge.rules.secrets' bindings
                      (rbac.secretNamespaces, the watchNamespaces' Roles): the S3 credentials a
                      CheckpointPolicy names, read to check the bucket, apply retention, read job
-                     summaries and export markers. Never list or watch.
+                     summaries and export markers; those of a Dataset's store, read to list its
+                     capture shards and versions and apply its retention. Never list or watch.
   events             create: Events on every decision (kopf.event and the TrainingJob controller).
   deployments        InferenceService: get, apply (create, patch), and watch the ones it manages.
   horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes;
@@ -35,13 +41,13 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   resources: ["trainingjobs"]
   verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["checkpointpolicies", "inferenceservices"]
+  resources: ["checkpointpolicies", "inferenceservices", "datasets"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["trainingjobs/status", "checkpointpolicies/status", "inferenceservices/status"]
+  resources: ["trainingjobs/status", "checkpointpolicies/status", "inferenceservices/status", "datasets/status"]
   verbs: ["patch"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["trainingjobs/finalizers", "inferenceservices/finalizers"]
+  resources: ["trainingjobs/finalizers", "inferenceservices/finalizers", "datasets/finalizers"]
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
