@@ -111,6 +111,10 @@ for path in files:
             spec["image"], spec["imagePullPolicy"] = image, "Never"
             if "s3Endpoint" in spec["model"]:
                 spec["model"]["s3Endpoint"] = endpoint
+        if doc["kind"] == "Dataset":
+            spec["image"], spec["imagePullPolicy"] = image, "Never"
+            if "s3Endpoint" in spec["source"].get("store", {}):
+                spec["source"]["store"]["s3Endpoint"] = endpoint
         if doc["kind"] == "CheckpointPolicy" and "s3" in spec["storage"]:
             spec["storage"]["s3"]["endpoint"] = endpoint
         docs.append(doc)

@@ -200,17 +200,18 @@ def test_curation_pod_is_pinned() -> None:
         "volumes": [{"name": "scratch", "emptyDir": {}}]}
 
 
-def test_pod_settings_keep_a_null_and_the_spec_resources_and_region() -> None:
+def test_pod_settings_turn_near_dedup_off_and_keep_the_spec_resources_and_region() -> None:
     spec = DatasetSpec.model_validate({
         "source": {"inferenceServiceRef": {"name": "chat"}}, "resources": {"cpu": "2", "memory": "8Gi"},
         "image": "custom:1", "imagePullPolicy": "Never",
-        "curation": {"dedup": {"nearDuplicateThreshold": None}, "redact": {"patterns": [{"name": "ORDER", "regex": "O-\\d+"}]}}})
+        "curation": {"dedup": {"nearDuplicates": False}, "redact": {"patterns": [{"name": "ORDER", "regex": "O-\\d+"}]}}})
     store = dm.SourceStore(root="s3://b", capture="c", output="ml/x/dataset", secret="s", store_key=(NS, "p"),
                            region="eu-west-1", force_path_style=False)
     pod = dm.build_curation_pod(Owner(NAME, NS, UID), spec, store, 1, 1, "custom:1", 60)
     c = pod["spec"]["containers"][0]
     settings = json.loads(c["command"][c["command"].index("--settings") + 1])
-    assert settings["dedup"]["nearDuplicateThreshold"] is None  # null turns near-dup off: it must reach the pod
+    # nearDuplicates false reaches the curate module as its switch, a null threshold
+    assert settings["dedup"]["nearDuplicateThreshold"] is None and "nearDuplicates" not in settings["dedup"]
     assert settings["redact"]["patterns"] == [{"name": "ORDER", "regex": "O-\\d+"}]
     assert "--s3-endpoint" not in c["command"]
     assert c["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}

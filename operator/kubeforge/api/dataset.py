@@ -50,8 +50,9 @@ class DedupCuration(ApiModel):
     MinHash + LSH (datasketch) on word shingles; the earliest record of a group is kept."""
 
     exact: bool = Field(default=True, description="Remove exact duplicates.")
-    near_duplicate_threshold: float | None = Field(default=0.8, gt=0, le=1, description=(
-        "Estimated Jaccard similarity from which two records are near duplicates; null turns the step off."))
+    near_duplicates: bool = Field(default=True, description="Remove near duplicates (MinHash + LSH).")
+    near_duplicate_threshold: float = Field(default=0.8, gt=0, le=1, description=(
+        "Estimated Jaccard similarity from which two records are near duplicates."))
     shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations.")
 

@@ -69,9 +69,13 @@ def curation_pod_name(dataset: str, version: int) -> str:
 
 
 def curation_settings(spec: DatasetSpec) -> str:
-    """``spec.curation`` as the curate module's ``--settings`` document: camelCase, every key
-    (a null, such as ``nearDuplicateThreshold: null``, means something and is kept)."""
-    return json.dumps(spec.curation.model_dump(by_alias=True, mode="json"), separators=(",", ":"), sort_keys=True)
+    """``spec.curation`` as the curate module's ``--settings`` document: camelCase, every key;
+    ``dedup.nearDuplicates: false`` becomes the module's ``nearDuplicateThreshold: null``."""
+    doc = spec.curation.model_dump(by_alias=True, mode="json")
+    # the curate module's switch for the near-duplicate step is a null threshold
+    if not doc["dedup"].pop("nearDuplicates"):
+        doc["dedup"]["nearDuplicateThreshold"] = None
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
 def curation_command(spec: DatasetSpec, store: SourceStore, version: int) -> list[str]:
