@@ -26,7 +26,7 @@ import kopf
 from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, Dataset, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
-from kubeforge.api.trainingjob import DatasetRef
+from kubeforge.api.trainingjob import DatasetRef, InitFrom
 from kubeforge.controllers.background import Background, WorkQueue
 from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.controllers.trainingjob import manifests as pods_
@@ -39,6 +39,7 @@ from kubeforge.controllers.trainingjob.plan import (
     node_health,
     plan,
     resolve_dataset,
+    resolve_init,
     volume_view,
 )
 from kubeforge.metrics import (
@@ -64,10 +65,12 @@ class Caches:
     nodes: dict[str, NodeHealth] = dataclasses.field(default_factory=dict)
     pod_nodes: dict[Key, tuple[Key, str]] = dataclasses.field(default_factory=dict)  # pod → (job, node)
     phases: dict[Key, str] = dataclasses.field(default_factory=dict)
-    #: (job uid, generation, status.dataset uri): the children were applied for that
-    applied: set[tuple[str, int, str | None]] = dataclasses.field(default_factory=set)
+    #: (job uid, generation, status.dataset uri, status.initFrom uri): the children were applied for that
+    applied: set[tuple[str, int, str | None, str | None]] = dataclasses.field(default_factory=set)
     #: Dataset (namespace, name) -> the jobs waiting for a version of it
     dataset_waiters: dict[Key, set[Key]] = dataclasses.field(default_factory=dict)
+    #: TrainingJob (namespace, name) -> the jobs waiting for its export (spec.initFrom)
+    export_waiters: dict[Key, set[Key]] = dataclasses.field(default_factory=dict)
     #: store reads that must be newer than this (monotonic) time: worker 0 finished, its export is in question
     fresh_store_wanted: dict[tuple[str, Key, str], float] = dataclasses.field(default_factory=dict)
 
@@ -119,9 +122,12 @@ async def start_queue(memo: kopf.Memo, **_: Any) -> None:
 async def job_event(type: str | None, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     key = (str(meta["namespace"]), str(meta["name"]))
+    for waiting in list(state.caches.export_waiters.get(key, ())):
+        state.enqueue(waiting)  # a job starting from this one's export looks again (it may be committed now)
     if type == "DELETED":
         state.caches.phases.pop(key, None)
         _track_dataset_wait(state.caches, key, None)
+        _track_wait(state.caches.export_waiters, key, None)
         state.stores.forget(lambda k: k[:2] == ("trainingjob", key))
         wanted = state.caches.fresh_store_wanted  # reconcile threads use it too: removed in place
         for k in [k for k in list(wanted) if k[:2] == ("trainingjob", key)]:
@@ -185,13 +191,18 @@ async def dataset_event(type: str | None, meta: kopf.Meta, memo: kopf.Memo, **_:
 
 def _track_dataset_wait(caches: Caches, job: Key, dataset: str | None) -> None:
     """Remember which Dataset ``job`` waits for (None: none)."""
-    for key, waiting in list(caches.dataset_waiters.items()):
-        if job in waiting and key != (job[0], dataset):
+    _track_wait(caches.dataset_waiters, job, dataset)
+
+
+def _track_wait(waiters: dict[Key, set[Key]], job: Key, target: str | None) -> None:
+    """Remember which object of its namespace ``job`` waits for (None: none) in ``waiters``."""
+    for key, waiting in list(waiters.items()):
+        if job in waiting and key != (job[0], target):
             waiting.discard(job)
             if not waiting:
-                caches.dataset_waiters.pop(key, None)
-    if dataset is not None:
-        caches.dataset_waiters.setdefault((job[0], dataset), set()).add(job)
+                waiters.pop(key, None)
+    if target is not None:
+        waiters.setdefault((job[0], target), set()).add(job)
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -329,7 +340,8 @@ def observe(state: TrainingJobs, namespace: str, name: str) -> Observed | None:
         store = _store_view(state, (namespace, name), run, str(ref), policy, fresh=worker0_done)
     return Observed(job=job, pods=pods, nodes=_nodes_for(state.caches, pods), policy=policy,
                     policy_error=policy_error, store=store, default_image=state.settings.images.workload,
-                    security=state.settings.security, resume_run=_resume_run(job), dataset=_read_dataset(job))
+                    security=state.settings.security, resume_run=_resume_run(job), dataset=_read_dataset(job),
+                    init_from=_read_init(job))
 
 
 def _read_dataset(job: dict[str, Any]) -> DatasetResolution | None:
@@ -343,6 +355,20 @@ def _read_dataset(job: dict[str, Any]) -> DatasetResolution | None:
     except ValueError:
         return None  # plan() reports the invalid spec
     return resolve_dataset(parsed, k8s.get_custom(job["metadata"]["namespace"], Dataset.plural, parsed.name))
+
+
+def _read_init(job: dict[str, Any]) -> DatasetResolution | None:
+    """spec.initFrom resolved against the TrainingJob it names as it is now; read only until
+    status.initFrom records it."""
+    ref = (job.get("spec") or {}).get("initFrom")
+    if not ref or (job.get("status") or {}).get("initFrom"):
+        return None
+    try:
+        parsed = InitFrom.model_validate(ref)
+    except ValueError:
+        return None  # plan() reports the invalid spec
+    return resolve_init(parsed, k8s.get_custom(job["metadata"]["namespace"], TrainingJob.plural,
+                                               parsed.training_job_ref.name))
 
 
 def _resume_run(job: dict[str, Any]) -> str | None:
@@ -368,6 +394,7 @@ def reconcile_job(state: TrainingJobs, namespace: str, name: str) -> float | Non
             return 0.5  # someone wrote the job meanwhile: observe again
         apply_children(state.caches, obs, decided)
         _track_dataset_wait(state.caches, (namespace, name), decided.waiting_for_dataset)
+        _track_wait(state.caches.export_waiters, (namespace, name), decided.waiting_for_export)
         phase = decided.status.get("phase") or "Pending"
         state.caches.phases[(namespace, name)] = phase
         _publish_checkpoint_gauges((namespace, name), phase, obs)
@@ -417,7 +444,8 @@ def apply_children(caches: Caches, obs: Observed, decided: Plan) -> None:
     meta = obs.job["metadata"]
     ns = meta["namespace"]
     # the config follows status.dataset too: recorded after the first children were applied
-    applied = (meta["uid"], int(meta.get("generation") or 0), (decided.status.get("dataset") or {}).get("uri"))
+    applied = (meta["uid"], int(meta.get("generation") or 0), (decided.status.get("dataset") or {}).get("uri"),
+               (decided.status.get("initFrom") or {}).get("uri"))
     if decided.children and applied not in caches.applied:
         for child in decided.children:
             k8s.apply(child)

@@ -112,17 +112,22 @@ def checkpoint_uri(policy: CheckpointPolicySpec) -> str:
 SFT_FORMAT = "sft"
 
 
-def trainer_config(spec: TrainingJobSpec, dataset_uri: str | None = None) -> dict[str, Any]:
+def trainer_config(spec: TrainingJobSpec, dataset_uri: str | None = None, init_uri: str | None = None,
+                   ) -> dict[str, Any]:
     """The trainer config as mounted: the user's, with ``export.enabled`` from spec.export and,
     with ``dataset_uri`` (status.dataset.uri: the Dataset version spec.data.datasetRef resolved
     to), ``data.paths`` = its train split and ``data.format`` = sft; the user's other data
-    settings (seq_len, shuffle...) stay."""
+    settings (seq_len, shuffle...) stay. With ``init_uri`` (status.initFrom.uri: spec.initFrom's
+    export), ``model.init_from`` = it."""
     config: dict[str, Any] = json.loads(json.dumps(spec.trainer.config))
     export: dict[str, Any] = config["export"] if isinstance(config.get("export"), dict) else {}
     config["export"] = {**export, "enabled": spec.export.enabled}
     if dataset_uri is not None:
         data: dict[str, Any] = config["data"] if isinstance(config.get("data"), dict) else {}
         config["data"] = {**data, "paths": [f"{dataset_uri.rstrip('/')}/{TRAIN_SPLIT}"], "format": SFT_FORMAT}
+    if init_uri is not None:
+        model: dict[str, Any] = config["model"] if isinstance(config.get("model"), dict) else {}
+        config["model"] = {**model, "init_from": init_uri}
     return config
 
 
@@ -172,10 +177,12 @@ def refused_volumes(spec: TrainingJobSpec, allow_host_path: bool) -> str | None:
             "(allowed only when the operator sets security.allowHostPathVolumes)")
 
 
-def build_config_map(owner: Owner, spec: TrainingJobSpec, dataset_uri: str | None = None) -> dict[str, Any]:
+def build_config_map(owner: Owner, spec: TrainingJobSpec, dataset_uri: str | None = None,
+                     init_uri: str | None = None) -> dict[str, Any]:
     """The trainer config file (``trainer_config``)."""
+    config = trainer_config(spec, dataset_uri, init_uri)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_map_name(owner.name), "config"),
-            "data": {CONFIG_FILE_NAME: yaml.safe_dump(trainer_config(spec, dataset_uri), sort_keys=True)}}
+            "data": {CONFIG_FILE_NAME: yaml.safe_dump(config, sort_keys=True)}}
 
 
 def build_headless_service(owner: Owner) -> dict[str, Any]:

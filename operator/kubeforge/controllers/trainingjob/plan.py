@@ -33,7 +33,8 @@ worker 0 exits 0, export missing      application      replaced (resumes, re-exp
 A job with ``spec.data.datasetRef`` creates no pod before the Dataset version is resolved
 (Ready False, WaitingForDataset); the resolution is recorded in ``status.dataset`` with the
 first status write that can make one, and kept for the job's life: a newer version of the
-Dataset never changes what a running (or restarted) job trains on.
+Dataset never changes what a running (or restarted) job trains on. ``spec.initFrom``'s
+export is resolved, recorded (``status.initFrom``) and kept the same way (WaitingForInitFrom).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 from kubeforge.api import CheckpointPolicySpec, TrainingJobSpec
 from kubeforge.api.common import condition, set_condition
 from kubeforge.api.contract import DEFAULT_WORKLOAD_IMAGE, ExitCode
-from kubeforge.api.trainingjob import DatasetRef
+from kubeforge.api.trainingjob import DatasetRef, InitFrom
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import parse_spec
 from kubeforge.controllers.trainingjob import manifests as pods_
@@ -123,6 +124,21 @@ def resolve_dataset(ref: DatasetRef, dataset: dict[str, Any] | None) -> DatasetR
     return DatasetResolution({"name": ref.name, "version": int(newest), "uri": str(uri)})
 
 
+def resolve_init(ref: InitFrom, job: dict[str, Any] | None) -> DatasetResolution:
+    """The export ``spec.initFrom`` names, from the TrainingJob as read (None: it does not
+    exist): its status.exportUri, set once the export is committed."""
+    name = ref.training_job_ref.name
+    if job is None:
+        return DatasetResolution(None, f"waiting for the export of TrainingJob {name}: it does not exist in this "
+                                 "namespace")
+    uri = (job.get("status") or {}).get("exportUri")
+    if not uri:
+        phase = (job.get("status") or {}).get("phase") or "Pending"
+        return DatasetResolution(None, f"waiting for the export of TrainingJob {name}: it has no committed export "
+                                 f"yet (phase {phase})")
+    return DatasetResolution({"trainingJob": name, "uri": str(uri)})
+
+
 @dataclasses.dataclass(frozen=True)
 class Observed:
     job: dict[str, Any]
@@ -141,6 +157,8 @@ class Observed:
     security: SecuritySettings = dataclasses.field(default_factory=SecuritySettings)
     #: spec.data.datasetRef resolved, read only while status.dataset is not recorded yet.
     dataset: DatasetResolution | None = None
+    #: spec.initFrom resolved, read only while status.initFrom is not recorded yet.
+    init_from: DatasetResolution | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +189,8 @@ class Plan:
     requeue_after: float | None = RESYNC_S
     #: The Dataset the job waits for (its events bring the job back), if it waits for one.
     waiting_for_dataset: str | None = None
+    #: The TrainingJob whose export the job waits for, if it waits for one.
+    waiting_for_export: str | None = None
 
     def look_again(self, seconds: float) -> None:
         seconds = max(seconds, 0.2)
@@ -319,6 +339,8 @@ class _Planner:
         self.plan = Plan(status={})
         #: status.dataset: recorded once, kept for the job's life
         self.dataset: dict[str, Any] | None = old.get("dataset")
+        #: status.initFrom: recorded once, kept for the job's life
+        self.init_from: dict[str, Any] | None = old.get("initFrom")
         self.failed = 0
         self.replaced: list[_Outcome] = []
         #: from ``workers()``: worker 0's pod if it succeeded, the active and the ready workers
@@ -684,6 +706,7 @@ def _status(p: _Planner, phase: str, workers: dict[str, int] | None = None) -> d
         "exportUri": old.get("exportUri"),
         "run": p.run,
         "dataset": p.dataset,
+        "initFrom": p.init_from,
         "message": ready.get("message") or None,
     }
     store = p.obs.store
@@ -793,6 +816,24 @@ def _dataset_missing(p: _Planner) -> Plan | None:
     p.cond("Ready", False, "WaitingForDataset", resolution.message)
     p.plan.status = _status(p, "Pending")
     p.plan.waiting_for_dataset = ref.name
+    p.plan.look_again(10.0)
+    return p.plan
+
+
+def _init_missing(p: _Planner) -> Plan | None:
+    """spec.initFrom's export not resolved yet: no pod, Ready False WaitingForInitFrom, looked
+    at again on that job's events."""
+    ref = p.spec.init_from
+    if ref is None or p.init_from is not None:
+        return None
+    resolution = p.obs.init_from or DatasetResolution(None, f"waiting for the export of TrainingJob "
+                                                      f"{ref.training_job_ref.name}")
+    old = condition(p.conds, "Ready") or {}
+    if (old.get("reason"), old.get("message")) != ("WaitingForInitFrom", resolution.message):
+        p.event("WaitingForInitFrom", f"no worker is created until then: {resolution.message}")
+    p.cond("Ready", False, "WaitingForInitFrom", resolution.message)
+    p.plan.status = _status(p, "Pending")
+    p.plan.waiting_for_export = ref.training_job_ref.name
     p.plan.look_again(10.0)
     return p.plan
 
@@ -922,8 +963,8 @@ def _announce_run(p: _Planner) -> None:
             "fails with reason ResumeSourceInvalid if that is not there")
 
 
-PHASES = (_already_finished, _run_recorded, _suspension, _policy_missing, _dataset_missing, _deadline, _workers,
-          _success, _restart_budget)
+PHASES = (_already_finished, _run_recorded, _suspension, _policy_missing, _dataset_missing, _init_missing, _deadline,
+          _workers, _success, _restart_budget)
 
 
 def _record_dataset(p: _Planner) -> None:
@@ -935,6 +976,16 @@ def _record_dataset(p: _Planner) -> None:
     p.dataset = resolved
     p.event("DatasetResolved", f"trains on Dataset {resolved['name']} version {resolved['version']} "
             f"({resolved['uri']}/{flywheel.TRAIN_SPLIT}); newer versions of the Dataset do not change this job")
+
+
+def _record_init(p: _Planner) -> None:
+    """Record spec.initFrom's resolution, once (an unfinished job only)."""
+    resolved = p.obs.init_from.resolved if p.obs.init_from else None
+    if p.spec.init_from is None or p.init_from is not None or resolved is None or p.finished() is not None:
+        return
+    p.init_from = resolved
+    p.event("InitFromResolved", f"starts from the export of TrainingJob {resolved['trainingJob']} ({resolved['uri']}); "
+            "a later export of that job does not change this job")
 
 
 def plan(obs: Observed) -> Plan:
@@ -956,10 +1007,13 @@ def plan(obs: Observed) -> Plan:
     if not p.old.get("run") and p.run == p.owner.name:
         _announce_run(p)  # a new run is announced with the write that records it (``_run_recorded``)
     _record_dataset(p)
+    _record_init(p)
     p.plan.children = [pods_.build_headless_service(p.owner)]
-    if p.dataset is not None or not (spec.data and spec.data.dataset_ref):
-        # a job waiting for its dataset gets no config yet: no worker could mount it
-        p.plan.children.insert(0, pods_.build_config_map(p.owner, spec, (p.dataset or {}).get("uri")))
+    if (p.dataset is not None or not (spec.data and spec.data.dataset_ref)) and \
+            (p.init_from is not None or spec.init_from is None):
+        # a job waiting for its dataset or its initial weights gets no config yet: no worker could mount it
+        p.plan.children.insert(0, pods_.build_config_map(p.owner, spec, (p.dataset or {}).get("uri"),
+                                                         (p.init_from or {}).get("uri")))
     if obs.security.network_policies:
         p.plan.children.append(pods_.build_network_policy(p.owner, obs.security.scrape_from))
     for phase in PHASES:
