@@ -118,8 +118,10 @@ class DataConfig(_Section):
 
     paths: list[str] = Field(default_factory=lambda: ["builtin:corpus"], min_length=1,
                              description="files, folders, globs or s3://bucket/prefix; builtin:corpus is the bundled text")
-    format: Literal["auto", "text", "jsonl", "tar"] = Field("auto", description="auto decides by file suffix")
-    text_field: str = Field("text", description="JSON field holding the text (jsonl and tar .json members)")
+    format: Literal["auto", "text", "jsonl", "tar", "sft"] = Field(
+        "auto", description="auto decides by file suffix; sft: prompt/target records (a Dataset version, .tar or "
+                            ".jsonl), one padded sample each, loss on the target only")
+    text_field: str = Field("text", description="JSON field holding the text (jsonl and tar .json members; not sft)")
     seq_len: int = Field(128, ge=8, description="tokens per training sequence")
     shuffle: bool = Field(True, description="shuffle file order per epoch, from (seed, epoch)")
     prefetch: int = Field(4, ge=1, le=64, description="steps of batches prepared ahead by a background thread")

@@ -51,6 +51,7 @@ DATASET_DIR = "dataset"
 SHARD_SUFFIX = ".tar"
 SHARD_MARKER_SUFFIX = ".commit.json"
 MANIFEST_NAME = "manifest.json"
+VERSION_MARKER_NAME = "commit.json"
 TRAIN_SPLIT = "train.tar"
 EVAL_SPLIT = "eval.tar"
 #: the baseline profile a trainer writes into its export, next to the weights
@@ -148,6 +149,9 @@ class DatasetManifest(BaseModel):
     dedup_ratio: float = Field(description="records removed by the exact and near-duplicate steps / records before them")
     content_sha256: str = Field(description="sha256 over the splits' files in order: the version's content hash")
     settings: dict[str, object] = Field(default_factory=dict, description="the curation settings used")
+    redacted: dict[str, int] = Field(default_factory=dict, description="replacements by the redaction step, by type")
+    feedback: dict[str, int] = Field(default_factory=dict, description=(
+        "feedback records read, malformed, joined to a request read, and corrections used as targets"))
 
     def to_json(self) -> builtins.bytes:
         return self.model_dump_json(indent=1).encode()
@@ -165,6 +169,26 @@ class DatasetMarker(BaseModel):
 
     def to_json(self) -> builtins.bytes:
         return self.model_dump_json(indent=1).encode()
+
+
+def feedback_score(rating: int) -> float:
+    """A rating on 0..1: -1 is 0 and +1 is 1 (thumbs), r on the 1..5 scale is (r - 1) / 4.
+
+    1 belongs to both scales and is read as +1 (a thumbs-up, the common case): a record does
+    not say which scale its client used, so a 1..5 client's lowest rating scores as the best.
+    Such a client should send -1 for its worst."""
+    if isinstance(rating, bool) or not isinstance(rating, int) or not (rating == -1 or 1 <= rating <= 5):
+        raise ValueError(f"rating must be -1, +1 or 1..5, got {rating!r}")
+    if rating == -1:
+        return 0.0
+    if rating == 1:
+        return 1.0
+    return (rating - 1) / 4
+
+
+def version_marker_key(version: int) -> str:
+    """The commit marker of a dataset version, relative to the dataset dir."""
+    return f"{version_dir_name(version)}/{VERSION_MARKER_NAME}"
 
 
 # ---------------------------------------------------------------------------- prompt profiles

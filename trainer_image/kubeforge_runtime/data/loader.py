@@ -13,6 +13,11 @@ next sample starts in the stream (epoch, file, piece, token offset). It is saved
 checkpoint, and resuming seeks there directly rather than re-reading what came before.
 Every rank tokenizes the whole stream and keeps its share: reading text is cheap next to
 a training step, and it keeps the position global.
+
+SFT data (``SFTStream``, ``sft.py``) is not packed: one record is one padded sample with a
+loss mask over its target. Because every rank sees the whole global batch, each step also
+carries the global count of tokens the loss counts (``StepBatch.loss_tokens``), so the loss
+can be normalised by it with no collective, the same whatever the world size.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kubeforge_runtime.data.sft import PromptEncoder, SFTRecord, SFTSample, build_sample, read_records
 from kubeforge_runtime.data.sources import SourceFile, read_pieces
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -52,10 +58,12 @@ class DataState:
 @dataclasses.dataclass
 class MicroBatch:
     """``tokens`` is (B, T+1); inputs are ``[:, :-1]``, targets ``[:, 1:]``. ``weight`` is 0
-    for a filler batch that only keeps collectives in step on a rank with no sample left."""
+    for a filler batch that only keeps collectives in step on a rank with no sample left.
+    ``loss_mask`` (B, T), for SFT: 1 where the target counts in the loss; None: every one does."""
 
     tokens: torch.Tensor
     weight: float
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -65,6 +73,7 @@ class StepBatch:
     micro_batches: list[MicroBatch]
     samples: int  # real samples on this rank
     state_after: DataState
+    loss_tokens: int  # tokens the loss counts in the whole global batch (all ranks): its normaliser
 
 
 def file_order(n_files: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -123,6 +132,41 @@ class TokenStream:
             epoch, file_i, piece_i, offset = epoch + 1, 0, 0, 0
 
 
+class SFTStream:
+    """One sample per SFT record of ``files``, starting at ``state``; epochs repeat without end,
+    files in the order drawn from (seed, epoch) like ``TokenStream``."""
+
+    def __init__(self, files: list[SourceFile], tokenizer: ByteTokenizer | HFTokenizer, sample_len: int,
+                 seed: int, shuffle: bool, state: DataState) -> None:
+        if not files:
+            raise ValueError("no input files")
+        self.files, self.tok, self.sample_len = files, tokenizer, sample_len
+        self.seed, self.shuffle, self.start = seed, shuffle, state
+        self.prompts = PromptEncoder(tokenizer)
+
+    def sample(self, rec: SFTRecord) -> SFTSample:
+        return build_sample(self.prompts.ids(rec), self.tok.encode(rec.target), bos=self.tok.bos_id,
+                            eos=self.tok.eos_id, pad=self.tok.pad_id, sample_len=self.sample_len)
+
+    def __iter__(self) -> Iterator[tuple[SFTSample, DataState]]:
+        """Yields each sample with the state just after it."""
+        st = self.start
+        sample, epoch, file_i, rec_i = st.sample, st.epoch, st.file, st.piece
+        while True:
+            order = file_order(len(self.files), self.seed, epoch, self.shuffle)
+            seen = rec_i > 0 or file_i > 0  # a resumed epoch had records before its position
+            while file_i < len(order):
+                for i, rec in read_records(self.files[order[file_i]], rec_i):
+                    seen = True
+                    sample += 1
+                    yield self.sample(rec), DataState(sample, epoch, file_i, i + 1, 0)
+                rec_i = 0
+                file_i += 1
+            if not seen:
+                raise ValueError("data.paths: no SFT records in any input file")
+            epoch, file_i, rec_i = epoch + 1, 0, 0
+
+
 def rank_plan(global_batch: int, micro_batch: int, rank: int, world_size: int) -> tuple[list[int], int]:
     """Which in-batch sample indices this rank takes, and how many micro-batches every rank
     runs (the same number on all ranks, so collectives stay matched when the batch does not
@@ -135,8 +179,8 @@ def rank_plan(global_batch: int, micro_batch: int, rank: int, world_size: int) -
 class BatchLoader:
     """Iterates ``StepBatch`` es for this rank, prepared ``prefetch`` steps ahead by a thread."""
 
-    def __init__(self, stream: TokenStream, *, global_batch: int, micro_batch: int, rank: int, world_size: int,
-                 prefetch: int = 4, pin_memory: bool = False) -> None:
+    def __init__(self, stream: TokenStream | SFTStream, *, global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, prefetch: int = 4, pin_memory: bool = False) -> None:
         self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
         self.mine, self.n_micro = rank_plan(global_batch, micro_batch, rank, world_size)
         self.pin_memory = pin_memory
@@ -145,21 +189,35 @@ class BatchLoader:
         self._thread = threading.Thread(target=self._produce, name="kubeforge-data", daemon=True)
         self._thread.start()
 
-    def _build(self, batch: list[list[int]], state_after: DataState) -> StepBatch:
+    def _tensor(self, rows: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(rows, dtype=dtype)
+        return t.pin_memory() if self.pin_memory else t
+
+    def _build(self, batch: list[list[int]] | list[SFTSample], state_after: DataState) -> StepBatch:
         rows = [batch[i] for i in self.mine]
+        first = batch[0]
+        width = len(first.tokens) if isinstance(first, SFTSample) else len(first)
         mbs: list[MicroBatch] = []
         for m in range(self.n_micro):
             chunk = rows[m * self.micro_batch:(m + 1) * self.micro_batch]
-            if chunk:
-                t = torch.tensor(chunk, dtype=torch.long)
-                mbs.append(MicroBatch(t.pin_memory() if self.pin_memory else t, 1.0))
+            if not chunk:
+                mbs.append(MicroBatch(torch.zeros(1, width, dtype=torch.long), 0.0,
+                                      torch.zeros(1, width - 1) if isinstance(first, SFTSample) else None))
+            elif isinstance(first, SFTSample):
+                samples = [r for r in chunk if isinstance(r, SFTSample)]
+                mbs.append(MicroBatch(self._tensor([r.tokens for r in samples], torch.long), 1.0,
+                                      self._tensor([r.loss_mask for r in samples], torch.float32)))
             else:
-                mbs.append(MicroBatch(torch.zeros(1, len(batch[0]), dtype=torch.long), 0.0))
-        return StepBatch(mbs, len(rows), state_after)
+                mbs.append(MicroBatch(self._tensor([r for r in chunk if isinstance(r, list)], torch.long), 1.0))
+        if isinstance(first, SFTSample):
+            loss_tokens = sum(sum(r.loss_mask) for r in batch if isinstance(r, SFTSample))
+        else:
+            loss_tokens = len(batch) * (width - 1)
+        return StepBatch(mbs, len(rows), state_after, loss_tokens)
 
     def _produce(self) -> None:
         try:
-            batch: list[list[int]] = []
+            batch: list[Any] = []
             for sample, after in self.stream:
                 batch.append(sample)
                 if len(batch) == self.global_batch:

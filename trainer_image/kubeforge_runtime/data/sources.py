@@ -27,6 +27,10 @@ PIECE_CHARS = 1 << 20
 
 _SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
                   ".tar": "tar"}
+#: SFT records come in tar shards (what curation writes) or JSONL
+_SFT_SUFFIXES = (".tar", ".jsonl")
+#: A dataset version's held-out split: never trained on when its folder is named (``sft`` only)
+SFT_EVAL_SPLIT = "eval.tar"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +52,18 @@ class Piece:
 
 
 def _format_of(name: str, fmt: str) -> str | None:
+    if fmt == "sft":
+        return fmt if Path(name).suffix.lower() in _SFT_SUFFIXES else None
     if fmt != "auto":
         return fmt
     return _SUFFIX_FORMAT.get(Path(name).suffix.lower())
+
+
+def _listed(name: str, fmt: str) -> str | None:
+    """The format of a file found inside a folder, prefix or glob (None: not an input)."""
+    if fmt == "sft" and Path(name).name == SFT_EVAL_SPLIT:
+        return None
+    return _format_of(name, fmt)
 
 
 def _s3_client() -> Any:
@@ -71,7 +84,9 @@ def list_files(paths: list[str], fmt: str = "auto") -> list[SourceFile]:
     """Every readable input under ``paths``, sorted within each entry, entries in order.
 
     A file that does not match a known suffix is skipped inside a folder or prefix (READMEs,
-    indexes) but is an error when named directly with ``format: auto``.
+    indexes) but is an error when named directly with ``format: auto``. With ``format: sft``
+    only ``.tar`` and ``.jsonl`` files are inputs, and inside a folder or prefix ``eval.tar`` is
+    not: naming a dataset version's folder trains on its ``train.tar`` alone.
     """
     out: list[SourceFile] = []
     for entry in paths:
@@ -82,19 +97,19 @@ def list_files(paths: list[str], fmt: str = "auto") -> list[SourceFile]:
             keys: list[str] = []
             for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
-            found = [SourceFile(f"s3://{bucket}/{k}", f) for k in sorted(keys) if (f := _format_of(k, fmt))]
+            found = [SourceFile(f"s3://{bucket}/{k}", f) for k in sorted(keys) if (f := _listed(k, fmt))]
         else:
             p = Path(entry)
-            if p.is_dir():
-                names = sorted(str(q) for q in p.rglob("*") if q.is_file())
-            elif p.is_file():
+            if p.is_file():
                 f = _format_of(str(p), fmt)
                 if f is None:
-                    raise ValueError(f"data.paths: cannot tell the format of {p}; set data.format")
-                names = [str(p)]
+                    raise ValueError(f"data.paths: {p}: an sft input must be .tar or .jsonl" if fmt == "sft"
+                                     else f"data.paths: cannot tell the format of {p}; set data.format")
+                found = [SourceFile(str(p), f)]
             else:
-                names = sorted(glob.glob(entry, recursive=True))
-            found = [SourceFile(n, f) for n in names if (f := _format_of(n, fmt))]
+                names = (sorted(str(q) for q in p.rglob("*") if q.is_file()) if p.is_dir()
+                         else sorted(glob.glob(entry, recursive=True)))
+                found = [SourceFile(n, f) for n in names if (f := _listed(n, fmt))]
         if not found:
             raise ValueError(f"data.paths: no input files at {entry!r}")
         out.extend(found)
@@ -169,5 +184,7 @@ def read_pieces(src: SourceFile, text_field: str = "text") -> Iterator[Piece]:
             yield from _jsonl_pieces(stream, text_field, src.uri)
         elif src.format == "tar":
             yield from _tar_pieces(stream, text_field, src.uri)
+        elif src.format == "sft":
+            raise ValueError(f"{src.uri}: sft files are read as records (data.sft), not as text pieces")
         else:
             raise ValueError(f"unknown data format {src.format!r}")

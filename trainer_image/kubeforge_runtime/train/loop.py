@@ -8,9 +8,11 @@ positioned at the restored cursor, and the steps.
 
 Loss scaling keeps the global batch independent of the world size: a rank's loss is the
 sum of its token losses divided by the global token count, times the world size, because
-the data-parallel gradient reduction averages over ranks. Ranks with fewer samples (a
-batch that does not divide evenly) run filler micro-batches with weight 0 so that every
-rank enters the same collectives.
+the data-parallel gradient reduction averages over ranks. For SFT data only target tokens
+count, and the global count of those varies per step: the loader knows it (every rank reads
+the whole global batch), so the same rule holds with no extra collective. Ranks with fewer
+samples (a batch that does not divide evenly) run filler micro-batches with weight 0 so that
+every rank enters the same collectives.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from kubeforge.api.contract import (
     TRAINER_METRICS_PORT,
     ExitCode,
 )
+from kubeforge.store.flywheel import BASELINE_PROFILE_NAME
 from torch import nn
 
 from kubeforge_runtime.config import TrainerConfig, check_runtime
-from kubeforge_runtime.data import BatchLoader, DataState, SourceFile, StepBatch, TokenStream, list_files
+from kubeforge_runtime.data import BatchLoader, DataState, SFTStream, SourceFile, StepBatch, TokenStream, list_files
+from kubeforge_runtime.data.profile import baseline_profile
+from kubeforge_runtime.data.sft import first_record
 from kubeforge_runtime.metrics import TrainerMetrics, log_event, peak_flops
 from kubeforge_runtime.model.hf import load_hf, save_hf
 from kubeforge_runtime.model.llama import Llama
@@ -128,7 +133,10 @@ def preflight(cfg: TrainerConfig, topo: Topology, on_gpu: bool) -> tuple[ByteTok
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_runtime(cfg, world_size=topo.world_size, local_world_size=topo.local_world_size, on_gpu=on_gpu,
                   vocab_size=tokenizer.vocab_size)
-    return tokenizer, list_files(cfg.data.paths, cfg.data.format)
+    files = list_files(cfg.data.paths, cfg.data.format)
+    if cfg.data.format == "sft" and first_record(files) is None:
+        raise ValueError(f"data.paths: no SFT records in {len(files)} input file(s)")
+    return tokenizer, files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +179,6 @@ class Trainer:
         self.tokenizer, self.files = preflight(cfg, self.topo, on_gpu=self.device.type == "cuda")
         self.stop = StopFlag()
         self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-        self.loss_scale = self.topo.world_size / self.tokens_per_step
         self.clip = cfg.train.grad_clip if cfg.train.grad_clip is not None else math.inf
 
     def run(self) -> ExitCode:
@@ -238,8 +245,13 @@ class Trainer:
 
     def _build_loader(self, data_state: DataState) -> BatchLoader:
         cfg = self.cfg
-        stream = TokenStream(self.files, self.tokenizer, cfg.data.seq_len + 1, cfg.train.seed, cfg.data.shuffle,
-                             cfg.data.text_field, data_state)
+        stream: TokenStream | SFTStream
+        if cfg.data.format == "sft":
+            stream = SFTStream(self.files, self.tokenizer, cfg.data.seq_len + 1, cfg.train.seed, cfg.data.shuffle,
+                               data_state)
+        else:
+            stream = TokenStream(self.files, self.tokenizer, cfg.data.seq_len + 1, cfg.train.seed, cfg.data.shuffle,
+                                 cfg.data.text_field, data_state)
         return BatchLoader(stream, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
                            rank=self.topo.rank, world_size=self.topo.world_size, prefetch=cfg.data.prefetch,
                            pin_memory=self.device.type == "cuda")
@@ -271,21 +283,23 @@ class Trainer:
             group["lr"] = lr
         local_loss = torch.zeros((), device=self.device)
         n_micro = len(batch.micro_batches)
+        loss_tokens = max(1, batch.loss_tokens)  # the same on every rank: the global batch's
+        loss_scale = self.topo.world_size / loss_tokens
         for i, mb in enumerate(batch.micro_batches):
             tokens = mb.tokens.to(self.device, non_blocking=True)
+            mask = mb.loss_mask.to(self.device, non_blocking=True) if mb.loss_mask is not None else None
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             set_gradient_sync(self.model, i == n_micro - 1)
             with self.amp if self.amp is not None else contextlib.nullcontext():
                 logits = self.model(inputs)
-            loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       reduction="sum") * mb.weight
-            torch.autograd.backward(loss_sum * self.loss_scale)
+            loss_sum = token_loss_sum(logits, targets, mask) * mb.weight
+            torch.autograd.backward(loss_sum * loss_scale)
             local_loss += loss_sum.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # one collective per step: the global loss and whether any rank was told to stop
-        report = torch.stack([local_loss / self.tokens_per_step,
+        report = torch.stack([local_loss / loss_tokens,
                               torch.tensor(float(self.stop.set), device=self.device)])
         if self.distributed:
             dist.all_reduce(report)
@@ -370,6 +384,20 @@ class Trainer:
         save_hf(self.llama, out, bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
                 state_dict={k: v.float() for k, v in state.items()})
         self.tokenizer.save(out)
+        # the drift baseline: part of the export's files, so it is committed with them
+        cfg = self.cfg
+        profile = baseline_profile(self.files, self.tokenizer, text_field=cfg.data.text_field, seed=cfg.train.seed,
+                                   shuffle=cfg.data.shuffle)
+        (out / BASELINE_PROFILE_NAME).write_bytes(profile.to_json())
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum of the cross-entropy of each target token, over those ``mask`` (B, T) keeps (all when None)."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if mask is None:
+        return F.cross_entropy(flat, targets.reshape(-1), reduction="sum")
+    per_token = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    return (per_token * mask.reshape(-1).to(per_token.dtype)).sum()
 
 
 def _tensors(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
