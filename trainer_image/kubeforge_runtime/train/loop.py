@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from kubeforge.api.contract import (
     ENV_CHECKPOINT_POLICY,
+    ENV_CHECKPOINT_STAGING_DIR,
     ENV_CHECKPOINT_URI,
     ENV_METRICS_PORT,
     TRAINER_METRICS_PORT,
@@ -222,7 +223,7 @@ class Trainer:
     def _build_model(self) -> tuple[nn.Module, Llama]:
         cfg = self.cfg
         if cfg.model.init_from:
-            llama = load_hf(cfg.model.init_from)
+            llama = load_hf(_init_dir(cfg.model.init_from, self.env))
         else:
             llama = Llama(cfg.model.llama(self.tokenizer.vocab_size))
             llama.init_weights(cfg.train.seed)
@@ -412,3 +413,13 @@ def _tensors(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
 def distributed_fsdp(cfg: TrainerConfig, distributed: bool) -> bool:
     """FSDP2 casts parameters itself (its mixed-precision policy); other paths use autocast."""
     return distributed and cfg.parallelism.sharding != "ddp"
+
+
+def _init_dir(uri: str, env: Mapping[str, str]) -> Path:
+    """A local directory of ``model.init_from``: a path as it is, an export on the store
+    (``s3://``, ``file://``) fetched and verified against its commit marker (the server's own
+    fetch), into the checkpoint staging volume when there is one."""
+    from kubeforge_runtime.serve.model_source import fetch_model
+
+    staging = env.get(ENV_CHECKPOINT_STAGING_DIR)
+    return fetch_model(uri, Path(staging or tempfile.gettempdir()) / "init-from")
