@@ -8,7 +8,7 @@ The steps run in this order, each counted in and out (``Curated.filters``):
 3. ``redact``: PII replaced in prompt, messages and target (drops nothing);
 4. ``length``, ``finish_reason``, ``quality``, ``script``: ``filters.py``;
 5. ``exact_dedup``: one record per hash of (prompt or messages, target);
-6. ``near_dedup``: MinHash + LSH over prompt and target (``dedup.py``).
+6. ``near_dedup``: MinHash + LSH over prompt and target, candidates checked exactly (``dedup.py``).
 
 Records are processed in time order (then by id), so "the first" of a duplicate group is the
 earliest. The split of a record is a function of its completion id alone, so a record never
@@ -31,11 +31,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 from kubeforge.store.flywheel import FilterCount
 
 from kubeforge_runtime.curate import filters
-from kubeforge_runtime.curate.dedup import minhash_values, near_duplicate_flags
+from kubeforge_runtime.curate.dedup import Sketch, near_duplicate_flags, sketches
 from kubeforge_runtime.curate.records import Example, Feedback, MalformedRecord, Request
 from kubeforge_runtime.curate.settings import CurationSettings, FilterSettings
 from kubeforge_runtime.redact import Redactor
@@ -157,8 +156,8 @@ def judge(examples: Sequence[Example], settings: CurationSettings) -> tuple[list
     return out, counts
 
 
-def _minhash_chunk(texts: Sequence[str], shingle_words: int, num_perm: int) -> list[np.ndarray | None]:
-    return minhash_values(texts, shingle_words=shingle_words, num_perm=num_perm)
+def _sketch_chunk(texts: Sequence[str], shingle_words: int, num_perm: int) -> list[Sketch | None]:
+    return sketches(texts, shingle_words=shingle_words, num_perm=num_perm)
 
 
 def _chunks(items: Sequence[T], n: int) -> list[Sequence[T]]:
@@ -182,8 +181,8 @@ def curate(requests: Iterable[object], feedback: Iterable[object], settings: Cur
            workers: int | None = None) -> Curated:
     """The whole pipeline over decoded request and feedback records (anything that is not a
     well-formed record is counted and dropped). Redaction, filters and MinHashes run in
-    ``workers`` processes (default: the CPUs available) when there are enough records; the
-    result does not depend on how many."""
+    ``workers`` processes (default: the CPUs available, when at least 4) when there are enough
+    records; the result does not depend on how many."""
     reqs, n_read = _requests(requests)
     latest, fb_counts = _feedback(feedback, {r.id for r in reqs})
     examples = []
@@ -207,7 +206,9 @@ def curate(requests: Iterable[object], feedback: Iterable[object], settings: Cur
     count("feedback", n, len(examples))
     fb_counts["corrections"] = sum(ex.corrected for ex in examples)
 
-    n_workers = (workers or available_cpus()) if len(examples) >= PARALLEL_MIN_RECORDS else 1
+    if workers is None:  # with fewer CPUs, handing records to workers and back costs what it saves
+        workers = available_cpus() if available_cpus() >= 4 else 1
+    n_workers = workers if len(examples) >= PARALLEL_MIN_RECORDS else 1
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork"))) \
             if n_workers > 1 else None
@@ -243,10 +244,10 @@ def curate(requests: Iterable[object], feedback: Iterable[object], settings: Cur
         n = len(examples)
         if d.near_duplicate_threshold is not None:
             texts = [f"{ex.prompt_text()}\n{ex.target}" for ex in examples]
-            values = None if pool is None else [v for part in map_chunks(functools.partial(
-                _minhash_chunk, shingle_words=d.shingle_words, num_perm=d.num_perm), texts) for v in part]
+            computed = [sk for part in map_chunks(functools.partial(
+                _sketch_chunk, shingle_words=d.shingle_words, num_perm=d.num_perm), texts) for sk in part]
             flags = near_duplicate_flags(texts, threshold=d.near_duplicate_threshold, shingle_words=d.shingle_words,
-                                         num_perm=d.num_perm, values=values)
+                                         num_perm=d.num_perm, computed=computed)
             examples = [ex for ex, dup in zip(examples, flags, strict=True) if not dup]
         count("near_dedup", n, len(examples))
 

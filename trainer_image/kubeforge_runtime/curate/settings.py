@@ -35,8 +35,9 @@ class FeedbackSettings(_Section):
 
 class DedupSettings(_Section):
     """Exact duplicates by hash of (prompt or messages, target); near duplicates by datasketch
-    MinHash + LSH on word shingles, at an estimated Jaccard of ``near_duplicate_threshold``
-    (None turns that step off). The earliest record of a group is kept."""
+    MinHash + LSH on word shingles, at a Jaccard similarity of ``near_duplicate_threshold``
+    (None turns that step off; ``dedup.py`` says how candidates are checked). The earliest
+    record of a group is kept."""
 
     exact: bool = True
     near_duplicate_threshold: float | None = Field(0.8, gt=0, le=1)
