@@ -95,7 +95,8 @@ def test_chat_prompts_render_as_the_server_renders_them() -> None:
     stream = SFTStream([SourceFile("unused.jsonl", "sft")], TOK, 65, 0, False, DataState())
     sample = stream.sample(rec)
     assert sample.tokens[:len(ids)] == ids and ids.count(TOK.bos_id) == 1  # the template's bos, not doubled
-    assert enc.profile_ids(rec) == TOK.encode("system: be brief\nuser: hi\nassistant: ")
+    # the profile counts a chat as the server does: its contents, one per line, no template
+    assert enc.profile_ids(rec) == TOK.encode("be brief\nhi")
 
 
 def _first(stream: SFTStream, n: int) -> list[tuple[list[int], list[int], DataState]]:

@@ -2,8 +2,9 @@
 histograms the operator compares served prompts against (drift, PSI).
 
 It counts the first ``BASELINE_PROMPTS`` prompts of the training data in the order of the
-first epoch: for SFT data each record's prompt (a chat rendered through the template, as the
-server renders it); for text data each non-empty line. Token ids are counted without special
+first epoch: for SFT data each record's prompt (a chat: its messages' contents, one per line,
+without the template, as the server's live profile counts a chat); for text data each
+non-empty line. Token ids are counted without special
 tokens, as the server's live profile counts them.
 """
 

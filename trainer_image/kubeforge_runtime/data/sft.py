@@ -139,7 +139,11 @@ class PromptEncoder:
         return self.tok.encode(self.text(rec))
 
     def profile_ids(self, rec: SFTRecord) -> list[int]:
-        """The prompt's ids without special tokens: what a prompt profile counts."""
+        """What a prompt profile counts, as the server's live profile does: the prompt's ids, or
+        for a chat its messages' contents one per line (no template), without special tokens."""
+        if rec.messages is not None:
+            text = "\n".join(m["content"] for m in rec.messages)
+            return [t for t in self.tok.encode(text) if t not in self.specials]
         return [t for t in self.ids(rec) if t not in self.specials]
 
 
