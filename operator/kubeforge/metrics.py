@@ -62,3 +62,11 @@ DATASET_CURATIONS = Counter("kubeforge_dataset_curations_total",
 DATASET_RETENTION_DELETED = Counter("kubeforge_dataset_retention_deleted_total",
                                     "What a Dataset's retention deleted from its store: version, incomplete_version "
                                     "or shard.", ["namespace", "dataset", "what"])
+
+
+def remove_series(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    """Drop one labelled series of ``metric``; one that was never set is no error."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar, cast
 
-from kubeforge.metrics import STORE_REACHABLE
+from kubeforge.metrics import STORE_REACHABLE, remove_series
 from kubeforge.store import StoreError
 
 log = logging.getLogger("kubeforge.store_access")
@@ -164,10 +164,7 @@ class StoreAccess:
                 del self._store_of[key]
             if pool is not None:
                 pool.shutdown(wait=False)
-        try:
-            STORE_REACHABLE.remove(*store)
-        except KeyError:
-            pass
+        remove_series(STORE_REACHABLE, *store)
 
     def close(self) -> None:
         """Stop starting reads; running ones are not waited for (the process is ending)."""

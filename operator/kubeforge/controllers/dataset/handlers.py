@@ -59,6 +59,7 @@ from kubeforge.metrics import (
     DATASET_RECORDS,
     DATASET_RETENTION_DELETED,
     reconciling,
+    remove_series,
 )
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import flywheel, open_store
@@ -120,19 +121,12 @@ class Datasets:
         self.retention.pop(key, None)
         self.fresh_wanted.pop(key, None)
         for labels in [(*key, split) for split in SPLITS]:
-            _remove(DATASET_RECORDS, labels)
-        _remove(DATASET_PENDING_RECORDS, key)
+            remove_series(DATASET_RECORDS, *labels)
+        remove_series(DATASET_PENDING_RECORDS, *key)
         for outcome in OUTCOMES:
-            _remove(DATASET_CURATIONS, (*key, outcome))
+            remove_series(DATASET_CURATIONS, *key, outcome)
         for what in RETENTION_KINDS:
-            _remove(DATASET_RETENTION_DELETED, (*key, what))
-
-
-def _remove(metric: Any, labels: tuple[str, ...]) -> None:
-    try:
-        metric.remove(*labels)
-    except KeyError:
-        pass
+            remove_series(DATASET_RETENTION_DELETED, *key, what)
 
 
 def _state(memo: kopf.Memo) -> Datasets:
@@ -417,10 +411,10 @@ def _publish(state: Datasets, key: Key, status: dict[str, Any]) -> None:
     records = status.get("records")
     for split in SPLITS:
         if records is None:
-            _remove(DATASET_RECORDS, (*key, split))
+            remove_series(DATASET_RECORDS, *key, split)
         else:
             DATASET_RECORDS.labels(*key, split).set(int(records.get(split) or 0))
     if status.get("pendingRecords") is None:
-        _remove(DATASET_PENDING_RECORDS, key)
+        remove_series(DATASET_PENDING_RECORDS, *key)
     else:
         DATASET_PENDING_RECORDS.labels(*key).set(int(status["pendingRecords"]))

@@ -61,7 +61,7 @@ from kubeforge.controllers.inferenceservice.plan import (
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec
 from kubeforge.controllers.store_access import Reading, StoreAccess, shared_stores
-from kubeforge.metrics import DRIFT_PSI, INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling
+from kubeforge.metrics import DRIFT_PSI, INFERENCESERVICE_READY, INFERENCESERVICES_READY, reconciling, remove_series
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import NotFound, S3Options, StoreError, flywheel, open_backend, open_policy_store
 from kubeforge.store.flywheel import Profile
@@ -158,10 +158,7 @@ class InferenceServices:
             if feature in psi:
                 DRIFT_PSI.labels(*key, feature).set(psi[feature])
             elif key in self.measured:
-                try:
-                    DRIFT_PSI.remove(*key, feature)
-                except KeyError:
-                    pass
+                remove_series(DRIFT_PSI, *key, feature)
         if psi:
             self.measured.add(key)
         else:

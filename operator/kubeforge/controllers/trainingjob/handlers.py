@@ -48,6 +48,7 @@ from kubeforge.metrics import (
     TRAININGJOBS,
     WORKER_REPLACEMENTS,
     reconciling,
+    remove_series,
 )
 from kubeforge.settings import OperatorSettings
 from kubeforge.store import open_policy_store
@@ -422,10 +423,7 @@ def _publish_checkpoint_gauges(key: Key, phase: str, obs: Observed) -> None:
 
 def _remove_checkpoint_gauges(key: Key) -> None:
     for gauge in (LAST_CHECKPOINT_TIME, CHECKPOINT_INTERVAL):
-        try:
-            gauge.remove(*key)
-        except KeyError:
-            pass
+        remove_series(gauge, *key)
 
 
 def apply_status(obs: Observed, decided: Plan) -> bool:
