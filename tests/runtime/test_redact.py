@@ -68,3 +68,19 @@ def test_builtin_off_keeps_only_user_patterns() -> None:
 def test_bad_user_patterns_are_refused_naming_them(patterns: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Redactor(patterns)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["a-", "a.", "1 ", "ab1", "x", "a@"])
+def test_adversarial_runs_take_linear_time(unit: str) -> None:
+    """A run of 128k characters that almost matches (``a-a-a-...``): with a ``\\b`` start and a
+    lookahead over the rest of the run, a pattern rescans the run from every word boundary
+    (about 100 s at this size, holding the GIL of the capture writer); a start found by a
+    lookbehind tries once per run. The timeout is a hang guard, 200x the linear time."""
+    text = unit * (131072 // len(unit))
+    out, counts = Redactor().redact(text)
+    assert len(out) <= len(text)
+    if unit == "ab1":  # one long token mixing letters and digits
+        assert out == "<API_KEY>" and counts == {"API_KEY": 1}
+    elif unit in ("a-", "x"):  # no digit: not a key
+        assert out == text and counts == {}
