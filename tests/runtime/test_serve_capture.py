@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,6 +201,25 @@ def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     assert metric(reg, "kubeforge:capture_dropped_total", reason="queue_full") == 3
     assert w.close(5)
     assert len(records_of(tmp_path)) == 2
+
+
+def test_records_after_the_drain_began_or_left_when_it_times_out_are_counted_as_shutdown(tmp_path: Path) -> None:
+    gate = threading.Event()  # every put waits for it: the store hangs
+
+    def hang(key: str) -> bool:
+        gate.wait(30)
+        return False
+
+    w, reg = make_writer(FlakyBackend(tmp_path, hang), shard_records=1)
+    w.start()
+    for i in range(4):  # the writer blocks on the first shard's upload; three stay queued
+        w.capture(flywheel.REQUESTS, raw_request(i))
+    assert not w.close(0.5)
+    assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 3
+    assert w.capture(flywheel.REQUESTS, raw_request(9)) is False
+    assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 4
+    assert metric(reg, "kubeforge:capture_dropped_total", reason="queue_full") == 0
+    gate.set()
 
 
 def test_close_flushes_what_is_queued_and_the_profile(tmp_path: Path) -> None:

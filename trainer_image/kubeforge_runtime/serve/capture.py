@@ -220,14 +220,15 @@ class CaptureWriter:
     def capture(self, kind: str, raw: dict[str, Any]) -> bool:
         """Queue a request (``kind`` REQUESTS) or feedback record; False when the queue was
         full and it was dropped (and counted)."""
-        if not self._closing.is_set():
-            try:
-                self._queue.put_nowait((kind, raw))
-                return True
-            except queue.Full:
-                pass
-        self.metrics.dropped["queue_full"].inc()
-        return False
+        if self._closing.is_set():
+            self.metrics.dropped["shutdown"].inc()
+            return False
+        try:
+            self._queue.put_nowait((kind, raw))
+            return True
+        except queue.Full:
+            self.metrics.dropped["queue_full"].inc()
+            return False
 
     # -- life -----------------------------------------------------------------------------
 
@@ -246,8 +247,10 @@ class CaptureWriter:
             pass  # a busy one sees _closing once the queue is empty
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            log.warning("capture: drain did not finish in %.1fs; %d queued records are lost", timeout,
-                        self._queue.qsize())
+            with self._queue.mutex:  # what the writer will not reach before the process ends
+                left = sum(1 for k, _ in self._queue.queue if k in (REQUESTS, FEEDBACK))
+            self.metrics.dropped["shutdown"].inc(left)
+            log.warning("capture: drain did not finish in %.1fs; %d queued records are lost", timeout, left)
             return False
         return True
 

@@ -71,11 +71,13 @@ class CaptureMetrics:
         nbytes = Counter("kubeforge:capture_bytes", "Bytes of committed capture shards, by kind.",
                          ["model_name", "kind"], registry=r)
         dropped = Counter("kubeforge:capture_dropped", "Captured records lost: queue_full (the in-memory queue "
-                          "was full) or store_error (their shard could not be written).",
+                          "was full), store_error (their shard could not be written) or shutdown (offered "
+                          "once the drain began, or still queued when it ran out of time).",
                           ["model_name", "reason"], registry=r)
         self.records = {k: records.labels(model_name=model_name, kind=k) for k in ("requests", "feedback")}
         self.bytes = {k: nbytes.labels(model_name=model_name, kind=k) for k in ("requests", "feedback")}
-        self.dropped = {k: dropped.labels(model_name=model_name, reason=k) for k in ("queue_full", "store_error")}
+        self.dropped = {k: dropped.labels(model_name=model_name, reason=k)
+                        for k in ("queue_full", "store_error", "shutdown")}
         self.profile_prompts = Counter("kubeforge:prompt_profile_prompts", "Prompts added to the live prompt "
                                        "profile (every prompt, sampled or not).", ["model_name"],
                                        registry=r).labels(model_name=model_name)
