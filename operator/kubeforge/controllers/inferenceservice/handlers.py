@@ -698,6 +698,9 @@ def apply_drift(state: InferenceServices, target: DriftTarget, decision: DriftDe
 
     def compute(st: dict[str, Any]) -> dict[str, Any] | None:
         nonlocal before
+        with state.lock:  # a reading in flight must not put back what a reconcile just removed
+            if state.capturing.get(key) != target:
+                return None
         before = condition(st.get("conditions"), "DriftDetected") or {}
         out = drift_patch(st, decision)
         return out if out != {k: st.get(k) for k in out} else None
