@@ -418,6 +418,24 @@ def test_the_pool_gives_the_same_result_as_one_process(monkeypatch: pytest.Monke
     assert one == two and one.filters[-2].records_out == 400
 
 
+def test_of_near_duplicates_the_corrected_then_the_better_rated_is_kept() -> None:
+    """Three answers to one long prompt, near duplicates of each other: an unrated one first, a
+    5-star one, and a +1 with the user's correction last. The correction is what stays; without
+    it, the 5-star one (earlier records are kept only among equals)."""
+    rng = random.Random(9)
+    prompt, answer = words(rng, 60), words(rng, 3)
+    reqs: list[object] = [request(i, prompt, answer + f" w{i}") for i in range(3)]
+    ids = [r["id"] for r in reqs]  # type: ignore[index]
+    fb = [feedback(0, ids[1], 5, t=10), feedback(1, ids[2], 1, t=11, correction=answer + " fixed")]
+    kept = curate(reqs, fb, CurationSettings(), workers=1)
+    assert [r["source"] for r in kept.train + kept.eval] == [ids[2]], kept
+    assert (kept.train + kept.eval)[0]["target"] == answer + " fixed"
+    kept = curate(reqs, fb[:1], CurationSettings(), workers=1)
+    assert [r["source"] for r in kept.train + kept.eval] == [ids[1]], kept
+    kept = curate(reqs, [], CurationSettings(), workers=1)
+    assert [r["source"] for r in kept.train + kept.eval] == [ids[0]], kept
+
+
 def test_settings_keys_are_the_dataset_kinds() -> None:
     """What the operator hands over (Dataset.spec.curation through the curation pod's --settings)
     has the keys of the curate module's settings, with the same defaults."""

@@ -38,21 +38,24 @@ class DatasetSource(ApiModel):
 
 class FeedbackCuration(ApiModel):
     """Which records are kept by their feedback. A rating is scored 0..1: -1 is 0, +1 is 1, and
-    r on the 1..5 scale is (r-1)/4. A record's latest feedback decides; its latest correction
-    becomes the training target."""
+    r of 2..5 is (r-1)/4; 1 belongs to both scales and is read as +1, so a 1..5 client sends -1
+    for its worst. A record's latest feedback decides; its latest correction becomes the
+    training target."""
 
     min_score: float = Field(default=0.5, ge=0, le=1, description="Keep rated records scored at least this.")
     require_feedback: bool = Field(default=False, description="Drop records that have no feedback at all.")
 
 
 class DedupCuration(ApiModel):
-    """Duplicate removal: exact (by hash of prompt and target), then near duplicates by
-    MinHash + LSH (datasketch) on word shingles; the earliest record of a group is kept."""
+    """Duplicate removal: exact (by hash of prompt and target; the earliest kept), then near
+    duplicates: MinHash + LSH (datasketch) on word shingles proposes candidates, each checked on
+    the exact Jaccard of the shingle sets; of a group, a corrected record is kept before an
+    uncorrected one, then the higher score, then the earliest."""
 
     exact: bool = Field(default=True, description="Remove exact duplicates.")
     near_duplicates: bool = Field(default=True, description="Remove near duplicates (MinHash + LSH).")
     near_duplicate_threshold: float = Field(default=0.8, gt=0, le=1, description=(
-        "Estimated Jaccard similarity from which two records are near duplicates."))
+        "Jaccard similarity of the shingle sets from which two records are near duplicates."))
     shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations.")
 

@@ -243,6 +243,9 @@ def curate(requests: Iterable[object], feedback: Iterable[object], settings: Cur
         count("exact_dedup", n, len(examples))
         n = len(examples)
         if d.near_duplicate_threshold is not None:
+            # of a group the first is kept: a corrected record (the user's own target) before an
+            # uncorrected one, then the better rated (an unrated one last), then the earliest (output order is by id)
+            examples.sort(key=lambda ex: (not ex.corrected, -(ex.score if ex.score is not None else -1.0)))
             texts = [f"{ex.prompt_text()}\n{ex.target}" for ex in examples]
             computed = [sk for part in map_chunks(functools.partial(
                 _sketch_chunk, shingle_words=d.shingle_words, num_perm=d.num_perm), texts) for sk in part]
