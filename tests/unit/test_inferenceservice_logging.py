@@ -117,6 +117,29 @@ def test_defaults_redaction_off_and_the_api_key_as_feedback_key() -> None:
     assert c["env"][-1] == {"name": "USER_VAR", "value": "1"}, "the user's variables come last (they win)"
 
 
+def test_the_capture_stores_region_and_addressing_reach_the_server() -> None:
+    """Not the model's: the server's AWS_REGION and AWS_ENDPOINT_URL are its model store's."""
+    capture = ResolvedCapture(uri="s3://flywheel/team-a/chat/capture", credentials_secret="cc",
+                              s3_region="eu-west-1", s3_force_path_style=False)
+    args = ch.capture_args(spec(logging=LOGGING), capture)
+    assert args[:5] == ["--capture-uri", capture.uri, "--capture-s3-region", "eu-west-1",
+                        "--no-capture-s3-force-path-style"]
+    assert "--capture-s3-endpoint" not in args
+
+
+def test_a_capture_store_without_an_endpoint_ignores_the_models_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge_runtime.serve.capture import open_capture_backend
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.models:9000")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    own = open_capture_backend("s3://flywheel/capture", access_key_id="a", secret_access_key="b",
+                               region="eu-west-1", force_path_style=False)
+    assert own.client.meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com", own.client.meta.endpoint_url
+    assert own.client.meta.config.s3["addressing_style"] == "auto"
+    minio = open_capture_backend("s3://flywheel/capture", "http://minio.capture:9000", "a", "b")
+    assert minio.client.meta.endpoint_url == "http://minio.capture:9000"
+
+
 def test_the_derived_feedback_key_is_one_per_service_object() -> None:
     """Every replica (and every rollout) of a service signs with the same key; a service created
     again under the same name gets another."""

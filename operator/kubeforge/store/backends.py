@@ -183,6 +183,9 @@ class S3Options:
     retry_deadline_s: float = 600.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
+    #: without ``endpoint_url``: AWS's own endpoint even where ``AWS_ENDPOINT_URL`` is set (in a
+    #: server pod that variable is the model's store, which a capture store need not share)
+    ignore_env_endpoint: bool = False
 
 
 _RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
@@ -251,6 +254,7 @@ class S3Backend:
             connect_timeout=options.connect_timeout_s,
             read_timeout=options.read_timeout_s,
             max_pool_connections=max(10, options.max_concurrency * 2),
+            ignore_configured_endpoint_urls=options.ignore_env_endpoint and not options.endpoint_url,
         )
         session = boto3.session.Session(
             aws_access_key_id=options.access_key_id, aws_secret_access_key=options.secret_access_key,

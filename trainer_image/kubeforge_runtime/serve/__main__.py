@@ -109,6 +109,12 @@ def add_capture_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capture-s3-endpoint", default=os.environ.get("KUBEFORGE_CAPTURE_S3_ENDPOINT") or None,
                    help="S3 endpoint of the capture store (env KUBEFORGE_CAPTURE_S3_ENDPOINT); credentials from "
                         "KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY, else AWS_*")
+    g.add_argument("--capture-s3-region", default=os.environ.get("KUBEFORGE_CAPTURE_S3_REGION") or None,
+                   help="S3 region of the capture store (env KUBEFORGE_CAPTURE_S3_REGION); not AWS_REGION, "
+                        "which is the model's store's")
+    g.add_argument("--capture-s3-force-path-style", action=argparse.BooleanOptionalAction, default=True,
+                   help="path-style addressing of the capture store (MinIO and most S3-compatible stores); "
+                        "--no-capture-s3-force-path-style for virtual-hosted buckets")
     g.add_argument("--capture-sample-rate", type=float, default=1.0, help="share of requests recorded, 0..1")
     g.add_argument("--no-capture-redact", dest="capture_redact", action="store_false",
                    help="record prompts and completions as they are (PII redaction is on by default)")
@@ -265,7 +271,8 @@ async def serve(args: argparse.Namespace) -> int:
         capture_backend = open_capture_backend(
             args.capture_uri, args.capture_s3_endpoint,
             env("KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID") or env("AWS_ACCESS_KEY_ID") or None,
-            env("KUBEFORGE_CAPTURE_AWS_SECRET_ACCESS_KEY") or env("AWS_SECRET_ACCESS_KEY") or None)
+            env("KUBEFORGE_CAPTURE_AWS_SECRET_ACCESS_KEY") or env("AWS_SECRET_ACCESS_KEY") or None,
+            region=args.capture_s3_region, force_path_style=args.capture_s3_force_path_style)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, shutdown_timeout=1.0)

@@ -75,11 +75,15 @@ def writer_name(name: str) -> str:
 
 
 def open_capture_backend(uri: str, endpoint_url: str | None = None, access_key_id: str | None = None,
-                         secret_access_key: str | None = None) -> ObjectBackend:
+                         secret_access_key: str | None = None, region: str | None = None,
+                         force_path_style: bool = True) -> ObjectBackend:
     """The capture directory as a backend with short retries and timeouts (an unreachable
-    endpoint costs a shard a few seconds, not minutes)."""
+    endpoint costs a shard a few seconds, not minutes). Its endpoint, region and addressing
+    are its own: without ``endpoint_url`` it is AWS's, whatever ``AWS_ENDPOINT_URL`` (the
+    model's store) says."""
     return open_backend(uri, S3Options(endpoint_url=endpoint_url, access_key_id=access_key_id,
-                                       secret_access_key=secret_access_key,
+                                       secret_access_key=secret_access_key, region=region,
+                                       force_path_style=force_path_style, ignore_env_endpoint=True,
                                        retry_deadline_s=STORE_RETRY_DEADLINE_S, connect_timeout_s=2.0,
                                        read_timeout_s=20.0))
 

@@ -91,8 +91,8 @@ class ResolvedModel:
 @dataclasses.dataclass(frozen=True)
 class ResolvedCapture:
     """Where the servers capture traffic (``spec.logging`` resolved): the capture directory
-    ``<store root>/<namespace>/<name>/capture`` and what reaches it. Region and addressing are
-    the operator's, for its own reads of the profiles; the servers take the endpoint only."""
+    ``<store root>/<namespace>/<name>/capture`` and what reaches it: the servers' flags and the
+    operator's own reads of the profiles."""
 
     uri: str
     credentials_secret: str
@@ -178,6 +178,10 @@ def capture_args(spec: InferenceServiceSpec, capture: ResolvedCapture) -> list[s
     args = ["--capture-uri", capture.uri]
     if capture.s3_endpoint:
         args += ["--capture-s3-endpoint", capture.s3_endpoint]
+    if capture.s3_region:
+        args += ["--capture-s3-region", capture.s3_region]
+    if not capture.s3_force_path_style:
+        args.append("--no-capture-s3-force-path-style")
     args += ["--capture-sample-rate", str(lg.sample_rate)]
     if lg.redact.enabled:
         for pattern in lg.redact.patterns:
