@@ -84,6 +84,7 @@ class Sim:
             "status": {}}
         self.source: dm.SourceStore | SourceProblem = SOURCE
         self.requests: list[Shard] = []
+        self.feedback: list[Shard] = []
         self.versions: list[Version] = []
         self.incomplete: list[int] = []
         self.store_readable = True
@@ -99,7 +100,8 @@ class Sim:
     def view(self) -> StoreView | None:
         if not self.store_readable:
             return None
-        return StoreView(requests=tuple(self.requests), versions=tuple(self.versions), incomplete=tuple(self.incomplete))
+        return StoreView(requests=tuple(self.requests), feedback=tuple(self.feedback), versions=tuple(self.versions),
+                         incomplete=tuple(self.incomplete))
 
     def observe(self) -> Observed:
         spec = DatasetSpec.model_validate(self.dataset["spec"])
@@ -136,8 +138,17 @@ class Sim:
         self.requests.append(shard)
         return shard
 
+    def rate(self, records: int, minutes: int = 0) -> Shard:
+        """A committed feedback shard."""
+        first = self.now + dt.timedelta(minutes=minutes)
+        name = shard_name(ts(first), "server-0", len(self.feedback))
+        shard = Shard(key=f"{CAPTURE}/feedback/{name}", rel=f"feedback/{name}", records=records, first_time=ts(first),
+                      last_time=ts(first + dt.timedelta(seconds=30)))
+        self.feedback.append(shard)
+        return shard
+
     def commit(self, version: int, train: int = 90, eval_: int = 10, seen: list[Shard] | None = None) -> Version:
-        shards = self.requests if seen is None else seen
+        shards = [*self.requests, *self.feedback] if seen is None else seen
         v = Version(version=version, time=ts(self.now), records={"train": train, "eval": eval_}, dedup_ratio=0.25,
                     window_start=min((s.first_time for s in shards), default=None),
                     window_end=max((s.last_time for s in shards), default=None), content_sha256="ab" * 32,
@@ -346,6 +357,21 @@ def test_every_seconds_needs_new_records_and_says_when() -> None:
     assert p.create is None and p.requeue_after == pytest.approx(300)
     sim.now = T0 + dt.timedelta(seconds=601)
     assert sim.step().create is not None
+
+
+def test_every_seconds_also_takes_new_feedback_alone() -> None:
+    """Ratings come after their answers: new feedback with no new request is worth a version
+    on the everySeconds schedule, not on everyNewRecords (which counts requests)."""
+    sim = _with_version({"schedule": {"everySeconds": 600, "everyNewRecords": 1000}})
+    sim.rate(40, minutes=1)
+    sim.now = T0 + dt.timedelta(seconds=300)
+    p = sim.step()
+    assert p.create is None and p.requeue_after == pytest.approx(300)
+    assert (sim.dataset["status"]["pendingRecords"], sim.dataset["status"]["pendingFeedback"]) == (0, 40)
+    sim.now = T0 + dt.timedelta(seconds=601)
+    p = sim.step()
+    assert p.create is not None and p.create["metadata"]["name"] == "chat-data-curate-v2"
+    assert any("40 new feedback record(s)" in e.message for e in p.events), p.events
 
 
 def test_on_demand_is_recorded_once_and_suspend_starts_nothing() -> None:

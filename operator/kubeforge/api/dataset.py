@@ -108,7 +108,7 @@ class DatasetSchedule(ApiModel):
     every_new_records: int | None = Field(default=None, ge=1, description=(
         "Curate once this many request records were committed since the newest version."))
     every_seconds: int | None = Field(default=None, ge=60, description=(
-        "Curate this long after the newest version, when there are new records."))
+        "Curate this long after the newest version, when there are new request or feedback records."))
 
 
 class DatasetRetention(ApiModel):
@@ -177,6 +177,8 @@ class DatasetStatus(StatusBase):
     source_uri: str | None = Field(default=None, description="The capture directory read.")
     source_records: int | None = Field(default=None, description="Committed request records in the source.")
     pending_records: int | None = Field(default=None, description="Request records committed since the newest version.")
+    pending_feedback: int | None = Field(default=None, description=(
+        "Feedback records committed since the newest version (they start one on schedule.everySeconds)."))
     curating: CurationRun | None = Field(default=None, description="The curation running now.")
     last_curation_request: str | None = Field(default=None, description=(
         "The kubeforge.dev/curate annotation value last acted on."))

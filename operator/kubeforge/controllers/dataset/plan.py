@@ -233,17 +233,18 @@ def _not_after(a: str | None, b: str | None) -> bool:
 # ---------------------------------------------------------------------------- records
 
 
-def pending_shards(view: StoreView) -> list[Shard]:
-    """Request shards the newest version has not curated: those its manifest neither read nor
-    skipped (curation reads every committed shard, so that is exact), or, for a version whose
-    manifest is unreadable, those starting after its window; every shard when there is no
-    version."""
+def pending_shards(view: StoreView, kind: str = flywheel.REQUESTS) -> list[Shard]:
+    """Shards of ``kind`` (request or feedback) the newest version has not curated: those its
+    manifest neither read nor skipped (curation reads every committed shard, so that is exact),
+    or, for a version whose manifest is unreadable, those starting after its window; every
+    shard when there is no version."""
+    shards = view.requests if kind == flywheel.REQUESTS else view.feedback
     if not view.versions:
-        return list(view.requests)
+        return list(shards)
     newest = view.versions[-1]
     if newest.seen is not None:
-        return [s for s in view.requests if s.rel not in newest.seen]
-    return [s for s in view.requests if newest.window_end is None or _after(s.first_time, newest.window_end)]
+        return [s for s in shards if s.rel not in newest.seen]
+    return [s for s in shards if newest.window_end is None or _after(s.first_time, newest.window_end)]
 
 
 def plan_retention(view: StoreView, keep_versions: int, capture_max_age_days: int | None,
@@ -513,9 +514,10 @@ def plan(obs: Observed) -> Plan:
         status["sourceUri"] = source.source_uri
         status["sourceRecords"] = sum(sh.records for sh in view.requests)
         status["pendingRecords"] = sum(sh.records for sh in pending)
+        status["pendingFeedback"] = sum(sh.records for sh in pending_shards(view, flywheel.FEEDBACK))
     else:
         status["versions"] = list(old.get("versions") or [])
-        for k in ("sourceUri", "sourceRecords", "pendingRecords"):
+        for k in ("sourceUri", "sourceRecords", "pendingRecords", "pendingFeedback"):
             status[k] = old.get(k)
         if source is not None:
             status["sourceUri"] = source.source_uri
@@ -528,6 +530,9 @@ def plan(obs: Observed) -> Plan:
     status["lastCurationRequest"] = old.get("lastCurationRequest")
     source_records = status.get("sourceRecords")
     pending_records = int(status.get("pendingRecords") or 0)
+    # feedback usually comes after its answer: new ratings and corrections alone are worth a
+    # version on the everySeconds schedule (everyNewRecords counts request records)
+    pending_any = pending_records + int(status.get("pendingFeedback") or 0)
     source_empty = view is not None and not view.requests
 
     # --- whether to start one
@@ -561,9 +566,10 @@ def plan(obs: Observed) -> Plan:
             start_why = f"no version yet, {source_records} record(s) captured"
         elif spec.schedule.every_new_records and pending_records >= spec.schedule.every_new_records:
             start_why = f"{pending_records} new record(s), schedule.everyNewRecords is {spec.schedule.every_new_records}"
-        elif due_at is not None and pending_records > 0 and due_at <= obs.now:
-            start_why = f"{every_s}s since version {newest_view.version}, {pending_records} new record(s)"
-        elif due_at is not None and pending_records > 0:
+        elif due_at is not None and pending_any > 0 and due_at <= obs.now:
+            start_why = (f"{every_s}s since version {newest_view.version}, {pending_records} new record(s), "
+                         f"{pending_any - pending_records} new feedback record(s)")
+        elif due_at is not None and pending_any > 0:
             out.requeue_after = _sooner(out.requeue_after, (due_at - obs.now).total_seconds())
 
     if start_why is not None:
