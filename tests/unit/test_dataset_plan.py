@@ -208,7 +208,13 @@ def test_curation_pod_is_pinned() -> None:
             "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
             "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}],
-        "volumes": [{"name": "scratch", "emptyDir": {}}]}
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        # CPU only: off GPU nodes where there are others, onto them (their taint tolerated)
+        # where there are not, as on the local cluster's real nodes
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "preference": {"matchExpressions": [
+                {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}]}}}
 
 
 def test_pod_settings_turn_near_dedup_off_and_keep_the_spec_resources_and_region() -> None:

@@ -71,6 +71,17 @@ def gpu_tolerations(gpus: int) -> list[dict[str, Any]]:
     return [dict(GPU_TOLERATION)] if gpus else []
 
 
+def off_gpu_placement() -> dict[str, Any]:
+    """Pod spec fields of a CPU-only pod the operator runs (the rendezvous store, a curation):
+    kept off GPU nodes where there are others (preferred affinity), and allowed onto them (the
+    GPU taint tolerated) on a cluster of GPU nodes only (a DGX pod, the local cluster's real
+    nodes)."""
+    off_gpu = {"weight": 100, "preference": {"matchExpressions": [
+        {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}
+    return {"tolerations": [dict(GPU_TOLERATION)],
+            "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [off_gpu]}}}
+
+
 def gpu_product_affinity(product: str | None) -> dict[str, Any] | None:
     """Only nodes of this GPU product (the GPU Operator's label), or None."""
     if not product:

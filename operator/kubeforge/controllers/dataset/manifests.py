@@ -21,7 +21,14 @@ from typing import Any
 
 from kubeforge.api import Dataset, DatasetSpec
 from kubeforge.api.contract import ENV_S3_FORCE_PATH_STYLE, ENV_S3_REGION
-from kubeforge.controllers.workload import MANAGED_BY, Owner, container_security, pod_security, resources
+from kubeforge.controllers.workload import (
+    MANAGED_BY,
+    Owner,
+    container_security,
+    off_gpu_placement,
+    pod_security,
+    resources,
+)
 
 DATASET_LABEL = "kubeforge.dev/dataset"
 DATASET_UID_LABEL = "kubeforge.dev/dataset-uid"
@@ -121,5 +128,8 @@ def build_curation_pod(owner: Owner, spec: DatasetSpec, store: SourceStore, vers
             "securityContext": pod_security(),
             "containers": [container],
             "volumes": [{"name": "scratch", "emptyDir": {}}],
+            # CPU only: off GPU nodes where there are others, onto them where there are not
+            # (a curation left Pending on a GPU-only cluster would never run)
+            **off_gpu_placement(),
         },
     }

@@ -53,10 +53,10 @@ from kubeforge.api.contract import (
 from kubeforge.api.trainingjob import MAX_NAME, TrainingJob
 from kubeforge.controllers import workload
 from kubeforge.controllers.workload import (
-    GPU_TOLERATION,
     container_security,
     gpu_product_affinity,
     gpu_tolerations,
+    off_gpu_placement,
     pod_security,
     workload_image,
 )
@@ -338,10 +338,9 @@ def build_worker_pod(owner: Owner, spec: TrainingJobSpec, policy: CheckpointPoli
 
 def build_rendezvous_pod(owner: Owner, spec: TrainingJobSpec,
                          default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
-    """The rendezvous store: small, CPU only, kept off GPU nodes where it can be (preferred
-    affinity), and allowed onto them (the GPU taint tolerated) where there is nothing else."""
-    off_gpu = {"weight": 100, "preference": {"matchExpressions": [
-        {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]}}
+    """The rendezvous store: small, CPU only, kept off GPU nodes where it can be
+    (``off_gpu_placement``)."""
+    placement = off_gpu_placement()
     container = {
         "name": "rendezvous",
         "image": workload_image(spec.trainer.image, default_image),
@@ -361,10 +360,9 @@ def build_rendezvous_pod(owner: Owner, spec: TrainingJobSpec,
         "automountServiceAccountToken": False,
         "securityContext": pod_security(),
         "containers": [container],
-        # off GPU nodes where there are others, but a cluster of GPU nodes only (a DGX pod,
-        # the local cluster's real nodes) must still be able to run it
-        "tolerations": [GPU_TOLERATION, *node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds)],
-        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [off_gpu]}},
+        "tolerations": [*placement["tolerations"],
+                        *node_failure_tolerations(spec.failure_policy.node_failure_grace_seconds)],
+        "affinity": placement["affinity"],
     }
     for key, value in (("priorityClassName", spec.pod.priority_class_name),
                        ("serviceAccountName", spec.pod.service_account_name)):
