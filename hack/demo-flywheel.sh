@@ -6,13 +6,14 @@
 #  2. examples/05: two server replicas of that export capturing every request, redacted, into
 #     MinIO, and profiling the prompts;
 #  3. a scripted user (hack/flywheel_client.py) chats with known preferences and rates the
-#     answers through POST /v1/feedback (the Service spreads both over the two replicas);
+#     answers through POST /v1/feedback, alternating between the two replicas and rating each
+#     answer on the replica that did not serve it;
 #  4. the captured shards and a record, as stored;
 #  5. examples/06: the Dataset curated by a pod: counts per filter, dedup ratio, splits;
 #  6. examples/07: a fine-tune of the served export on that Dataset (SFT);
 #  7. drift: PSI of the live prompts against the export's training data, before and after the
 #     user's traffic shifts to prompts of another kind.
-# The port-forward is stopped by its pid when the demo ends; `make cluster-down` stops the cluster.
+# The port-forwards are stopped by their pids when the demo ends; `make cluster-down` stops the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=hack/demo-common.sh
@@ -41,14 +42,24 @@ $KUBECTL rollout status -n "$NS" deployment/tiny-llama-chat-server --timeout=300
 echo "   capture: $(jsonpath inferenceservice/tiny-llama-chat '{.status.capture.uri}')"
 phase "capture to Ready"
 
-port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-$KUBECTL port-forward -n "$NS" svc/tiny-llama-chat-server "$port:8000" >.dev/demo-flywheel-port-forward.log 2>&1 &
-pf_pid=$!
-trap 'kill $pf_pid 2>/dev/null; wait $pf_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+# one port-forward per replica (a port-forward to the Service reaches one pod only): the user
+# alternates between them and rates each answer on the replica that did not serve it
+pf_pids=()
+bases=()
+trap 'for p in "${pf_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done' EXIT
+for pod in $($KUBECTL get pods -n "$NS" -l kubeforge.dev/inferenceservice=tiny-llama-chat \
+               --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'); do
+  port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  $KUBECTL port-forward -n "$NS" "pod/$pod" "$port:8000" >".dev/demo-flywheel-port-forward-$pod.log" 2>&1 &
+  pf_pids+=($!)
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+  bases+=("http://127.0.0.1:$port")
+  echo "   replica $pod on 127.0.0.1:$port"
+done
+base=$(IFS=,; echo "${bases[*]}")
 
 echo "== a scripted user: 60 prompts x 3 (two exact repeats, one near duplicate), stories rated +1, summaries -1"
-$PY hack/flywheel_client.py --base "http://127.0.0.1:$port" --phase normal --prompts 60 | sed 's/^/   /'
+$PY hack/flywheel_client.py --base "$base" --phase normal --prompts 60 | sed 's/^/   /'
 phase "traffic and feedback"
 
 echo "== captured shards (committed within spec.logging.shardSeconds)"
@@ -122,7 +133,7 @@ drift() {
 echo "== drift: the live prompts so far (like the training data)"
 drift
 echo "== drift: the user's traffic shifts to code-like prompts"
-$PY hack/flywheel_client.py --base "http://127.0.0.1:$port" --phase shifted --prompts 240 | sed 's/^/   /'
+$PY hack/flywheel_client.py --base "$base" --phase shifted --prompts 240 | sed 's/^/   /'
 deadline=$((SECONDS + 180))
 until [ "$(jsonpath inferenceservice/tiny-llama-chat '{.status.conditions[?(@.type=="DriftDetected")].status}')" = True ]; do
   if [ $SECONDS -gt $deadline ]; then
