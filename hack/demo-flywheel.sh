@@ -46,7 +46,11 @@ phase "capture to Ready"
 # alternates between them and rates each answer on the replica that did not serve it
 pf_pids=()
 bases=()
-trap 'for p in "${pf_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done' EXIT
+stop_forwards() {
+  local pid
+  for pid in "${pf_pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
+}
+trap stop_forwards EXIT
 for pod in $($KUBECTL get pods -n "$NS" -l kubeforge.dev/inferenceservice=tiny-llama-chat \
                --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'); do
   port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
