@@ -303,7 +303,8 @@ async def serve(args: argparse.Namespace) -> int:
             engine.start()
             if capture_backend is not None:
                 capture = CaptureWriter(capture_backend, capture_settings(args),
-                                        CaptureMetrics(model_name, llm.metrics.registry), tokenizer.decode)
+                                        CaptureMetrics(model_name, llm.metrics.registry), tokenizer.decode,
+                                        tokenizer.encode)
                 capture.start()
                 log.info("capturing %.0f%% of requests to %s (redaction %s)", 100 * args.capture_sample_rate,
                          capture_backend.uri, "on" if args.capture_redact else "off")

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -459,11 +459,8 @@ class OpenAIServer:
         rid, created = self.ids.new("chatcmpl"), int(time.time())
         # the profile counts what the user wrote, as the trainer's baseline does: the messages'
         # contents, one per line, without the chat template's role names and special tokens
-        profiled: list[int] = []
-        if self.capture is not None:
-            user_text = "\n".join(m["content"] for m in messages)
-            profiled = await _off_loop(len(user_text), self.tokenizer.encode, user_text)
-        trace = self._observe(arrival, [profiled])
+        # (tokenized by the capture writer's thread)
+        trace = self._observe(arrival, ["\n".join(m["content"] for m in messages)])
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
@@ -494,7 +491,7 @@ class OpenAIServer:
 
     # -- capture and feedback -------------------------------------------------------------
 
-    def _observe(self, arrival: float, prompts: list[list[int]]) -> _Trace | None:
+    def _observe(self, arrival: float, prompts: Sequence[list[int] | str]) -> _Trace | None:
         """Every prompt goes to the live profile; a trace comes back when this request is
         sampled (one random number: an unsampled request costs nothing more)."""
         capture = self.capture

@@ -195,10 +195,11 @@ class CaptureWriter:
     """The bounded queue and its background writer thread (see the module docstring)."""
 
     def __init__(self, backend: ObjectBackend, settings: CaptureSettings, metrics: CaptureMetrics,
-                 decode: Callable[[Sequence[int]], str] | None = None) -> None:
+                 decode: Callable[[Sequence[int]], str] | None = None,
+                 encode: Callable[[str], list[int]] | None = None) -> None:
         self.backend, self.settings, self.metrics = backend, settings, metrics
         self.writer = writer_name(settings.writer)
-        self._decode = decode
+        self._decode, self._encode = decode, encode
         self._redactor = Redactor(settings.redact_patterns) if settings.redact else None
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=settings.queue_size)
         self._shards: dict[str, _Shard] = {}
@@ -213,9 +214,11 @@ class CaptureWriter:
     def sampled(self) -> bool:
         return random.random() < self.settings.sample_rate
 
-    def observe_prompt(self, token_ids: list[int]) -> None:
-        """A prompt for the live profile (every request, sampled or not). Lost, uncounted,
-        when the queue is full: ``prompt_profile_prompts_total`` counts what was added."""
+    def observe_prompt(self, token_ids: list[int] | str) -> None:
+        """A prompt for the live profile (every request, sampled or not): its token ids, or a
+        text the writer thread tokenizes (a chat's contents: no second tokenization on the
+        event loop). Lost, uncounted, when the queue is full: ``prompt_profile_prompts_total``
+        counts what was added."""
         try:
             self._queue.put_nowait(("prompt", token_ids))
         except queue.Full:
@@ -278,14 +281,21 @@ class CaptureWriter:
             self._drain()
             return True
         if kind == "prompt":
-            self.profile.add(item)
-            self.metrics.profile_prompts.inc()
+            self._profile(item)
         elif kind == REQUESTS:
             self._add(REQUESTS, self._request_record(item))
         elif kind == FEEDBACK:
             self._add(FEEDBACK, self._feedback_record(item))
         self._tick()
         return False
+
+    def _profile(self, prompt: list[int] | str) -> None:
+        if isinstance(prompt, str):
+            if self._encode is None:
+                return
+            prompt = self._encode(prompt)
+        self.profile.add(prompt)
+        self.metrics.profile_prompts.inc()
 
     def _drain(self) -> None:
         while True:
@@ -294,8 +304,7 @@ class CaptureWriter:
             except queue.Empty:
                 break
             if kind == "prompt":
-                self.profile.add(item)
-                self.metrics.profile_prompts.inc()
+                self._profile(item)
             elif kind in (REQUESTS, FEEDBACK):
                 self._add(kind, self._request_record(item) if kind == REQUESTS else self._feedback_record(item))
         for kind in list(self._shards):
