@@ -48,18 +48,34 @@ pf_pids=()
 bases=()
 stop_forwards() {
   local pid
-  for pid in "${pf_pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
+  for pid in "${pf_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
 }
 trap stop_forwards EXIT
-for pod in $($KUBECTL get pods -n "$NS" -l kubeforge.dev/inferenceservice=tiny-llama-chat \
-               --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'); do
+# the Ready replicas that are not going away (after the rollout: the two of examples/05)
+ready=$($KUBECTL get pods -n "$NS" -l kubeforge.dev/inferenceservice=tiny-llama-chat -o json | $PY -c '
+import json, sys
+for p in json.load(sys.stdin)["items"]:
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
+    if ready and not p["metadata"].get("deletionTimestamp"):
+        print(p["metadata"]["name"])')
+for pod in $ready; do
   port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   $KUBECTL port-forward -n "$NS" "pod/$pod" "$port:8000" >".dev/demo-flywheel-port-forward-$pod.log" 2>&1 &
   pf_pids+=($!)
-  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+  up=""
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && up=1 && break; sleep 0.2; done
+  if [ -z "$up" ]; then
+    echo "demo-flywheel: replica $pod does not answer through its port-forward:" >&2
+    cat ".dev/demo-flywheel-port-forward-$pod.log" >&2
+    exit 1
+  fi
   bases+=("http://127.0.0.1:$port")
   echo "   replica $pod on 127.0.0.1:$port"
 done
+if [ "${#bases[@]}" -lt 2 ]; then
+  echo "demo-flywheel: ${#bases[@]} Ready replica(s) of tiny-llama-chat, examples/05 asks for 2" >&2
+  exit 1
+fi
 base=$(IFS=,; echo "${bases[*]}")
 
 echo "== a scripted user: 60 prompts x 3 (two exact repeats, one near duplicate), stories rated +1, summaries -1"

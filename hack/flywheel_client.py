@@ -62,7 +62,8 @@ def normal_prompts(n: int, seed: int) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for i, (topic, line) in enumerate(rng.sample(lines, n)):
         prompt = line + (f" ({PII[i % len(PII)]})" if i % 7 == 0 else "")
-        near = prompt[0].swapcase() + prompt[1:]
+        first = next(j for j, ch in enumerate(prompt) if ch.isalpha())  # many lines start with a quote
+        near = prompt[:first] + prompt[first].swapcase() + prompt[first + 1:]
         out += [(topic, prompt), (topic, prompt), (topic, near)]
     return out
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None)
     args = ap.parse_args(argv)
     bases = [b.strip().rstrip("/") for b in args.base.split(",") if b.strip()]
+    if not bases:
+        ap.error("--base: give at least one URL")
     work = normal_prompts(args.prompts, args.seed) if args.phase == "normal" else shifted_prompts(args.prompts,
                                                                                                    args.seed)
     summary: dict[str, Any] = {"phase": args.phase, "requests": 0, "failed": 0, "feedback": {"+1": 0, "-1": 0},

@@ -70,6 +70,15 @@ def test_bad_user_patterns_are_refused_naming_them(patterns: dict[str, str], mes
         Redactor(patterns)
 
 
+def test_the_punctuation_a_run_starts_or_ends_with_stays_outside_the_placeholder() -> None:
+    r = Redactor()
+    assert r.redact("Contact: ...jane@x.com now")[0] == "Contact: ...<EMAIL> now"
+    assert r.redact("(-jane@x.com)")[0] == "(-<EMAIL>)"
+    assert r.redact("--tok_1234567890abcdefghij1234567890abcd--")[0] == "--<API_KEY>--"
+    # 31 characters between the dashes: not a key
+    assert r.redact("-" + "a1" * 15 + "b-") == ("-" + "a1" * 15 + "b-", {})
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("unit", ["a-", "a.", "1 ", "ab1", "x", "a@"])
 def test_adversarial_runs_take_linear_time(unit: str) -> None:

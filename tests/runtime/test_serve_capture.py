@@ -204,22 +204,30 @@ def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
 
 
 def test_records_after_the_drain_began_or_left_when_it_times_out_are_counted_as_shutdown(tmp_path: Path) -> None:
-    gate = threading.Event()  # every put waits for it: the store hangs
+    entered, gate = threading.Event(), threading.Event()  # every put waits for the gate: the store hangs
 
     def hang(key: str) -> bool:
+        entered.set()
         gate.wait(30)
         return False
 
     w, reg = make_writer(FlakyBackend(tmp_path, hang), shard_records=1)
     w.start()
-    for i in range(4):  # the writer blocks on the first shard's upload; three stay queued
+    w.capture(flywheel.REQUESTS, raw_request(0))
+    assert entered.wait(10), "the writer never reached the store"
+    for i in range(1, 4):  # the writer is stuck uploading record 0's shard: these stay queued
         w.capture(flywheel.REQUESTS, raw_request(i))
     assert not w.close(0.5)
-    assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 3
-    assert w.capture(flywheel.REQUESTS, raw_request(9)) is False
+    # the three queued and the one in the shard being uploaded
     assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 4
+    assert w.capture(flywheel.REQUESTS, raw_request(9)) is False
+    assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 5
     assert metric(reg, "kubeforge:capture_dropped_total", reason="queue_full") == 0
-    gate.set()
+    gate.set()  # the store answers after all: what lands late is not counted as committed too
+    w._thread.join(30)
+    assert not w._thread.is_alive()
+    assert metric(reg, "kubeforge:capture_records_total", kind="requests") == 0
+    assert metric(reg, "kubeforge:capture_dropped_total", reason="shutdown") == 5
 
 
 def test_close_flushes_what_is_queued_and_the_profile(tmp_path: Path) -> None:

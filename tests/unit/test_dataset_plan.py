@@ -7,6 +7,7 @@ and the store reads and deletes on a real (file://) backend."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -149,9 +150,10 @@ class Sim:
 
     def commit(self, version: int, train: int = 90, eval_: int = 10, seen: list[Shard] | None = None) -> Version:
         shards = [*self.requests, *self.feedback] if seen is None else seen
+        window = [s for s in shards if s.rel.startswith("requests/")]  # a manifest's window: the requests'
         v = Version(version=version, time=ts(self.now), records={"train": train, "eval": eval_}, dedup_ratio=0.25,
-                    window_start=min((s.first_time for s in shards), default=None),
-                    window_end=max((s.last_time for s in shards), default=None), content_sha256="ab" * 32,
+                    window_start=min((s.first_time for s in window), default=None),
+                    window_end=max((s.last_time for s in window), default=None), content_sha256="ab" * 32,
                     seen=frozenset(s.rel for s in shards))
         self.versions.append(v)
         return v
@@ -378,6 +380,22 @@ def test_every_seconds_also_takes_new_feedback_alone() -> None:
     p = sim.step()
     assert p.create is not None and p.create["metadata"]["name"] == "chat-data-curate-v2"
     assert any("40 new feedback record(s)" in e.message for e in p.events), p.events
+
+
+def test_a_version_without_a_readable_manifest_counts_feedback_by_its_own_time() -> None:
+    """No manifest: requests after its window are pending; feedback, which comes after its
+    answers, only when it starts after the version was committed."""
+    sim = Sim()
+    sim.capture(10)
+    early = sim.rate(5, minutes=2)  # rated before version 1 was committed, after the window
+    sim.now += dt.timedelta(minutes=5)
+    v1 = dataclasses.replace(sim.commit(1), seen=None)
+    late_request = sim.capture(3, minutes=1)
+    late = sim.rate(4, minutes=1)
+    view = StoreView(requests=tuple(sim.requests), feedback=tuple(sim.feedback), versions=(v1,))
+    assert pending_shards(view) == [late_request]
+    assert pending_shards(view, "feedback") == [late]
+    assert early not in pending_shards(view, "feedback")
 
 
 def test_on_demand_is_recorded_once_and_suspend_starts_nothing() -> None:

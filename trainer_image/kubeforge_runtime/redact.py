@@ -33,7 +33,9 @@ _API_KEY = re.compile(
 #: a 32+ character run of letters, digits, ``_`` and ``-``; ``_long_token`` keeps those without
 #: both a letter and a digit
 _LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])")
-_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+#: the punctuation a run may start with (``...jane@x.com``) is kept, outside the placeholder
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])([._%+-]*)[A-Za-z0-9_][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+                    r"\.[A-Za-z]{2,}\b")
 _LETTER = re.compile(r"[A-Za-z]")
 _DIGIT = re.compile(r"[0-9]")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -58,8 +60,17 @@ def _card(m: re.Match[str]) -> str | None:
 
 
 def _long_token(m: re.Match[str]) -> str | None:
-    token = m.group(0)
-    return "<API_KEY>" if _LETTER.search(token) and _DIGIT.search(token) else None
+    """The run without its leading and trailing dashes (kept around the placeholder)."""
+    run = m.group(0)
+    token = run.strip("-")
+    if len(token) < 32 or not (_LETTER.search(token) and _DIGIT.search(token)):
+        return None
+    lead = len(run) - len(run.lstrip("-"))
+    return f"{run[:lead]}<API_KEY>{run[lead + len(token):]}"
+
+
+def _email(m: re.Match[str]) -> str:
+    return f"{m.group(1)}<EMAIL>"
 
 
 def _phone(m: re.Match[str]) -> str | None:
@@ -78,7 +89,7 @@ class Rule:
 BUILTIN: tuple[Rule, ...] = (
     Rule("API_KEY", _API_KEY),
     Rule("API_KEY", _LONG_TOKEN, _long_token),
-    Rule("EMAIL", _EMAIL),
+    Rule("EMAIL", _EMAIL, _email),
     Rule("CREDIT_CARD", _CARD, _card),
     Rule("PHONE", _PHONE, _phone),
 )

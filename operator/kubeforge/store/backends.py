@@ -254,7 +254,8 @@ class S3Backend:
             connect_timeout=options.connect_timeout_s,
             read_timeout=options.read_timeout_s,
             max_pool_connections=max(10, options.max_concurrency * 2),
-            ignore_configured_endpoint_urls=options.ignore_env_endpoint and not options.endpoint_url,
+            # None leaves botocore's own setting (AWS_IGNORE_CONFIGURED_ENDPOINT_URLS) in force
+            ignore_configured_endpoint_urls=True if options.ignore_env_endpoint and not options.endpoint_url else None,
         )
         session = boto3.session.Session(
             aws_access_key_id=options.access_key_id, aws_secret_access_key=options.secret_access_key,

@@ -110,8 +110,8 @@ def add_capture_args(p: argparse.ArgumentParser) -> None:
                    help="S3 endpoint of the capture store (env KUBEFORGE_CAPTURE_S3_ENDPOINT); credentials from "
                         "KUBEFORGE_CAPTURE_AWS_ACCESS_KEY_ID/_SECRET_ACCESS_KEY, else AWS_*")
     g.add_argument("--capture-s3-region", default=os.environ.get("KUBEFORGE_CAPTURE_S3_REGION") or None,
-                   help="S3 region of the capture store (env KUBEFORGE_CAPTURE_S3_REGION); not AWS_REGION, "
-                        "which is the model's store's")
+                   help="S3 region of the capture store (env KUBEFORGE_CAPTURE_S3_REGION); without it, "
+                        "boto's default applies: AWS_REGION, which in a server pod is the model store's")
     g.add_argument("--capture-s3-force-path-style", action=argparse.BooleanOptionalAction, default=True,
                    help="path-style addressing of the capture store (MinIO and most S3-compatible stores); "
                         "--no-capture-s3-force-path-style for virtual-hosted buckets")

@@ -460,7 +460,7 @@ class OpenAIServer:
         # the profile counts what the user wrote, as the trainer's baseline does: the messages'
         # contents, one per line, without the chat template's role names and special tokens
         # (tokenized by the capture writer's thread)
-        trace = self._observe(arrival, ["\n".join(m["content"] for m in messages)])
+        trace = self._observe(arrival, ["\n".join(m["content"] for m in messages) if self.capture is not None else ""])
 
         def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}

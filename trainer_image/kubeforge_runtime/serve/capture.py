@@ -189,6 +189,9 @@ class LiveProfile:
 
 
 _CLOSE = object()
+#: a chat's text for the live profile is cut here before it is queued: at least 4096 tokens
+#: (the profile's last length bucket) for any tokenizer of up to 8 characters a token
+PROFILE_MAX_CHARS = 32768
 
 
 class CaptureWriter:
@@ -208,6 +211,11 @@ class CaptureWriter:
         self._profile_due = time.monotonic() + settings.profile_interval_s
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        #: records taken from the queue into open shards (or uploading) and not yet committed
+        #: or dropped; once ``close`` gave up (``_gave_up``) they were counted as shutdown
+        self._count_lock = threading.Lock()
+        self._uncommitted = 0
+        self._gave_up = False
 
     # -- the request side (event loop): nothing here may block or take long ----------------
 
@@ -219,6 +227,8 @@ class CaptureWriter:
         text the writer thread tokenizes (a chat's contents: no second tokenization on the
         event loop). Lost, uncounted, when the queue is full: ``prompt_profile_prompts_total``
         counts what was added."""
+        if isinstance(token_ids, str) and len(token_ids) > PROFILE_MAX_CHARS:
+            token_ids = token_ids[:PROFILE_MAX_CHARS]
         try:
             self._queue.put_nowait(("prompt", token_ids))
         except queue.Full:
@@ -254,10 +264,16 @@ class CaptureWriter:
             pass  # a busy one sees _closing once the queue is empty
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            with self._queue.mutex:  # what the writer will not reach before the process ends
-                left = sum(1 for k, _ in self._queue.queue if k in (REQUESTS, FEEDBACK))
+            # what the writer will not commit before the process ends: the queued records and
+            # those in its open or uploading shards (should one still land, it is not counted
+            # as committed too)
+            with self._queue.mutex:
+                queued = sum(1 for k, _ in self._queue.queue if k in (REQUESTS, FEEDBACK))
+            with self._count_lock:
+                self._gave_up = True
+                left = queued + self._uncommitted
             self.metrics.dropped["shutdown"].inc(left)
-            log.warning("capture: drain did not finish in %.1fs; %d queued records are lost", timeout, left)
+            log.warning("capture: drain did not finish in %.1fs; %d records are lost", timeout, left)
             return False
         return True
 
@@ -298,17 +314,22 @@ class CaptureWriter:
         self.metrics.profile_prompts.inc()
 
     def _drain(self) -> None:
+        """The records first, into committed shards; then the queued prompts and the profile
+        (the drain budget goes to what is captured before what is profiled)."""
+        prompts: list[list[int] | str] = []
         while True:
             try:
                 kind, item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if kind == "prompt":
-                self._profile(item)
+                prompts.append(item)
             elif kind in (REQUESTS, FEEDBACK):
                 self._add(kind, self._request_record(item) if kind == REQUESTS else self._feedback_record(item))
         for kind in list(self._shards):
             self._commit(kind)
+        for prompt in prompts:
+            self._profile(prompt)
         self._write_profile()
 
     def _wait_s(self) -> float:
@@ -371,6 +392,8 @@ class CaptureWriter:
             shard = self._shards[kind] = _Shard(kind, self._seq[kind])
             self._seq[kind] += 1
         shard.add(record_id, record_time, data)
+        with self._count_lock:
+            self._uncommitted += 1
         if shard.records >= self.settings.shard_records:
             self._commit(kind)
 
@@ -387,10 +410,19 @@ class CaptureWriter:
             self.backend.put_bytes(flywheel.shard_marker_key(key), marker.to_json())
         except Exception as e:  # noqa: BLE001 - any store failure costs the shard, never the writer
             log.warning("capture: shard %s (%d records) not written, dropped: %s", key, shard.records, e)
-            self.metrics.dropped["store_error"].inc(shard.records)
+            if self._settle(shard.records):
+                self.metrics.dropped["store_error"].inc(shard.records)
             return
-        self.metrics.records[kind].inc(shard.records)
-        self.metrics.bytes[kind].inc(len(data))
+        if self._settle(shard.records):
+            self.metrics.records[kind].inc(shard.records)
+            self.metrics.bytes[kind].inc(len(data))
+
+    def _settle(self, records: int) -> bool:
+        """A shard's records left the uncommitted count; False when ``close`` already counted
+        them as lost (shutdown)."""
+        with self._count_lock:
+            self._uncommitted -= records
+            return not self._gave_up
 
     def _write_profile(self) -> None:
         snapshot = self.profile.snapshot()

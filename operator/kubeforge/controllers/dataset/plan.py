@@ -235,16 +235,20 @@ def _not_after(a: str | None, b: str | None) -> bool:
 
 def pending_shards(view: StoreView, kind: str = flywheel.REQUESTS) -> list[Shard]:
     """Shards of ``kind`` (request or feedback) the newest version has not curated: those its
-    manifest neither read nor skipped (curation reads every committed shard, so that is exact),
-    or, for a version whose manifest is unreadable, those starting after its window; every
-    shard when there is no version."""
+    manifest neither read nor skipped (curation reads every committed shard, so that is exact);
+    for a version whose manifest is unreadable, request shards starting after its window and
+    feedback shards starting after the version was committed (feedback comes after its
+    answers, so the window of the requests says nothing about it); every shard when there is
+    no version."""
     shards = view.requests if kind == flywheel.REQUESTS else view.feedback
     if not view.versions:
         return list(shards)
     newest = view.versions[-1]
     if newest.seen is not None:
         return [s for s in shards if s.rel not in newest.seen]
-    return [s for s in shards if newest.window_end is None or _after(s.first_time, newest.window_end)]
+    if kind == flywheel.REQUESTS:
+        return [s for s in shards if newest.window_end is None or _after(s.first_time, newest.window_end)]
+    return [s for s in shards if _after(s.first_time, newest.time)]
 
 
 def plan_retention(view: StoreView, keep_versions: int, capture_max_age_days: int | None,
