@@ -5,9 +5,10 @@ records in, splits and counts out) and ``near_duplicate_pairs`` the dedup step o
 for benchmarks. ``pipeline.py`` lists the steps in order.
 """
 
+from kubeforge_runtime.cli import SettingsError
 from kubeforge_runtime.curate.dedup import jaccard, near_duplicate_flags, near_duplicate_pairs
 from kubeforge_runtime.curate.pipeline import Curated, curate, eval_split
-from kubeforge_runtime.curate.settings import CurationSettings, SettingsError, parse_settings
+from kubeforge_runtime.curate.settings import CurationSettings, parse_settings
 
 __all__ = ["Curated", "CurationSettings", "SettingsError", "curate", "eval_split", "jaccard", "near_duplicate_flags",
            "near_duplicate_pairs", "parse_settings"]

@@ -23,27 +23,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kubeforge.api import contract
 from kubeforge.api.contract import ExitCode
-from kubeforge.store.backends import ObjectBackend, S3Options, StoreError, open_backend
+from kubeforge.store.backends import StoreError
 
+from kubeforge_runtime.cli import SettingsError, open_uri
 from kubeforge_runtime.curate.pipeline import curate
-from kubeforge_runtime.curate.settings import SettingsError, parse_settings
+from kubeforge_runtime.curate.settings import parse_settings
 from kubeforge_runtime.curate.source import read_capture
 from kubeforge_runtime.curate.version import committed_versions, read_manifest, write_version
 
 log = logging.getLogger("kubeforge.curate")
 SOURCE_EMPTY = 3
-
-
-def open_uri(uri: str, endpoint: str | None, env: Mapping[str, str]) -> ObjectBackend:
-    """A store backend for ``uri``: S3 settings and credentials from the pod's environment."""
-    return open_backend(uri, S3Options(
-        endpoint_url=endpoint or env.get(contract.ENV_S3_ENDPOINT) or None,
-        region=env.get(contract.ENV_S3_REGION) or None,
-        access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
-        secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
-        force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE))))
 
 
 def _missing_dir(uri: str) -> bool:

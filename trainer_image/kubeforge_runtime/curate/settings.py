@@ -6,19 +6,14 @@ know is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubeforge_runtime.cli import parse_settings_document
 from kubeforge_runtime.redact import Redactor
-
-
-class SettingsError(ValueError):
-    """The settings cannot work; the message names the key."""
 
 
 class _Section(BaseModel):
@@ -127,26 +122,4 @@ class CurationSettings(_Section):
 
 def parse_settings(raw: str | None) -> CurationSettings:
     """``--settings``: a JSON document, or ``@path`` of a file holding one; None or empty: defaults."""
-    if raw is None or not raw.strip():
-        return CurationSettings()
-    text = raw
-    if raw.startswith("@"):
-        try:
-            text = Path(raw[1:]).read_text()
-        except OSError as e:
-            raise SettingsError(f"cannot read settings file {raw[1:]}: {e.strerror}") from None
-    try:
-        doc = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
-        raise SettingsError(f"settings are not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise SettingsError(f"settings must be a JSON object, got {type(doc).__name__}")
-    try:
-        return CurationSettings.model_validate(doc)
-    except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
-            parts.append(f"{key}: {msg}" if key else msg)
-        raise SettingsError("invalid curation settings: " + "; ".join(parts)) from None
+    return parse_settings_document(raw, CurationSettings, "curation settings")

@@ -44,9 +44,10 @@ class SFTRecord:
     target: str
 
     @classmethod
-    def parse(cls, obj: Any, where: str) -> SFTRecord:
-        if not isinstance(obj, dict) or not isinstance(obj.get("target"), str):
-            raise ValueError(f"{where}: an SFT record needs a string field 'target'")
+    def parse(cls, obj: Any, where: str, target_field: str = "target") -> SFTRecord:
+        """``target_field`` names the target (a golden set's records call it ``reference``)."""
+        if not isinstance(obj, dict) or not isinstance(obj.get(target_field), str):
+            raise ValueError(f"{where}: an SFT record needs a string field '{target_field}'")
         prompt, messages = obj.get("prompt"), obj.get("messages")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"{where}: 'prompt' must be a string or null")
@@ -57,7 +58,7 @@ class SFTRecord:
                 raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} strings")
         if (prompt is None) == (messages is None):
             raise ValueError(f"{where}: exactly one of 'prompt' and 'messages' must be set")
-        return cls(prompt, messages, obj["target"])
+        return cls(prompt, messages, obj[target_field])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _raw_records(src: SourceFile) -> Iterator[tuple[str, bytes]]:
                     yield f"{src.uri}:{n}", line
 
 
-def read_records(src: SourceFile, start: int = 0) -> Iterator[tuple[int, SFTRecord]]:
+def read_records(src: SourceFile, start: int = 0, target_field: str = "target") -> Iterator[tuple[int, SFTRecord]]:
     """(index, record) of one file from record ``start`` on; records before it are skipped
     without being decoded."""
     for i, (where, raw) in enumerate(_raw_records(src)):
@@ -94,7 +95,7 @@ def read_records(src: SourceFile, start: int = 0) -> Iterator[tuple[int, SFTReco
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{where}: not JSON: {e}") from None
-            yield i, SFTRecord.parse(obj, where)
+            yield i, SFTRecord.parse(obj, where, target_field)
 
 
 def _token_text(value: Any) -> str | None:

@@ -1,0 +1,58 @@
+"""What the runtime's one-shot steps (``curate``, ``evaluate``) share: a store backend for a
+URI from the pod's environment, and their camelCase JSON settings (``--settings``), validated
+so that an error names the key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from kubeforge.api import contract
+from kubeforge.store.backends import ObjectBackend, S3Options, open_backend
+from pydantic import BaseModel, ValidationError
+
+Settings = TypeVar("Settings", bound=BaseModel)
+
+
+class SettingsError(ValueError):
+    """The settings cannot work; the message names the key."""
+
+
+def open_uri(uri: str, endpoint: str | None, env: Mapping[str, str]) -> ObjectBackend:
+    """A store backend for ``uri``: S3 settings and credentials from the pod's environment."""
+    return open_backend(uri, S3Options(
+        endpoint_url=endpoint or env.get(contract.ENV_S3_ENDPOINT) or None,
+        region=env.get(contract.ENV_S3_REGION) or None,
+        access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
+        secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
+        force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE))))
+
+
+def parse_settings_document(raw: str | None, model: type[Settings], what: str) -> Settings:
+    """``--settings``: a JSON document, or ``@path`` of a file holding one; None or empty: the
+    defaults. ``what`` names the settings in errors ("curation settings")."""
+    if raw is None or not raw.strip():
+        return model()
+    text = raw
+    if raw.startswith("@"):
+        try:
+            text = Path(raw[1:]).read_text()
+        except OSError as e:
+            raise SettingsError(f"cannot read settings file {raw[1:]}: {e.strerror}") from None
+    try:
+        doc = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"{what} are not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise SettingsError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
+            parts.append(f"{key}: {msg}" if key else msg)
+        raise SettingsError(f"invalid {what}: " + "; ".join(parts)) from None
