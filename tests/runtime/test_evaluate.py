@@ -22,7 +22,8 @@ from kubeforge.store.layout import EXPORT_PENDING_NAME
 from kubeforge_runtime.curate.version import write_version
 from kubeforge_runtime.data.sft import PromptEncoder, SFTRecord, build_sample
 from kubeforge_runtime.evaluate.__main__ import main
-from kubeforge_runtime.evaluate.scoring import ScoredModel, exact_match, normalise, overlap, preference
+from kubeforge_runtime.evaluate.scoring import ScoredModel, preference
+from kubeforge_runtime.evaluate.text import exact_match, normalise, overlap
 from kubeforge_runtime.model.hf import save_hf
 from kubeforge_runtime.model.llama import Llama
 from kubeforge_runtime.model.shape import preset

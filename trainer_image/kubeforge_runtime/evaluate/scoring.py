@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import unicodedata
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch
 from kubeforge.store.evaluation import PreferenceScore, SuiteScores
 
 from kubeforge_runtime.data.sft import PromptEncoder, SFTRecord, build_sample
+from kubeforge_runtime.evaluate.text import exact_match, is_short, overlap
 from kubeforge_runtime.intmath import cdiv
 from kubeforge_runtime.model.hf import eos_token_ids, load_hf
 from kubeforge_runtime.model.llama import Llama
@@ -35,37 +33,7 @@ from kubeforge_runtime.serve.engine import EngineConfig, LLMEngine
 from kubeforge_runtime.serve.sampling import SamplingParams
 from kubeforge_runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 _BLOCK = 16
-
-
-def normalise(text: str) -> str:
-    """SQuAD's answer normalisation, Unicode-aware: NFKC, case folded, punctuation (every
-    ``P*`` category) and English articles removed, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(answer: str, reference: str) -> bool:
-    return normalise(answer) == normalise(reference)
-
-
-def overlap(answer: str, reference: str) -> float:
-    """Token F1 of the normalised answer against the normalised reference (1.0 when both are
-    empty, 0.0 when only one is)."""
-    a, r = normalise(answer).split(), normalise(reference).split()
-    if not a or not r:
-        return float(a == r)
-    same = sum((Counter(a) & Counter(r)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(a), same / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def is_short(reference: str, max_words: int) -> bool:
-    return len(reference.split()) <= max_words
 
 
 @dataclasses.dataclass
