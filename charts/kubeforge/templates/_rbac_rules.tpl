@@ -16,7 +16,8 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
                      delete finished ones.
   services, configmaps   server-side apply of job and InferenceService children: patch, and
                      create for an apply that creates the object; list and watch, so that a
-                     deleted child is made again.
+                     deleted child is made again; delete: an InferenceService's canary,
+                     shadow and router Services and the router's ConfigMap when they go.
   networkpolicies    the same for the NetworkPolicy of every TrainingJob and InferenceService;
                      get (an Event when the allowed clients change) and delete (when
                      workloadNetworkPolicies.enabled is false).
@@ -27,7 +28,8 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
                      summaries and export markers; those of a Dataset's store, read to list its
                      capture shards and versions and apply its retention. Never list or watch.
   events             create: Events on every decision (kopf.event and the TrainingJob controller).
-  deployments        InferenceService: get, apply (create, patch), and watch the ones it manages.
+  deployments        InferenceService: get, apply (create, patch), and watch the ones it manages;
+                     delete its canary, shadow and router Deployments when they go.
   horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes;
                      list and watch (a deleted one is made again).
   poddisruptionbudgets   apply (create, patch); list and watch (a deleted one is made again).
@@ -54,7 +56,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
@@ -66,7 +68,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["create"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -166,6 +166,35 @@ class Logging(ApiModel):
     drift: DriftSettings = Field(default_factory=DriftSettings, description="Prompt drift detection.")
 
 
+class CanaryRevision(ApiModel):
+    """A second revision (the candidate) answering a share of the requests. A request with a
+    session key (header routing.sessionHeader, or the OpenAI `user` field) stays on its
+    revision; the rest are split exactly (after n requests the canary has had floor(n x p))."""
+
+    model: ModelSource = Field(description="The candidate's model.")
+    traffic_percent: float = Field(ge=0, le=100, description="Share of requests the canary answers (0 to 100).")
+    replicas: int = Field(default=1, ge=1, le=64, description="Replicas of the canary (fixed; the HPA scales the stable revision).")
+
+
+class ShadowRevision(ApiModel):
+    """A revision that receives a copy of a share of the generation requests; its answers are
+    compared with the primary's (kubeforge:shadow_agreement) and never returned, and it is never
+    waited for: a slow or failed shadow does not affect clients. Its traffic is not captured."""
+
+    model: ModelSource = Field(description="The shadowed model.")
+    sample_percent: float = Field(ge=0, le=100, description="Share of generation requests copied to it (0 to 100).")
+    replicas: int = Field(default=1, ge=1, le=64, description="Replicas of the shadow.")
+
+
+class Routing(ApiModel):
+    """The router (`<name>-router`) that fronts the revisions while a canary or a shadow is set."""
+
+    replicas: int = Field(default=2, ge=1, le=16, description=(
+        "Router replicas; each splits exactly, so the aggregate is exact too."))
+    session_header: str = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
+        "Request header whose value keeps a session on one revision."))
+
+
 class InferenceServiceSpec(ApiModel):
     """The model and how it is served and scaled."""
 
@@ -200,6 +229,12 @@ class InferenceServiceSpec(ApiModel):
     logging: Logging | None = Field(default=None, description=(
         "Capture sampled traffic and feedback for training (the data flywheel); absent: nothing is captured "
         "and /v1/feedback answers 501."))
+    canary: CanaryRevision | None = Field(default=None, description=(
+        "A candidate revision answering a share of the requests, behind a router; absent: the stable "
+        "revision answers everything."))
+    shadow: ShadowRevision | None = Field(default=None, description=(
+        "A revision receiving copies of a share of the requests, behind a router; its answers are never returned."))
+    routing: Routing = Field(default_factory=Routing, description="The router, while canary or shadow is set.")
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("!has(self.gpuProduct) || self.gpus > 0", "gpuProduct must not be set when gpus is 0",
@@ -236,6 +271,25 @@ class CaptureStatus(ApiModel):
     sample_rate: float | None = Field(default=None, description="The sample rate in effect.")
 
 
+class RevisionStatus(ApiModel):
+    """One extra revision: what it serves, its share and its pods."""
+
+    model: ServedModel | None = Field(default=None, description="The model it serves (once resolved).")
+    percent: float | None = Field(default=None, description="Its traffic (canary) or sample (shadow) percent.")
+    replicas: int | None = Field(default=None, description="Its pods.")
+    ready_replicas: int | None = Field(default=None, description="Its ready pods.")
+    message: str | None = Field(default=None, description="Why it does not serve yet, when it does not.")
+
+
+class TrafficStatus(ApiModel):
+    """Who answers the Service: the stable pods directly, or the router in front of the revisions."""
+
+    routed: bool = Field(default=False, description="The Service sends requests to the router.")
+    router_ready_replicas: int | None = Field(default=None, description="Ready router pods.")
+    canary: RevisionStatus | None = Field(default=None, description="The canary, with spec.canary.")
+    shadow: RevisionStatus | None = Field(default=None, description="The shadow, with spec.shadow.")
+
+
 class InferenceServiceStatus(StatusBase):
     """Observed state of the service. Conditions: Ready (serving the wanted model),
     ModelReady (the model source resolved), Available (at least one replica ready); with
@@ -250,6 +304,7 @@ class InferenceServiceStatus(StatusBase):
     model: ServedModel | None = Field(default=None, description="The model being served.")
     capture: CaptureStatus | None = Field(default=None, description="Traffic capture, with spec.logging.")
     drift: DriftStatus | None = Field(default=None, description="Prompt drift, with spec.logging.")
+    traffic: TrafficStatus | None = Field(default=None, description="The traffic split, with spec.canary or spec.shadow.")
 
 
 #: The children are named "<name>-server", and a Service name is a DNS label (63 characters).
@@ -280,5 +335,6 @@ class InferenceService(Kind):
         {"name": "URL", "type": "string", "jsonPath": ".status.url"},
         {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Model", "type": "string", "jsonPath": ".status.model.uri"},
+        {"name": "Canary", "type": "number", "jsonPath": ".status.traffic.canary.percent"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )

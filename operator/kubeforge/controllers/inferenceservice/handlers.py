@@ -33,7 +33,7 @@ from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, InferenceService, InferenceServiceSpec, TrainingJob
 from kubeforge.api.common import API_VERSION, GROUP, VERSION, LocalObjectReference, condition
 from kubeforge.api.contract import ENV_S3_ACCESS_KEY_ID, ENV_S3_SECRET_ACCESS_KEY, SERVING_PORT
-from kubeforge.api.inferenceservice import DriftSettings
+from kubeforge.api.inferenceservice import CanaryRevision, DriftSettings, ModelSource
 from kubeforge.controllers.background import Background, SideBySide
 from kubeforge.controllers.inferenceservice import manifests
 from kubeforge.controllers.inferenceservice.manifests import Owner, ResolvedCapture, ResolvedModel
@@ -45,6 +45,7 @@ from kubeforge.controllers.inferenceservice.plan import (
     DriftDecision,
     LiveProfiles,
     ModelResolution,
+    RevisionView,
     StoreKey,
     baseline_uri,
     choose_export,
@@ -57,6 +58,7 @@ from kubeforge.controllers.inferenceservice.plan import (
     profile_fits,
     resolve_capture,
     status_patch,
+    traffic_status,
 )
 from kubeforge.controllers.pod_state import not_starting
 from kubeforge.controllers.status import conditions_patch, parse_spec
@@ -186,11 +188,10 @@ def read_stuck(owner: Owner) -> str | None:
     return not_starting(k8s.list_pods(owner.namespace, manifests.selector(owner.name)))
 
 
-def resolve_model(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
+def resolve_model(state: InferenceServices, owner: Owner, m: ModelSource,
                   served: dict[str, Any] | None) -> ModelResolution:
-    """Where the model is and whether it can be served; ``served`` is status.model as the
-    existing Deployment says (for Pinned)."""
-    m = spec.model
+    """Where the model (spec.model, or a canary's or shadow's) is and whether it can be served;
+    ``served`` is status.model as the existing Deployment says (for Pinned)."""
     secret = m.credentials_secret_ref.name if m.credentials_secret_ref else None
     if m.uri:
         return ModelResolution(True, "ModelURI", f"serving {m.uri}",
@@ -334,22 +335,94 @@ def sync_hpa(owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> 
 def sync_network_policy(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
                         body: dict[str, Any]) -> None:
     """Apply the servers' NetworkPolicy (an Event naming who may connect, when that changes),
-    or delete it when the operator's setting turns them off."""
-    name = manifests.child_name(owner.name)
+    and the canary's, shadow's and router's while they exist; or delete them all when the
+    operator's setting turns them off."""
     security = state.settings.security
-    if not security.network_policies:
-        if k8s.delete_network_policy(name, owner.namespace):
-            k8s.record_event(body, "NetworkPolicyRemoved", f"deleted NetworkPolicy {name}: the operator makes none")
-        return
-    existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
-    desired = manifests.build_network_policy(owner, spec, security.scrape_from)
-    k8s.apply(desired)
-    peers = desired["spec"]["ingress"][0]["from"]
-    stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
-    # the API server drops empty lists and maps (matchExpressions: [], except: []): compare without them
-    if existing is None or _without_empty(stored) != _without_empty(peers):
-        k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
-                         f"{json.dumps(peers, separators=(',', ':'))}")
+    roles = [(manifests.STABLE, True), (manifests.CANARY, spec.canary is not None),
+             (manifests.SHADOW, spec.shadow is not None), (manifests.ROUTER, manifests.routed(spec))]
+    for role, wanted in roles:
+        name = manifests.child_name(owner.name) if role == manifests.STABLE else manifests.role_child_name(owner.name, role)
+        if not security.network_policies or not wanted:
+            if k8s.delete_network_policy(name, owner.namespace) and role == manifests.STABLE:
+                k8s.record_event(body, "NetworkPolicyRemoved", f"deleted NetworkPolicy {name}: the operator makes none")
+            continue
+        existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
+        desired = manifests.build_network_policy(owner, spec, security.scrape_from, role)
+        k8s.apply(desired)
+        peers = desired["spec"]["ingress"][0]["from"]
+        stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
+        # the API server drops empty lists and maps (matchExpressions: [], except: []): compare without them
+        if existing is None or _without_empty(stored) != _without_empty(peers):
+            k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
+                             f"{json.dumps(peers, separators=(',', ':'))}")
+
+
+def _delete_role(owner: Owner, role: str) -> bool:
+    """Delete a canary's, shadow's or router's Deployment, Service and ConfigMap; True when
+    its Deployment existed."""
+    name, ns = manifests.role_child_name(owner.name, role), owner.namespace
+    existed = k8s.delete(k8s.apps().delete_namespaced_deployment, name, ns)
+    k8s.delete(k8s.core().delete_namespaced_service, name, ns)
+    if role == manifests.ROUTER:
+        k8s.delete(k8s.core().delete_namespaced_config_map, name, ns)
+    return existed
+
+
+def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
+                 capture: ResolvedCapture | None) -> dict[str, Any] | None:
+    """Apply or remove the canary, the shadow and the router, and point the Service: at the
+    router once one of its pods is ready (until then the stable pods answer everything), back at
+    the stable pods before the router goes (its pods drain what they hold). Returns
+    status.traffic."""
+    image = state.settings.images.workload
+    old = (body.get("status") or {}).get("traffic") or {}
+    views: dict[str, RevisionView] = {}
+    for role, rev in ((manifests.CANARY, spec.canary), (manifests.SHADOW, spec.shadow)):
+        title = role.capitalize()
+        if rev is None:
+            # status.traffic says whether there is anything to remove (no DELETE calls for
+            # the many services that never had a canary)
+            if old.get(role) and _delete_role(owner, role):
+                k8s.record_event(body, f"{title}Removed", f"spec.{role} removed: deleted its Deployment and Service")
+            continue
+        name = manifests.role_child_name(owner.name, role)
+        existing = k8s.get_or_none(k8s.apps().read_namespaced_deployment, name, owner.namespace)
+        resolution = resolve_model(state, owner, rev.model, model_of_status(existing) if existing else None)
+        model = resolution.model or (model_of(existing) if existing is not None else None)
+        percent = rev.traffic_percent if isinstance(rev, CanaryRevision) else rev.sample_percent
+        deployment = existing
+        if model is not None:
+            deployment = k8s.apply(manifests.build_deployment(owner, spec, model, image, capture, role=role))
+            k8s.apply(manifests.build_role_service(owner, role))
+            if existing is None:
+                k8s.record_event(body, f"{title}Started", f"{role} {model.uri} at {percent:g} %")
+        elif existing is None:
+            k8s.record_event(body, f"{title}Waiting", f"spec.{role}.model: {resolution.message}", warning=True)
+        before = (old.get(role) or {}).get("percent")
+        if existing is not None and before is not None and before != percent:
+            k8s.record_event(body, f"{title}PercentChanged", f"{role}: {before:g} % -> {percent:g} %")
+        views[role] = RevisionView(percent, resolution, deployment)
+    service_name = manifests.child_name(owner.name)
+    was_routed = bool(old.get("routed"))  # the Service selects the router (status says; no read of it)
+    router = None
+    to_router = False
+    if manifests.routed(spec):
+        k8s.apply(manifests.build_role_service(owner, manifests.STABLE))
+        k8s.apply(manifests.build_router_configmap(owner, spec))
+        router = k8s.apply(manifests.build_router_deployment(owner, spec, image))
+        to_router = was_routed or int((router.get("status") or {}).get("readyReplicas") or 0) > 0
+    k8s.apply(manifests.build_service(owner, to_router))
+    if to_router and not was_routed:
+        k8s.record_event(body, "TrafficRouted", f"Service {service_name} now selects the router "
+                         f"{manifests.role_child_name(owner.name, manifests.ROUTER)}: "
+                         f"{manifests.router_config_json(owner, spec)}")
+    if not manifests.routed(spec) and old:
+        if was_routed:
+            k8s.record_event(body, "TrafficUnrouted", f"Service {service_name} selects the stable pods again")
+        _delete_role(owner, manifests.ROUTER)
+        k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, manifests.STABLE),
+                   owner.namespace)
+    return traffic_status(spec, views, router, to_router)
 
 
 def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -429,7 +502,7 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
             return
         deployment = read_deployment(owner)
         served = model_of_status(deployment) if deployment is not None else None
-        resolution = resolve_model(state, owner, parsed, served)
+        resolution = resolve_model(state, owner, parsed.model, served)
         capture = read_capture(state, owner, parsed)
         model = resolution.model
         if model is None and deployment is not None:
@@ -437,24 +510,26 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
         if model is not None:
             deployment = k8s.apply(manifests.build_deployment(owner, parsed, model, state.settings.images.workload,
                                                               capture.capture if capture else None))
-        k8s.apply(manifests.build_service(owner))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
         sync_network_policy(state, owner, parsed, body)
+        traffic = sync_traffic(state, owner, parsed, body, capture.capture if capture else None)
         track_capture(state, owner, parsed, capture, resolution)
         stuck = read_stuck(owner)
-        new = status_patch(owner, parsed, status, generation, resolution, deployment, stuck, capture)
+
+        def whole(st: dict[str, Any], dep: dict[str, Any] | None, why: str | None) -> dict[str, Any]:
+            return {**status_patch(owner, parsed, st, generation, resolution, dep, why, capture), "traffic": traffic}
+        new = whole(status, deployment, stuck)
         _events_for_transition(body, status, new, (served or {}).get("revision"), resolution.model)
         if not resolution.ready:
             logger.info("model not ready: %s", resolution.message)
         if capture is not None and not capture.ready:
             logger.info("capture not ready: %s", capture.message)
-        written = _write_status(owner, lambda st: status_patch(owner, parsed, st, generation, resolution,
-                                                                 deployment, stuck, capture)) or new
+        written = _write_status(owner, lambda st: whole(st, deployment, stuck)) or new
         deployment, stuck = read_deployment(owner), read_stuck(owner)
 
         def fresh(st: dict[str, Any]) -> dict[str, Any] | None:
-            out = status_patch(owner, parsed, st, generation, resolution, deployment, stuck, capture)
+            out = whole(st, deployment, stuck)
             return out if out != {k: st.get(k) for k in out} else None
         state.count_ready(owner, _write_status(owner, fresh) or written)
 
@@ -529,6 +604,11 @@ def deployment_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: 
         return
     if type == "DELETED":
         recreate(_state(memo), namespace, name, "Deployment")
+        return
+    if body.metadata.labels.get(manifests.ROLE_LABEL):
+        # a canary's, shadow's or router's pods turned ready (or not): status.traffic, and the
+        # Service's switch to a ready router, are the reconciliation's
+        repoll(_state(memo), namespace, name)
         return
     refresh_availability(_state(memo), namespace, name, _plain(body))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import math
 from typing import Any
 
@@ -32,12 +33,24 @@ from kubeforge.controllers.workload import (
     container_security,
     gpu_product_affinity,
     gpu_tolerations,
+    off_gpu_placement,
     pod_security,
     workload_image,
 )
 
-#: Label every child carries; its value is the InferenceService's name. The pods' selector.
+#: Label every child carries; its value is the InferenceService's name. The stable pods' selector.
 SERVICE_LABEL = "kubeforge.dev/inferenceservice"
+#: On the children of the canary, the shadow and the router: which of them (a child without it
+#: is the stable revision's, or the service's own).
+ROLE_LABEL = "kubeforge.dev/role"
+#: The selector of a canary's, shadow's or router's pods: ``<service>.<role>``. Those pods never
+#: carry SERVICE_LABEL, so the stable Deployment's (immutable) selector never matches them.
+ROLE_POD_LABEL = "kubeforge.dev/inferenceservice-role"
+STABLE, CANARY, SHADOW, ROUTER = "stable", "canary", "shadow", "router"
+ROUTER_CONTAINER = "router"
+ROUTER_CONFIG_DIR = "/etc/kubeforge/router"
+ROUTER_CONFIG_FILE = "config.json"
+ROUTER_CONFIG_ANNOTATION = "kubeforge.dev/router-config-sha256"
 COMPONENT = "inference-server"
 #: Pod-template annotation naming the served export revision: a new value rolls the pods.
 REVISION_ANNOTATION = "kubeforge.dev/model-revision"
@@ -117,6 +130,33 @@ def labels(name: str) -> dict[str, str]:
             "app.kubernetes.io/managed-by": "kubeforge"}
 
 
+def role_child_name(name: str, role: str) -> str:
+    """``<name>-canary``, ``<name>-shadow``, ``<name>-router``; ``<name>-stable`` is the Service of
+    the stable pods that the router calls (the stable Deployment stays ``<name>-server``)."""
+    return f"{name}-{role}"
+
+
+def role_pod_labels(name: str, role: str) -> dict[str, str]:
+    return pod_labels(name) if role == STABLE else {ROLE_POD_LABEL: f"{name}.{role}"}
+
+
+def role_labels(name: str, role: str) -> dict[str, str]:
+    """Labels of a role's children (metadata: SERVICE_LABEL names the owner for the handlers)."""
+    return {**labels(name), ROLE_LABEL: role}
+
+
+def _role_template_labels(name: str, role: str) -> dict[str, str]:
+    if role == STABLE:
+        return labels(name)
+    base = {k: v for k, v in labels(name).items() if k != SERVICE_LABEL}
+    return {**base, **role_pod_labels(name, role), ROLE_LABEL: role}
+
+
+def routed(spec: InferenceServiceSpec) -> bool:
+    """A router fronts the revisions while a canary or a shadow is set."""
+    return spec.canary is not None or spec.shadow is not None
+
+
 def selector(name: str) -> str:
     """The pods' label selector as a string (status.selector, read by the scale subresource)."""
     return ",".join(f"{k}={v}" for k, v in sorted(pod_labels(name).items()))
@@ -126,9 +166,12 @@ def url(owner: Owner) -> str:
     return f"http://{child_name(owner.name)}.{owner.namespace}.svc.cluster.local:{SERVING_PORT}"
 
 
-def _metadata(owner: Owner, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(owner: Owner, annotations: dict[str, str] | None = None, role: str | None = None) -> dict[str, Any]:
+    """A child's metadata; with ``role`` one of the canary's, shadow's or router's (or the
+    ``<name>-stable`` Service)."""
     meta: dict[str, Any] = {
-        "name": child_name(owner.name), "namespace": owner.namespace, "labels": labels(owner.name),
+        "name": child_name(owner.name) if role is None else role_child_name(owner.name, role),
+        "namespace": owner.namespace, "labels": labels(owner.name) if role is None else role_labels(owner.name, role),
         "ownerReferences": [owner.reference()],
     }
     if annotations:
@@ -255,12 +298,20 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel,
                      default_image: str = DEFAULT_WORKLOAD_IMAGE,
-                     capture: ResolvedCapture | None = None) -> dict[str, Any]:
+                     capture: ResolvedCapture | None = None, role: str = STABLE) -> dict[str, Any]:
     """The serving Deployment. Replicas follow spec.replicas (which the HPA and `kubectl scale`
     write through the scale subresource); a rolling update surges one pod and never removes a
     ready one first, so no request is dropped while a new model revision rolls out. With
     ``capture`` (spec.logging resolved) the servers capture traffic there; without it (no
-    spec.logging, or its store not resolved: CaptureReady False) they capture nothing."""
+    spec.logging, or its store not resolved: CaptureReady False) they capture nothing.
+
+    ``role`` canary or shadow: the same server for that revision's model, ``<name>-<role>``
+    with its own pod labels and its fixed replicas; a shadow never captures (its answers are
+    never shown to a user, so they are not data)."""
+    if role == SHADOW:
+        capture = None
+    revision = None if role == STABLE else (spec.canary if role == CANARY else spec.shadow)
+    replicas = spec.replicas if revision is None else revision.replicas
     startup_failures = math.ceil(spec.lifecycle.startup_timeout_seconds / STARTUP_PROBE_PERIOD_S)
     volumes: list[dict[str, Any]] = [
         {"name": "model-cache", "emptyDir": {"sizeLimit": spec.model_cache_size} if spec.model_cache_size else {}},
@@ -310,7 +361,7 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         "securityContext": pod_security(),
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
-                                       "labelSelector": {"matchLabels": pod_labels(owner.name)}}],
+                                       "labelSelector": {"matchLabels": role_pod_labels(owner.name, role)}}],
     }
     tolerations = gpu_tolerations(spec.gpus) + [t.dump() for t in spec.tolerations]
     if tolerations:
@@ -323,27 +374,119 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(owner),
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(owner, role=None if role == STABLE else role),
         "spec": {
-            "replicas": spec.replicas,
-            "selector": {"matchLabels": pod_labels(owner.name)},
+            "replicas": replicas,
+            "selector": {"matchLabels": role_pod_labels(owner.name, role)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             # a pod may legitimately take the whole startup budget: only then is the rollout stuck
             "progressDeadlineSeconds": spec.lifecycle.startup_timeout_seconds + 600,
             "revisionHistoryLimit": 5,
-            "template": {"metadata": {"labels": labels(owner.name), "annotations": pod_annotations},
+            "template": {"metadata": {"labels": _role_template_labels(owner.name, role),
+                                      "annotations": pod_annotations},
                          "spec": pod_spec},
         },
     }
 
 
-def build_service(owner: Owner) -> dict[str, Any]:
-    """ClusterIP Service on the named port; the OpenAI API and /metrics share it."""
+def _service_spec(selector_labels: dict[str, str]) -> dict[str, Any]:
+    return {"type": "ClusterIP", "selector": selector_labels,
+            "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME, "protocol": "TCP",
+                       "appProtocol": "http"}]}
+
+
+def build_service(owner: Owner, to_router: bool = False) -> dict[str, Any]:
+    """ClusterIP Service on the named port; the OpenAI API and /metrics share it. It selects the
+    stable pods, or with ``to_router`` (a canary or shadow is set and a router pod is ready) the
+    router's pods."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(owner),
+            "spec": _service_spec(role_pod_labels(owner.name, ROUTER if to_router else STABLE))}
+
+
+def build_role_service(owner: Owner, role: str) -> dict[str, Any]:
+    """``<name>-stable``, ``<name>-canary``, ``<name>-shadow``: what the router calls."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(owner, role=role),
+            "spec": _service_spec(role_pod_labels(owner.name, role))}
+
+
+def role_url(owner: Owner, role: str) -> str:
+    return f"http://{role_child_name(owner.name, role)}.{owner.namespace}.svc.cluster.local:{SERVING_PORT}"
+
+
+def router_config(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The router's config file (``kubeforge_runtime.route.split.RouterConfig``); the
+    revisions are named by role, the ``revision`` label of the router's metrics."""
+    doc: dict[str, Any] = {"stable": {"url": role_url(owner, STABLE), "revision": STABLE},
+                           "session_header": spec.routing.session_header}
+    if spec.canary is not None:
+        doc["canary"] = {"url": role_url(owner, CANARY), "revision": CANARY, "percent": spec.canary.traffic_percent}
+    if spec.shadow is not None:
+        doc["shadow"] = {"url": role_url(owner, SHADOW), "revision": SHADOW, "percent": spec.shadow.sample_percent}
+    return doc
+
+
+def router_config_json(owner: Owner, spec: InferenceServiceSpec) -> str:
+    return json.dumps(router_config(owner, spec), sort_keys=True, separators=(",", ":"))
+
+
+def build_router_configmap(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(owner, role=ROUTER),
+            "data": {ROUTER_CONFIG_FILE: router_config_json(owner, spec)}}
+
+
+def build_router_deployment(owner: Owner, spec: InferenceServiceSpec,
+                            default_image: str = DEFAULT_WORKLOAD_IMAGE) -> dict[str, Any]:
+    """The router in front of the revisions (``python -m kubeforge_runtime.route``), a small
+    CPU pod of the serving image. Its config's digest is a pod annotation: a new share or a
+    removed canary rolls the routers (surge one, never remove a ready one first), and the
+    routers also reread the mounted file when the kubelet updates it."""
+    digest = hashlib.sha256(router_config_json(owner, spec).encode()).hexdigest()
+    drain = spec.engine.shutdown_timeout_seconds
+    container: dict[str, Any] = {
+        "name": ROUTER_CONTAINER,
+        "image": workload_image(spec.image, default_image),
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["python", "-m", "kubeforge_runtime.route"],
+        "args": ["--config", f"{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_FILE}", "--host", "0.0.0.0",
+                 "--port", str(SERVING_PORT), "--shutdown-timeout", str(drain)],
+        "ports": [{"name": PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        # ready while the stable revision answers /health through <name>-stable
+        "readinessProbe": _probe("/health", 2, 2),
+        "livenessProbe": _probe("/metrics", 10, 3),
+        "lifecycle": {"preStop": {"sleep": {"seconds": spec.lifecycle.pre_stop_sleep_seconds}}},
+        "volumeMounts": [{"name": "config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+                         {"name": "tmp", "mountPath": TMP_DIR}],
+        "securityContext": container_security(read_only_root=True),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": role_child_name(owner.name, ROUTER)}},
+                    {"name": "tmp", "emptyDir": {}}],
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security(),
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": role_pod_labels(owner.name, ROUTER)}}],
+        **off_gpu_placement(),
+    }
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": _metadata(owner),
-        "spec": {"type": "ClusterIP", "selector": pod_labels(owner.name),
-                 "ports": [{"name": PORT_NAME, "port": SERVING_PORT, "targetPort": PORT_NAME, "protocol": "TCP",
-                            "appProtocol": "http"}]},
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(owner, role=ROUTER),
+        "spec": {
+            "replicas": spec.routing.replicas,
+            "selector": {"matchLabels": role_pod_labels(owner.name, ROUTER)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 5,
+            "template": {"metadata": {"labels": _role_template_labels(owner.name, ROUTER),
+                                      "annotations": {ROUTER_CONFIG_ANNOTATION: digest,
+                                                      "prometheus.io/scrape": "true",
+                                                      "prometheus.io/port": str(SERVING_PORT),
+                                                      "prometheus.io/path": "/metrics"}},
+                         "spec": pod_spec},
+        },
     }
 
 
@@ -364,15 +507,24 @@ def allowed_clients(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
 
 
 def build_network_policy(owner: Owner, spec: InferenceServiceSpec,
-                         scrape_from: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+                         scrape_from: tuple[dict[str, Any], ...] = (), role: str = STABLE) -> dict[str, Any]:
     """Ingress to the serving pods only on the server port, only from the allowed clients and
     the operator's scrape sources (Prometheus reads /metrics on that port; the HPA reads
     Prometheus through prometheus-adapter, never the pods). Egress stays open: the servers reach
-    the model's store and, with spec.logging, the capture store."""
-    peers = allowed_clients(spec) + [dict(p) for p in scrape_from]
+    the model's store and, with spec.logging, the capture store.
+
+    With a router: the stable pods also admit the router's pods; the router's pods (``role``
+    router) admit the clients; a canary's or shadow's pods admit only the router (and scrapes)."""
+    router = [{"podSelector": {"matchLabels": role_pod_labels(owner.name, ROUTER)}}]
+    if role in (CANARY, SHADOW):
+        peers = router
+    else:
+        peers = allowed_clients(spec) + (router if role == STABLE and routed(spec) else [])
+    peers = peers + [dict(p) for p in scrape_from]
     return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _metadata(owner),
-        "spec": {"podSelector": {"matchLabels": pod_labels(owner.name)}, "policyTypes": ["Ingress"],
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, role=None if role == STABLE else role),
+        "spec": {"podSelector": {"matchLabels": role_pod_labels(owner.name, role)}, "policyTypes": ["Ingress"],
                  "ingress": [{"from": peers, "ports": [{"port": SERVING_PORT, "protocol": "TCP"}]}]},
     }
 

@@ -347,3 +347,41 @@ def drift_patch(status: Any, decision: DriftDecision) -> dict[str, Any]:
 def drift_changed(old: dict[str, Any] | None, decision: DriftDecision) -> bool:
     """Whether a reading changes DriftDetected's status or reason (an Event and a log line)."""
     return (old or {}).get("status") != decision.status or (old or {}).get("reason") != decision.reason
+
+
+# ---------------------------------------------------------------------------- traffic split
+
+@dataclasses.dataclass(frozen=True)
+class RevisionView:
+    """What the handlers observed of a canary or a shadow: its share, how its model resolved,
+    and its Deployment as stored (None until the model first resolves)."""
+
+    percent: float
+    resolution: ModelResolution
+    deployment: dict[str, Any] | None
+
+
+def revision_status(view: RevisionView) -> dict[str, Any]:
+    dep = view.deployment
+    st = (dep or {}).get("status") or {}
+    model = model_of_status(dep) if dep is not None else None
+    if model is None and view.resolution.model is not None:
+        m = view.resolution.model
+        model = {k: v for k, v in (("uri", m.uri), ("revision", m.revision), ("step", m.step)) if v is not None}
+    out: dict[str, Any] = {"percent": view.percent, "replicas": int(st.get("replicas") or 0),
+                           "readyReplicas": int(st.get("readyReplicas") or 0),
+                           "message": None if view.resolution.ready else view.resolution.message}
+    if model is not None:
+        out["model"] = model
+    return out
+
+
+def traffic_status(spec: InferenceServiceSpec, revisions: dict[str, RevisionView],
+                   router: dict[str, Any] | None, to_router: bool) -> dict[str, Any] | None:
+    """status.traffic: None when neither a canary nor a shadow is set (and none is left)."""
+    if not manifests.routed(spec):
+        return None
+    return {"routed": to_router,
+            "routerReadyReplicas": int(((router or {}).get("status") or {}).get("readyReplicas") or 0),
+            "canary": revision_status(revisions[manifests.CANARY]) if manifests.CANARY in revisions else None,
+            "shadow": revision_status(revisions[manifests.SHADOW]) if manifests.SHADOW in revisions else None}
