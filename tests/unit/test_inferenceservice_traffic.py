@@ -148,3 +148,15 @@ def test_traffic_status() -> None:
 def test_bad_traffic_fields_name_the_field(over: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         spec(**over)
+
+
+def test_the_canary_example_parses_and_is_routed() -> None:
+    import yaml
+    from kubeforge.controllers.inferenceservice.manifests import routed
+
+    from tests.fixtures.cluster import REPO
+
+    doc = yaml.safe_load((REPO / "examples/09-inferenceservice-canary.yaml").read_text())
+    s = InferenceServiceSpec.model_validate(doc["spec"])
+    assert routed(s) and s.canary is not None and s.canary.traffic_percent == 10
+    assert RouterConfig.model_validate(ch.router_config(Owner(doc["metadata"]["name"], "ns", "u"), s)).shadow
