@@ -5,12 +5,14 @@ so that an error names the key."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 from kubeforge.api import contract
-from kubeforge.store.backends import ObjectBackend, S3Options, open_backend
+from kubeforge.store.backends import ObjectBackend, S3Options, StoreError, open_backend
 from pydantic import BaseModel, ValidationError
 
 Settings = TypeVar("Settings", bound=BaseModel)
@@ -56,3 +58,14 @@ def parse_settings_document(raw: str | None, model: type[Settings], what: str) -
             msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
             parts.append(f"{key}: {msg}" if key else msg)
         raise SettingsError(f"invalid {what}: " + "; ".join(parts)) from None
+
+
+def run_step(run: Callable[[list[str] | None, Mapping[str, str]], int], argv: list[str] | None,
+             env: Mapping[str, str] | None) -> int:
+    """A step's ``run(argv, env)`` (the process environment by default); a store still
+    unreachable after its retries is exit 1 (retrying may help), with the error on stderr."""
+    try:
+        return run(argv, os.environ if env is None else env)
+    except StoreError as e:
+        print(f"kubeforge: store error: {e}", file=sys.stderr, flush=True)
+        return 1

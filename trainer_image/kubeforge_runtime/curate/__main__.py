@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -24,9 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from kubeforge.api.contract import ExitCode
-from kubeforge.store.backends import StoreError
 
-from kubeforge_runtime.cli import SettingsError, open_uri
+from kubeforge_runtime.cli import SettingsError, open_uri, run_step
 from kubeforge_runtime.curate.pipeline import curate
 from kubeforge_runtime.curate.settings import parse_settings
 from kubeforge_runtime.curate.source import read_capture
@@ -43,11 +41,7 @@ def _missing_dir(uri: str) -> bool:
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    try:
-        return run(argv, os.environ if env is None else env)
-    except StoreError as e:
-        print(f"kubeforge: store error: {e}", file=sys.stderr, flush=True)
-        return 1
+    return run_step(run, argv, env)
 
 
 def run(argv: list[str] | None, env: Mapping[str, str]) -> int:

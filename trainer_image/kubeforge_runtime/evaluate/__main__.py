@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 from kubeforge.api.contract import ExitCode
-from kubeforge.store.backends import NotFound, StoreError
+from kubeforge.store.backends import NotFound
 from kubeforge.store.evaluation import (
     REPORT_MARKER_NAME,
     REPORT_NAME,
@@ -47,7 +46,7 @@ from kubeforge.store.evaluation import (
 from kubeforge.store.flywheel import EVAL_SPLIT, VERSION_MARKER_NAME, DatasetMarker, version_dir_name
 from kubeforge.store.layout import MARKER_NAME, ExportMarker, file_digest, utc_now
 
-from kubeforge_runtime.cli import SettingsError, open_uri
+from kubeforge_runtime.cli import SettingsError, open_uri, run_step
 from kubeforge_runtime.curate.version import committed_versions
 from kubeforge_runtime.data.sft import SFTRecord, read_records
 from kubeforge_runtime.data.sources import SourceFile
@@ -161,11 +160,7 @@ def score(m: ScoredModel, suites: Mapping[str, list[SFTRecord]],
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    try:
-        return run(argv, os.environ if env is None else env)
-    except StoreError as e:
-        print(f"kubeforge: store error: {e}", file=sys.stderr, flush=True)
-        return 1
+    return run_step(run, argv, env)
 
 
 def run(argv: list[str] | None, env: Mapping[str, str]) -> int:

@@ -296,6 +296,22 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
             "failureThreshold": failures, "successThreshold": 1}
 
 
+def _pod_spec(owner: Owner, spec: InferenceServiceSpec, container: dict[str, Any], volumes: list[dict[str, Any]],
+              role: str) -> dict[str, Any]:
+    """What a server's and a router's pods share: drain timing, no API token, restricted, spread."""
+    return {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security(),
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": role_pod_labels(owner.name, role)}}],
+    }
+
+
 def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedModel,
                      default_image: str = DEFAULT_WORKLOAD_IMAGE,
                      capture: ResolvedCapture | None = None, role: str = STABLE) -> dict[str, Any]:
@@ -352,17 +368,7 @@ def build_deployment(owner: Owner, spec: InferenceServiceSpec, model: ResolvedMo
         pod_annotations[REVISION_ANNOTATION] = model.revision
     if model.step is not None:
         pod_annotations[MODEL_STEP_ANNOTATION] = str(model.step)
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_security(),
-        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                       "whenUnsatisfiable": "ScheduleAnyway",
-                                       "labelSelector": {"matchLabels": role_pod_labels(owner.name, role)}}],
-    }
+    pod_spec = _pod_spec(owner, spec, container, volumes, role)
     tolerations = gpu_tolerations(spec.gpus) + [t.dump() for t in spec.tolerations]
     if tolerations:
         pod_spec["tolerations"] = tolerations
@@ -460,19 +466,9 @@ def build_router_deployment(owner: Owner, spec: InferenceServiceSpec,
                          {"name": "tmp", "mountPath": TMP_DIR}],
         "securityContext": container_security(read_only_root=True),
     }
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": role_child_name(owner.name, ROUTER)}},
-                    {"name": "tmp", "emptyDir": {}}],
-        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_security(),
-        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                       "whenUnsatisfiable": "ScheduleAnyway",
-                                       "labelSelector": {"matchLabels": role_pod_labels(owner.name, ROUTER)}}],
-        **off_gpu_placement(),
-    }
+    volumes = [{"name": "config", "configMap": {"name": role_child_name(owner.name, ROUTER)}},
+               {"name": "tmp", "emptyDir": {}}]
+    pod_spec = {**_pod_spec(owner, spec, container, volumes, ROUTER), **off_gpu_placement()}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(owner, role=ROUTER),
         "spec": {
