@@ -1,6 +1,6 @@
 """`make bench-flywheel`'s ``--smoke`` runs every part to the end (two real servers with and
-without capture, the dedup accuracy on a planted corpus, the curate CLI on captured shards,
-PSI) and writes every key of the committed full run, so the benchmark cannot rot."""
+without capture, the router's split and shadow in front of real servers, the dedup accuracy
+on a planted corpus, the curate CLI on captured shards, PSI) and writes every key of the committed full run, so the benchmark cannot rot."""
 
 from __future__ import annotations
 
@@ -22,4 +22,7 @@ def test_bench_flywheel_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert 0 <= result["dedup_precision"] <= 1 and 0 <= result["dedup_recall"] <= 1, result
     assert result["psi_detects_shift"]["detected"] is True, result["psi_detects_shift"]
     assert result["curate"]["records_out"]["train"] > 0, result["curate"]
+    # keyless requests are split exactly: within one request of the set share
+    assert result["split_error_points"] <= 100 / result["setup"]["split_requests"], result["split"]
+    assert result["split"]["shadow_ok"] > 0 and result["split"]["p50_plain_s"] > 0, result["split"]
     assert result["setup"]["curate_records"] < want["setup"]["curate_records"], "the smoke must be smaller"

@@ -164,8 +164,12 @@ def test_a_committed_report_is_not_rewritten(flywheel: dict[str, Path], tmp_path
     assert rc == 0 and first is not None, err
     assert first.baseline is None and first.preference is None and "eval" not in first.candidate_scores
     before = (out / REPORT_NAME).stat().st_mtime_ns
-    rc, again, err = evaluate(capsys, "--model", flywheel["base"], "--golden", flywheel["golden"], "--output", out)
+    rc, again, err = evaluate(capsys, "--model", flywheel["candidate"], "--golden", flywheel["golden"], "--output", out)
     assert rc == 0 and again == first and "nothing rewritten" in caplog.text
+    assert (out / REPORT_NAME).stat().st_mtime_ns == before
+    # the same output for another candidate is refused: its report would be the first one's
+    rc, _, err = evaluate(capsys, "--model", flywheel["base"], "--golden", flywheel["golden"], "--output", out)
+    assert rc == 78 and "holds a committed report of other inputs (model:" in err, err
     assert (out / REPORT_NAME).stat().st_mtime_ns == before
     # a report without its marker is not a report: the rerun scores and commits
     (out / REPORT_MARKER_NAME).unlink()
@@ -234,9 +238,11 @@ def test_evaluation_on_s3(flywheel: dict[str, Path], tmp_path: Path, s3_server: 
         if path.is_file():
             store.put_file(f"ds/dataset/{path.relative_to(flywheel['dataset'])}", path)
     store.put_file("golden/set.jsonl", flywheel["golden"])
+    for path in sorted(flywheel["candidate"].iterdir()):  # the model from S3 too, by --s3-endpoint alone
+        store.put_file(f"models/candidate/{path.name}", path)
     env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
            "AWS_REGION": s3_server.region}
-    rc = main(["--model", str(flywheel["candidate"]), "--dataset", f"{root}/ds/dataset", "--golden",
+    rc = main(["--model", f"{root}/models/candidate", "--dataset", f"{root}/ds/dataset", "--golden",
                f"{root}/golden/set.jsonl", "--output", f"{root}/fw/evaluation/{version_dir_name(1)}",
                "--s3-endpoint", s3_server.endpoint], env=env)
     out, err = capsys.readouterr()

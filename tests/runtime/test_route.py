@@ -335,3 +335,21 @@ def test_sigterm_finishes_the_requests_in_flight(servers: dict[str, Server], tmp
         results = [f.result() for f in futures]
     assert all(s == 200 and json.loads(d)["usage"]["completion_tokens"] == 200 for s, _, d in results)
     assert r.proc.wait(30) == 0 and "drained" in r.log_path.read_text()
+
+
+def test_a_client_that_hangs_up_is_not_counted_against_the_revision(servers: dict[str, Server], tmp_path: Path,
+                                                                    router: Any) -> None:
+    r = router(write_config(tmp_path / "c.json", servers))
+    sock = socket.create_connection(("127.0.0.1", r.port))
+    body = json.dumps({**BODY, "max_tokens": 200, "ignore_eos": True, "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    sock.close()
+    deadline = time.monotonic() + 10
+    while r.metrics().get('kubeforge:router_requests_total{code="client_closed",revision="r1"}', 0) < 1:
+        assert time.monotonic() < deadline, r.metrics()
+        time.sleep(0.1)
+    assert not any('code="aborted"' in k for k in r.metrics())
+    assert r.complete(BODY)[0] == 200

@@ -118,6 +118,9 @@ def test_who_may_reach_whom() -> None:
     assert peers(ch.ROUTER) == [web, *scrape]
     assert peers(ch.CANARY) == [router_peer, *scrape]  # only through the router
     assert peers(ch.STABLE, spec()) == [{"podSelector": {}}, *scrape]  # unrouted: as before
+    # while a router pod drains after canary and shadow went, the stable pods still admit it
+    drained = ch.build_network_policy(OWNER, spec(), scrape, ch.STABLE, router_peer=True)["spec"]["ingress"][0]["from"]
+    assert router_peer in drained
     pol = ch.build_network_policy(OWNER, s, scrape, ch.CANARY)
     assert pol["metadata"]["name"] == "chat-canary"
     assert pol["spec"]["podSelector"]["matchLabels"] == {ch.ROLE_POD_LABEL: "chat.canary"}
@@ -130,13 +133,20 @@ def test_traffic_status() -> None:
     ok = ctl.ModelResolution(True, "ModelURI", "serving", CANDIDATE)
     router = {"status": {"readyReplicas": 2}}
     st = ctl.traffic_status(s, {ch.CANARY: ctl.RevisionView(20, ok, dep)}, router, True)
-    assert st == {"routed": True, "routerReadyReplicas": 2, "shadow": None,
+    assert st == {"routed": True, "draining": [], "routerReadyReplicas": 2, "shadow": None,
                   "canary": {"percent": 20, "replicas": 2, "readyReplicas": 1, "message": None,
                              "model": {"uri": CANDIDATE.uri, "revision": CANDIDATE.revision}}}
     waiting = ctl.ModelResolution(False, "WaitingForTrainingJob", "TrainingJob ft does not exist")
     st = ctl.traffic_status(s, {ch.CANARY: ctl.RevisionView(20, waiting, None)}, None, False)
     assert st is not None and st["routed"] is False and st["canary"]["message"] == "TrainingJob ft does not exist"
+    dep["status"] = {"replicas": 1, "readyReplicas": 0}
+    st = ctl.traffic_status(s, {ch.CANARY: ctl.RevisionView(20, ok, dep, "ImagePullBackOff")}, router, True)
+    assert st is not None and st["canary"]["message"] == (
+        "no pod ready (ImagePullBackOff); its share goes to the stable revision")
     assert ctl.traffic_status(spec(), {}, None, False) is None
+    # canary and shadow removed, the router's pods still draining: the status says what waits
+    st = ctl.traffic_status(spec(), {}, None, False, [ch.CANARY])
+    assert st is not None and st["draining"] == ["canary"] and st["routed"] is False
 
 
 @pytest.mark.parametrize(("over", "field"), [

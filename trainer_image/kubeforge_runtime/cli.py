@@ -22,14 +22,19 @@ class SettingsError(ValueError):
     """The settings cannot work; the message names the key."""
 
 
-def open_uri(uri: str, endpoint: str | None, env: Mapping[str, str]) -> ObjectBackend:
-    """A store backend for ``uri``: S3 settings and credentials from the pod's environment."""
-    return open_backend(uri, S3Options(
+def s3_options(endpoint: str | None, env: Mapping[str, str]) -> S3Options:
+    """S3 settings and credentials from the pod's environment (``endpoint`` first)."""
+    return S3Options(
         endpoint_url=endpoint or env.get(contract.ENV_S3_ENDPOINT) or None,
         region=env.get(contract.ENV_S3_REGION) or None,
         access_key_id=env.get(contract.ENV_S3_ACCESS_KEY_ID) or None,
         secret_access_key=env.get(contract.ENV_S3_SECRET_ACCESS_KEY) or None,
-        force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE))))
+        force_path_style=contract.s3_force_path_style(env.get(contract.ENV_S3_FORCE_PATH_STYLE)))
+
+
+def open_uri(uri: str, endpoint: str | None, env: Mapping[str, str]) -> ObjectBackend:
+    """A store backend for ``uri``, as ``s3_options`` says."""
+    return open_backend(uri, s3_options(endpoint, env))
 
 
 def parse_settings_document(raw: str | None, model: type[Settings], what: str) -> Settings:

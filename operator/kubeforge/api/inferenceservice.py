@@ -285,6 +285,8 @@ class TrafficStatus(ApiModel):
     """Who answers the Service: the stable pods directly, or the router in front of the revisions."""
 
     routed: bool = Field(default=False, description="The Service sends requests to the router.")
+    draining: list[str] = Field(default_factory=list, description=(
+        "Removed revisions (canary, shadow) kept until no router pod can send them a request."))
     router_ready_replicas: int | None = Field(default=None, description="Ready router pods.")
     canary: RevisionStatus | None = Field(default=None, description="The canary, with spec.canary.")
     shadow: RevisionStatus | None = Field(default=None, description="The shadow, with spec.shadow.")

@@ -46,7 +46,7 @@ from kubeforge.store.evaluation import (
 from kubeforge.store.flywheel import EVAL_SPLIT, VERSION_MARKER_NAME, DatasetMarker, version_dir_name
 from kubeforge.store.layout import MARKER_NAME, ExportMarker, file_digest, utc_now
 
-from kubeforge_runtime.cli import SettingsError, open_uri, run_step
+from kubeforge_runtime.cli import SettingsError, open_uri, run_step, s3_options
 from kubeforge_runtime.curate.version import committed_versions
 from kubeforge_runtime.data.sft import SFTRecord, read_records
 from kubeforge_runtime.data.sources import SourceFile
@@ -192,8 +192,21 @@ def run(argv: list[str] | None, env: Mapping[str, str]) -> int:
 
     done = read_committed_report(args.output, ep, env)
     if done is not None:  # a rerun of an evaluation that committed (its pod restarted)
-        log.info("%s already holds a committed report: nothing rewritten", args.output)
-        print(EvaluationReport.model_validate_json(done).model_dump_json(), flush=True)
+        report = EvaluationReport.model_validate_json(done)
+        asked: dict[str, object] = {"model": args.model, "baseline": args.baseline, "dataset": args.dataset, "golden": args.golden,
+                 "settings": settings.as_document()}
+        found: dict[str, object] = {"model": report.candidate.uri, "baseline": report.baseline.uri if report.baseline else None,
+                 "dataset": report.dataset, "golden": report.golden, "settings": report.settings}
+        if args.dataset_version is not None and args.dataset_version != report.dataset_version:
+            asked["datasetVersion"], found["datasetVersion"] = args.dataset_version, report.dataset_version
+        differ = sorted(k for k in asked if asked[k] != found.get(k))
+        if differ:
+            print(f"kubeforge: configuration error: --output {args.output} holds a committed report of other "
+                  f"inputs ({', '.join(f'{k}: {found.get(k)!r}, asked {asked[k]!r}' for k in differ)}); give each "
+                  "evaluation its own output", file=sys.stderr, flush=True)
+            return int(ExitCode.CONFIG_ERROR)
+        log.info("%s already holds a committed report of these inputs: nothing rewritten", args.output)
+        print(report.model_dump_json(), flush=True)
         return int(ExitCode.SUCCESS)
 
     t0 = time.perf_counter()
@@ -216,7 +229,7 @@ def run(argv: list[str] | None, env: Mapping[str, str]) -> int:
             refs, models = {}, {}
             for role, uri in (("candidate", args.model), ("baseline", args.baseline)):
                 if uri is not None:
-                    local = fetch_model(uri, tmp / role)
+                    local = fetch_model(uri, tmp / role, options=s3_options(ep, env))
                     refs[role] = ModelRef(uri=uri, revision=export_revision(uri, local, ep, env))
                     models[role] = ScoredModel.load(local, device)
         except (InputError, ModelSourceError, ValueError, FileNotFoundError) as e:

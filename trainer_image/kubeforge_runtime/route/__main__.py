@@ -71,7 +71,8 @@ async def watch_config(path: Path, router: Router) -> None:
 
 async def serve(args: argparse.Namespace, config: RouterConfig) -> int:
     router = Router(config)
-    runner = web.AppRunner(router.app(), handle_signals=False, access_log=None)
+    # a client that hangs up cancels its handler, and with it the upstream request
+    runner = web.AppRunner(router.app(), handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()

@@ -6,10 +6,12 @@ optionally mirrored to the shadow, per-revision metrics.
   ``/v1/feedback``, ``/v1/models`` and every other path go to the stable revision: completion
   ids are signed with the service's key, so the stable revision accepts feedback on a
   canary's answer.
-- A canary that cannot be connected to (refused, reset before any byte, DNS) has processed
-  nothing, so the request is sent to the stable revision instead and the failure is counted
-  (``kubeforge:router_fallbacks_total``): a broken candidate costs its guard rails, not a
-  client. An HTTP error from the canary is its answer and is returned.
+- A canary that cannot be connected to (refused, no connection within 5 s, DNS, closed before
+  its answer began) gets the request sent to the stable revision instead, and the failure is
+  counted (``kubeforge:router_fallbacks_total``): a broken candidate costs its guard rails, not
+  a client. An HTTP error from the canary is its answer and is returned. A client that hangs
+  up is counted as ``code="client_closed"``, not against the revision, and (aiohttp's handler
+  cancellation) its upstream request is cancelled.
 - A mirrored request is sent to the shadow at the same time as to the primary, with
   ``stream: false``, in a task the primary never awaits; at most ``shadow_concurrency`` are in
   flight and a copy beyond that is dropped, so a slow or dead shadow never delays a client.
@@ -53,6 +55,9 @@ REVISION_HEADER = "x-kubeforge-revision"
 #: bytes of a primary answer kept for the shadow comparison
 _KEEP_BYTES = 1 << 20
 SHADOW_LOG = 256
+#: a revision that does not accept a connection within this is unreachable (dropped packets
+#: hang where a refusal is immediate): the request goes to the stable revision
+CONNECT_TIMEOUT_S = 5.0
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
@@ -125,6 +130,15 @@ def answer_text(body: bytes) -> str:
             with contextlib.suppress(ValueError):
                 out.append(of(json.loads(data)))
     return "".join(out)
+
+
+def _error(status: int, message: str, revision: str | None) -> web.Response:
+    """An error the router answers itself, in OpenAI's shape; with the revision it was for."""
+    resp = web.json_response({"error": {"message": message, "type": "server_error", "param": None, "code": None}},
+                             status=status)
+    if revision is not None:
+        resp.headers[REVISION_HEADER] = revision
+    return resp
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
@@ -203,8 +217,9 @@ class Router:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
-            return web.json_response({"error": {"message": "router is shutting down", "type": "server_error",
-                                                "param": None, "code": None}}, status=503, headers={"Retry-After": "1"})
+            resp = _error(503, "router is shutting down", None)
+            resp.headers["Retry-After"] = "1"
+            return resp
         self.in_flight += 1
         try:
             return await self._proxy(request)
@@ -228,24 +243,31 @@ class Router:
 
     async def _forward(self, target: Upstream, request: web.Request, body: bytes,
                        primary: asyncio.Future[str | None]) -> web.StreamResponse:
+        try:
+            return await self._forward_once(target, request, body, primary)
+        except asyncio.CancelledError:  # the client hung up (handler cancellation): not the revision's failure
+            self.metrics.requests.labels(target.revision, "client_closed").inc()
+            raise
+
+    async def _forward_once(self, target: Upstream, request: web.Request, body: bytes,
+                            primary: asyncio.Future[str | None]) -> web.StreamResponse:
         t0 = time.perf_counter()
         m = self.metrics
         url = target.url.rstrip("/") + request.path_qs
         try:
-            upstream = await self.session.request(request.method, url, headers=_forward_headers(request), data=body,
-                                                  timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout_s))
+            upstream = await self.session.request(
+                request.method, url, headers=_forward_headers(request), data=body,
+                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout_s, sock_connect=CONNECT_TIMEOUT_S))
         except aiohttp.ClientConnectionError as e:
             if target.revision != self.config.stable.revision:
                 m.fallbacks.labels(target.revision).inc()
                 log.warning("revision %s unreachable (%s): answered by the stable revision", target.revision, e)
-                return await self._forward(self.config.stable, request, body, primary)
+                return await self._forward_once(self.config.stable, request, body, primary)
             m.requests.labels(target.revision, "502").inc()
-            return web.json_response({"error": {"message": f"stable revision unreachable: {e}", "type": "server_error",
-                                                "param": None, "code": None}}, status=502)
+            return _error(502, f"stable revision unreachable: {e}", target.revision)
         except TimeoutError:
             m.requests.labels(target.revision, "504").inc()
-            return web.json_response({"error": {"message": "upstream timed out", "type": "server_error",
-                                                "param": None, "code": None}}, status=504)
+            return _error(504, "upstream timed out", target.revision)
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
@@ -255,18 +277,27 @@ class Router:
             await resp.prepare(request)
             kept = bytearray()
             first = None
-            try:
-                async for chunk in upstream.content.iter_any():
-                    if first is None:
-                        first = time.perf_counter()
-                        m.first_byte.labels(target.revision).observe(first - t0)
-                    if len(kept) < _KEEP_BYTES:
-                        kept += chunk
+            chunks = upstream.content.iter_any().__aiter__()
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except aiohttp.ClientError as e:  # the revision died mid-answer: the client sees a cut stream
+                    m.requests.labels(target.revision, "aborted").inc()
+                    log.warning("revision %s broke off an answer: %s", target.revision, e)
+                    return resp
+                if first is None:
+                    first = time.perf_counter()
+                    m.first_byte.labels(target.revision).observe(first - t0)
+                if len(kept) < _KEEP_BYTES:
+                    kept += chunk
+                try:
                     await resp.write(chunk)
-            except aiohttp.ClientError as e:  # the revision died mid-answer: the client sees a cut stream
-                m.requests.labels(target.revision, "aborted").inc()
-                log.warning("revision %s broke off an answer: %s", target.revision, e)
-                return resp
+                except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+                    # the client hung up: not the revision's failure
+                    m.requests.labels(target.revision, "client_closed").inc()
+                    return resp
             await resp.write_eof()
         m.requests.labels(target.revision, str(upstream.status)).inc()
         m.duration.labels(target.revision).observe(time.perf_counter() - t0)
@@ -288,6 +319,7 @@ class Router:
                            primary: asyncio.Future[str | None]) -> None:
         m = self.metrics
         t0 = time.perf_counter()
+        released = False
         try:
             with contextlib.suppress(ValueError):
                 doc = json.loads(body)
@@ -307,6 +339,9 @@ class Router:
                 return
             m.shadow_duration.labels(shadow.revision).observe(time.perf_counter() - t0)
             m.shadow.labels(shadow.revision, "ok" if status == 200 else "error").inc()
+            # the copy is done: its slot is free while it waits for the primary to compare
+            self.shadow_in_flight -= 1
+            released = True
             main_text = await primary
             if status != 200 or main_text is None:
                 return
@@ -316,4 +351,5 @@ class Router:
             self.shadow_log.append({"time": time.time(), "revision": shadow.revision, "agreement": round(agreement, 4),
                                     "primary": main_text[:2000], "shadow": shadow_text[:2000]})
         finally:
-            self.shadow_in_flight -= 1
+            if not released:
+                self.shadow_in_flight -= 1

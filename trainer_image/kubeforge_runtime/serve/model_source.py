@@ -63,9 +63,11 @@ def _check_revision(uri: str, marker: ExportMarker | None, expect_revision: str 
                                f"{expect_revision} (Pinned, or a rollout still on its way); not serving another")
 
 
-def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None) -> Path:
+def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None,
+                options: S3Options | None = None) -> Path:
     """A local directory holding config.json and the safetensors for ``uri``. With
-    ``expect_revision``, an export whose commit marker has another time is refused."""
+    ``expect_revision``, an export whose commit marker has another time is refused. S3 is
+    reached with ``options``, else as the process environment says."""
     from kubeforge.store import EXPORT_PENDING_NAME, MARKER_NAME, ExportMarker, NotFound, open_backend
 
     parsed = urlparse(uri)
@@ -89,7 +91,7 @@ def fetch_model(uri: str, download_dir: Path, expect_revision: str | None = None
         return path
     if parsed.scheme != "s3":
         raise ModelSourceError(f"unsupported model URI {uri!r}; use a path, file:// or s3://bucket/prefix")
-    backend = open_backend(uri, _s3_options())
+    backend = open_backend(uri, options or _s3_options())
     dest = download_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     dest.mkdir(parents=True, exist_ok=True)
     try:

@@ -114,6 +114,13 @@ class InferenceServices:
         self.drift_passes: SideBySide[Key] = SideBySide("drift", settings.inferenceservice.export_poll_concurrency)
         #: one drift reading applied at a time per service (the pass, and a read that finished)
         self.drift_locks: dict[Key, threading.Lock] = {}
+        #: one reconciliation at a time per service: the role Deployments' events and the
+        #: service's own run side by side, and the Service's selector must follow the last read
+        self.reconcile_locks: dict[Key, threading.Lock] = {}
+
+    def reconcile_lock(self, key: Key) -> threading.Lock:
+        with self.lock:
+            return self.reconcile_locks.setdefault(key, threading.Lock())
 
     def count_ready(self, owner: Owner, status: Mapping[str, Any]) -> None:
         if (owner.namespace, owner.name) in self.deleted:
@@ -134,6 +141,7 @@ class InferenceServices:
         INFERENCESERVICES_READY.set(sum(self.ready.values()))
         self.stop_capture(key)
         self.drift_locks.pop(key, None)
+        self.reconcile_locks.pop(key, None)
 
     def capture(self, key: Key, target: DriftTarget) -> None:
         """Measure ``key``'s drift from now on with ``target`` (a changed one is read afresh)."""
@@ -332,97 +340,174 @@ def sync_hpa(owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> 
         k8s.record_event(body, "AutoscalerUpdated", summary)
 
 
-def sync_network_policy(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec,
-                        body: dict[str, Any]) -> None:
+def _apply_policy(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
+                  role: str, router_peer: bool) -> None:
+    name = manifests.child_name(owner.name) if role == manifests.STABLE else manifests.role_child_name(owner.name, role)
+    existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
+    desired = manifests.build_network_policy(owner, spec, state.settings.security.scrape_from, role,
+                                             router_peer=router_peer)
+    k8s.apply(desired)
+    peers = desired["spec"]["ingress"][0]["from"]
+    stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
+    # the API server drops empty lists and maps (matchExpressions: [], except: []): compare without them
+    if existing is None or _without_empty(stored) != _without_empty(peers):
+        k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
+                         f"{json.dumps(peers, separators=(',', ':'))}")
+
+
+def guard_new_roles(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> None:
+    """The policies of the roles spec wants, before their pods are made (a canary is never
+    open to the namespace for a moment)."""
+    if not state.settings.security.network_policies:
+        return
+    for role, wanted in ((manifests.CANARY, spec.canary), (manifests.SHADOW, spec.shadow),
+                         (manifests.ROUTER, manifests.routed(spec) or None)):
+        if wanted is not None:
+            _apply_policy(state, owner, spec, body, role, router_peer=True)
+
+
+def sync_network_policy(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
+                        live: frozenset[str] = frozenset(), gone: frozenset[str] = frozenset()) -> None:
     """Apply the servers' NetworkPolicy (an Event naming who may connect, when that changes),
-    and the canary's, shadow's and router's while they exist; or delete them all when the
-    operator's setting turns them off."""
+    and the canary's, shadow's and router's while they live (``live``, from ``sync_traffic``:
+    kept while a router pod may still call them, and the stable pods admit the router as long);
+    delete a role's once its children are ``gone``, or all of them when the operator's setting
+    turns them off. The many services without a canary make no call for the roles."""
     security = state.settings.security
-    roles = [(manifests.STABLE, True), (manifests.CANARY, spec.canary is not None),
-             (manifests.SHADOW, spec.shadow is not None), (manifests.ROUTER, manifests.routed(spec))]
-    for role, wanted in roles:
+    for role in (manifests.STABLE, manifests.CANARY, manifests.SHADOW, manifests.ROUTER):
         name = manifests.child_name(owner.name) if role == manifests.STABLE else manifests.role_child_name(owner.name, role)
-        if not security.network_policies or not wanted:
-            if k8s.delete_network_policy(name, owner.namespace) and role == manifests.STABLE:
+        if not security.network_policies:
+            if (role == manifests.STABLE or role in live or role in gone) and \
+                    k8s.delete_network_policy(name, owner.namespace) and role == manifests.STABLE:
                 k8s.record_event(body, "NetworkPolicyRemoved", f"deleted NetworkPolicy {name}: the operator makes none")
-            continue
-        existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
-        desired = manifests.build_network_policy(owner, spec, security.scrape_from, role)
-        k8s.apply(desired)
-        peers = desired["spec"]["ingress"][0]["from"]
-        stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
-        # the API server drops empty lists and maps (matchExpressions: [], except: []): compare without them
-        if existing is None or _without_empty(stored) != _without_empty(peers):
-            k8s.record_event(body, "NetworkPolicyApplied", f"NetworkPolicy {name}: port {SERVING_PORT} only from "
-                             f"{json.dumps(peers, separators=(',', ':'))}")
+        elif role == manifests.STABLE or role in live:
+            _apply_policy(state, owner, spec, body, role, router_peer=manifests.ROUTER in live)
+        elif role in gone:
+            k8s.delete_network_policy(name, owner.namespace)
 
 
-def _delete_role(owner: Owner, role: str) -> bool:
-    """Delete a canary's, shadow's or router's Deployment, Service and ConfigMap; True when
-    its Deployment existed."""
+def role_deployments(owner: Owner) -> dict[str, dict[str, Any]]:
+    """The canary's, shadow's and router's Deployments that exist, by role (one LIST)."""
+    listed = k8s.get_or_none(k8s.apps().list_namespaced_deployment, owner.namespace,
+                             label_selector=f"{manifests.SERVICE_LABEL}={owner.name},{manifests.ROLE_LABEL}")
+    out = {}
+    for d in (listed or {}).get("items") or []:
+        role = ((d.get("metadata") or {}).get("labels") or {}).get(manifests.ROLE_LABEL)
+        if role:
+            out[role] = d
+    return out
+
+
+def _rolled_out(deployment: dict[str, Any]) -> bool:
+    """Every pod of the Deployment runs its current template (old ones gone)."""
+    st = deployment.get("status") or {}
+    want = int((deployment.get("spec") or {}).get("replicas") or 0)
+    return ((st.get("observedGeneration") or 0) >= (deployment["metadata"].get("generation") or 0)
+            and int(st.get("updatedReplicas") or 0) == want and int(st.get("replicas") or 0) == want)
+
+
+def _delete_role(owner: Owner, role: str) -> None:
+    """Delete a canary's, shadow's or router's Deployment and Service (the router's ConfigMap
+    goes with the rest, once no router pod is left)."""
     name, ns = manifests.role_child_name(owner.name, role), owner.namespace
-    existed = k8s.delete(k8s.apps().delete_namespaced_deployment, name, ns)
-    k8s.delete(k8s.core().delete_namespaced_service, name, ns)
-    if role == manifests.ROUTER:
-        k8s.delete(k8s.core().delete_namespaced_config_map, name, ns)
-    return existed
+    k8s.delete(k8s.apps().delete_namespaced_deployment, name, ns)
+    if role != manifests.ROUTER:
+        k8s.delete(k8s.core().delete_namespaced_service, name, ns)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrafficResult:
+    status: dict[str, Any] | None
+    #: roles whose pods exist or are wanted: their NetworkPolicies stay
+    live: frozenset[str]
+    #: roles removed in this pass
+    gone: frozenset[str]
 
 
 def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
-                 capture: ResolvedCapture | None) -> dict[str, Any] | None:
-    """Apply or remove the canary, the shadow and the router, and point the Service: at the
-    router once one of its pods is ready (until then the stable pods answer everything), back at
-    the stable pods before the router goes (its pods drain what they hold). Returns
-    status.traffic."""
+                 capture: ResolvedCapture | None) -> TrafficResult:
+    """Apply or remove the canary, the shadow and the router, in an order that drops nothing:
+
+    - the Service selects the router while a router pod is ready, else the stable pods (until
+      the router is ready, and whenever every router pod is down, the stable pods answer);
+    - when canary and shadow both go, the Service returns to the stable pods first, then the
+      router Deployment is deleted (its pods drain what they hold), and only once no router pod
+      is left do the revisions, ``<name>-stable``, the ConfigMap and the policies go;
+    - when one of them goes while the other stays, its children stay until every router pod
+      runs the new config (the routers' rollout is complete).
+
+    What exists is read from the cluster (one LIST of the role Deployments; the router's pods
+    only when there is one), never from the status, so a lost status write orphans nothing."""
     image = state.settings.images.workload
     old = (body.get("status") or {}).get("traffic") or {}
+    existing = role_deployments(owner)
+    ns = owner.namespace
+    router_pods = k8s.list_pods(ns, manifests.role_selector(owner.name, manifests.ROUTER)) \
+        if existing or old else []
     views: dict[str, RevisionView] = {}
     for role, rev in ((manifests.CANARY, spec.canary), (manifests.SHADOW, spec.shadow)):
-        title = role.capitalize()
         if rev is None:
-            # status.traffic says whether there is anything to remove (no DELETE calls for
-            # the many services that never had a canary)
-            if old.get(role) and _delete_role(owner, role):
-                k8s.record_event(body, f"{title}Removed", f"spec.{role} removed: deleted its Deployment and Service")
             continue
-        name = manifests.role_child_name(owner.name, role)
-        existing = k8s.get_or_none(k8s.apps().read_namespaced_deployment, name, owner.namespace)
-        resolution = resolve_model(state, owner, rev.model, model_of_status(existing) if existing else None)
-        model = resolution.model or (model_of(existing) if existing is not None else None)
+        title = role.capitalize()
+        current = existing.get(role)
+        resolution = resolve_model(state, owner, rev.model, model_of_status(current) if current else None)
+        model = resolution.model or (model_of(current) if current is not None else None)
         percent = rev.traffic_percent if isinstance(rev, CanaryRevision) else rev.sample_percent
-        deployment = existing
+        deployment = current
         if model is not None:
             deployment = k8s.apply(manifests.build_deployment(owner, spec, model, image, capture, role=role))
             k8s.apply(manifests.build_role_service(owner, role))
-            if existing is None:
+            if current is None:
                 k8s.record_event(body, f"{title}Started", f"{role} {model.uri} at {percent:g} %")
-        elif existing is None:
+        elif current is None and not old.get(role):
             k8s.record_event(body, f"{title}Waiting", f"spec.{role}.model: {resolution.message}", warning=True)
         before = (old.get(role) or {}).get("percent")
-        if existing is not None and before is not None and before != percent:
+        if current is not None and before is not None and before != percent:
             k8s.record_event(body, f"{title}PercentChanged", f"{role}: {before:g} % -> {percent:g} %")
-        views[role] = RevisionView(percent, resolution, deployment)
-    service_name = manifests.child_name(owner.name)
-    was_routed = bool(old.get("routed"))  # the Service selects the router (status says; no read of it)
-    router = None
-    to_router = False
-    if manifests.routed(spec):
+        stuck = not_starting(k8s.list_pods(ns, manifests.role_selector(owner.name, role))) \
+            if deployment is not None and not int((deployment.get("status") or {}).get("readyReplicas") or 0) else None
+        views[role] = RevisionView(percent, resolution, deployment, stuck)
+
+    router = existing.get(manifests.ROUTER)
+    routing = manifests.routed(spec)
+    if routing:
         k8s.apply(manifests.build_role_service(owner, manifests.STABLE))
         k8s.apply(manifests.build_router_configmap(owner, spec))
         router = k8s.apply(manifests.build_router_deployment(owner, spec, image))
-        to_router = was_routed or int((router.get("status") or {}).get("readyReplicas") or 0) > 0
+    to_router = routing and int(((router or {}).get("status") or {}).get("readyReplicas") or 0) > 0
+    service_name = manifests.child_name(owner.name)
     k8s.apply(manifests.build_service(owner, to_router))
-    if to_router and not was_routed:
+    if to_router and not old.get("routed"):
         k8s.record_event(body, "TrafficRouted", f"Service {service_name} now selects the router "
                          f"{manifests.role_child_name(owner.name, manifests.ROUTER)}: "
                          f"{manifests.router_config_json(owner, spec)}")
-    if not manifests.routed(spec) and old:
-        if was_routed:
-            k8s.record_event(body, "TrafficUnrouted", f"Service {service_name} selects the stable pods again")
-        _delete_role(owner, manifests.ROUTER)
-        k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, manifests.STABLE),
-                   owner.namespace)
-    return traffic_status(spec, views, router, to_router)
+    elif old.get("routed") and not to_router:
+        why = "spec.canary and spec.shadow removed" if not routing else "no router pod is ready"
+        k8s.record_event(body, "TrafficUnrouted", f"Service {service_name} selects the stable pods again: {why}",
+                         warning=routing)
+    if not routing and router is not None:
+        _delete_role(owner, manifests.ROUTER)  # after the Service switch: its pods drain what they hold
+        k8s.record_event(body, "RouterRemoved", "deleting the router; the canary and shadow go once its pods are gone")
+    quiet = not routing and router is None and not router_pods
+    safe = quiet or (routing and router is not None and _rolled_out(router))
+    gone, draining = set(), []
+    for role in (manifests.CANARY, manifests.SHADOW):
+        if role in views or role not in existing:
+            continue
+        if safe:
+            _delete_role(owner, role)
+            gone.add(role)
+            k8s.record_event(body, f"{role.capitalize()}Removed", f"spec.{role} removed: deleted its Deployment and Service")
+        else:
+            draining.append(role)
+    if quiet and (existing or old):
+        k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, manifests.STABLE), ns)
+        k8s.delete(k8s.core().delete_namespaced_config_map, manifests.role_child_name(owner.name, manifests.ROUTER), ns)
+        gone.add(manifests.ROUTER)
+    live = set(views) | set(draining)
+    if routing or router_pods or router is not None:
+        live.add(manifests.ROUTER)
+    return TrafficResult(traffic_status(spec, views, router, to_router, draining), frozenset(live), frozenset(gone))
 
 
 def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -492,7 +577,7 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
     kopf's patch after the handler: the Deployment's pods may have turned ready meanwhile, and
     their events found no status to update; a re-read after the write leaves no such gap)."""
     meta, status = body["metadata"], body.get("status") or {}
-    with reconciling(InferenceService.kind):
+    with state.reconcile_lock((meta["namespace"], meta["name"])), reconciling(InferenceService.kind):
         parsed, error = parse_spec(InferenceServiceSpec, body.get("spec"))
         generation = meta.get("generation")
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
@@ -512,8 +597,10 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
                                                               capture.capture if capture else None))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
-        sync_network_policy(state, owner, parsed, body)
-        traffic = sync_traffic(state, owner, parsed, body, capture.capture if capture else None)
+        guard_new_roles(state, owner, parsed, body)
+        result = sync_traffic(state, owner, parsed, body, capture.capture if capture else None)
+        sync_network_policy(state, owner, parsed, body, result.live, result.gone)
+        traffic = result.status
         track_capture(state, owner, parsed, capture, resolution)
         stuck = read_stuck(owner)
 
@@ -554,7 +641,9 @@ def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: ko
         state.forget(key)
         return
     state.deleted.discard(key)
-    if (spec.get("model") or {}).get("trainingJobRef"):
+    # the export poll also passes over services with a canary or a shadow: their models may
+    # come from exports, and their routing converges without an event to wake it
+    if (spec.get("model") or {}).get("trainingJobRef") or spec.get("canary") or spec.get("shadow"):
         state.following.add(key)
     else:
         state.following.discard(key)
@@ -632,6 +721,15 @@ def recreate(state: InferenceServices, namespace: str, name: str, kind: str) -> 
         return
     log.info("%s of InferenceService %s/%s was deleted: applying it again", kind, namespace, name)
     reconcile_service(state, body, log)
+
+
+@kopf.on.event("", "v1", "pods", labels={manifests.ROLE_POD_LABEL: kopf.PRESENT})
+def role_pod_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A canary's, shadow's or router's pod went: a removal waiting for the router's pods to
+    drain goes on."""
+    service = str(body.metadata.labels.get(manifests.ROLE_POD_LABEL, "")).rpartition(".")[0]
+    if type == "DELETED" and service and body.metadata.namespace is not None:
+        repoll(_state(memo), body.metadata.namespace, service)
 
 
 @kopf.on.event("", "v1", "pods", labels={manifests.SERVICE_LABEL: kopf.PRESENT})

@@ -140,6 +140,10 @@ def role_pod_labels(name: str, role: str) -> dict[str, str]:
     return pod_labels(name) if role == STABLE else {ROLE_POD_LABEL: f"{name}.{role}"}
 
 
+def role_selector(name: str, role: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(role_pod_labels(name, role).items()))
+
+
 def role_labels(name: str, role: str) -> dict[str, str]:
     """Labels of a role's children (metadata: SERVICE_LABEL names the owner for the handlers)."""
     return {**labels(name), ROLE_LABEL: role}
@@ -503,19 +507,24 @@ def allowed_clients(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
 
 
 def build_network_policy(owner: Owner, spec: InferenceServiceSpec,
-                         scrape_from: tuple[dict[str, Any], ...] = (), role: str = STABLE) -> dict[str, Any]:
+                         scrape_from: tuple[dict[str, Any], ...] = (), role: str = STABLE,
+                         router_peer: bool | None = None) -> dict[str, Any]:
     """Ingress to the serving pods only on the server port, only from the allowed clients and
     the operator's scrape sources (Prometheus reads /metrics on that port; the HPA reads
     Prometheus through prometheus-adapter, never the pods). Egress stays open: the servers reach
     the model's store and, with spec.logging, the capture store.
 
-    With a router: the stable pods also admit the router's pods; the router's pods (``role``
-    router) admit the clients; a canary's or shadow's pods admit only the router (and scrapes)."""
+    With a router: the stable pods also admit the router's pods (``router_peer``, by default
+    while spec routes; the handlers keep it while a router pod drains); the router's pods
+    (``role`` router) admit the clients; a canary's or shadow's pods admit only the router (and
+    scrapes)."""
     router = [{"podSelector": {"matchLabels": role_pod_labels(owner.name, ROUTER)}}]
+    if router_peer is None:
+        router_peer = routed(spec)
     if role in (CANARY, SHADOW):
         peers = router
     else:
-        peers = allowed_clients(spec) + (router if role == STABLE and routed(spec) else [])
+        peers = allowed_clients(spec) + (router if role == STABLE and router_peer else [])
     peers = peers + [dict(p) for p in scrape_from]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",

@@ -359,6 +359,8 @@ class RevisionView:
     percent: float
     resolution: ModelResolution
     deployment: dict[str, Any] | None
+    #: why its pods cannot start (pod_state.not_starting), while none is ready
+    stuck: str | None = None
 
 
 def revision_status(view: RevisionView) -> dict[str, Any]:
@@ -368,20 +370,26 @@ def revision_status(view: RevisionView) -> dict[str, Any]:
     if model is None and view.resolution.model is not None:
         m = view.resolution.model
         model = {k: v for k, v in (("uri", m.uri), ("revision", m.revision), ("step", m.step)) if v is not None}
+    ready = int(st.get("readyReplicas") or 0)
+    message = None if view.resolution.ready else view.resolution.message
+    if message is None and ready == 0:
+        message = (f"no pod ready ({view.stuck})" if view.stuck else "no pod ready yet") + \
+            "; its share goes to the stable revision"
     out: dict[str, Any] = {"percent": view.percent, "replicas": int(st.get("replicas") or 0),
-                           "readyReplicas": int(st.get("readyReplicas") or 0),
-                           "message": None if view.resolution.ready else view.resolution.message}
+                           "readyReplicas": ready, "message": message}
     if model is not None:
         out["model"] = model
     return out
 
 
 def traffic_status(spec: InferenceServiceSpec, revisions: dict[str, RevisionView],
-                   router: dict[str, Any] | None, to_router: bool) -> dict[str, Any] | None:
-    """status.traffic: None when neither a canary nor a shadow is set (and none is left)."""
-    if not manifests.routed(spec):
+                   router: dict[str, Any] | None, to_router: bool,
+                   draining: list[str] | None = None) -> dict[str, Any] | None:
+    """status.traffic: None when neither a canary nor a shadow is set and nothing is left
+    (``draining``: removed roles kept until no router pod can call them)."""
+    if not manifests.routed(spec) and not draining and router is None:
         return None
-    return {"routed": to_router,
+    return {"routed": to_router, "draining": sorted(draining or []),
             "routerReadyReplicas": int(((router or {}).get("status") or {}).get("readyReplicas") or 0),
             "canary": revision_status(revisions[manifests.CANARY]) if manifests.CANARY in revisions else None,
             "shadow": revision_status(revisions[manifests.SHADOW]) if manifests.SHADOW in revisions else None}
