@@ -355,14 +355,15 @@ def _apply_policy(state: InferenceServices, owner: Owner, spec: InferenceService
                          f"{json.dumps(peers, separators=(',', ':'))}")
 
 
-def guard_new_roles(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any]) -> None:
-    """The policies of the roles spec wants, before their pods are made (a canary is never
-    open to the namespace for a moment)."""
+def guard_new_roles(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
+                    existing: Mapping[str, dict[str, Any]]) -> None:
+    """The policies of the roles spec wants and that have no Deployment yet, before their pods
+    are made (a canary is never open to the namespace for a moment)."""
     if not state.settings.security.network_policies:
         return
     for role, wanted in ((manifests.CANARY, spec.canary), (manifests.SHADOW, spec.shadow),
                          (manifests.ROUTER, manifests.routed(spec) or None)):
-        if wanted is not None:
+        if wanted is not None and role not in existing:
             _apply_policy(state, owner, spec, body, role, router_peer=True)
 
 
@@ -398,21 +399,30 @@ def role_deployments(owner: Owner) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _rolled_out(deployment: dict[str, Any]) -> bool:
-    """Every pod of the Deployment runs its current template (old ones gone)."""
-    st = deployment.get("status") or {}
-    want = int((deployment.get("spec") or {}).get("replicas") or 0)
-    return ((st.get("observedGeneration") or 0) >= (deployment["metadata"].get("generation") or 0)
-            and int(st.get("updatedReplicas") or 0) == want and int(st.get("replicas") or 0) == want)
+def _ready(deployment: dict[str, Any] | None) -> bool:
+    return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0) > 0
+
+
+def _rolled_out(router: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """Every router pod, terminating ones included (a Deployment's status does not count
+    those), runs the router's current config: none can call a revision the config dropped."""
+    st = router.get("status") or {}
+    want = int((router.get("spec") or {}).get("replicas") or 0)
+    digest = ((router["spec"]["template"]["metadata"].get("annotations") or {})
+              .get(manifests.ROUTER_CONFIG_ANNOTATION))
+    return ((st.get("observedGeneration") or 0) >= (router["metadata"].get("generation") or 0)
+            and int(st.get("updatedReplicas") or 0) == want and int(st.get("replicas") or 0) == want
+            and all(((p.get("metadata") or {}).get("annotations") or {}).get(manifests.ROUTER_CONFIG_ANNOTATION)
+                    == digest for p in pods))
 
 
 def _delete_role(owner: Owner, role: str) -> None:
     """Delete a canary's, shadow's or router's Deployment and Service (the router's ConfigMap
     goes with the rest, once no router pod is left)."""
     name, ns = manifests.role_child_name(owner.name, role), owner.namespace
-    k8s.delete(k8s.apps().delete_namespaced_deployment, name, ns)
     if role != manifests.ROUTER:
         k8s.delete(k8s.core().delete_namespaced_service, name, ns)
+    k8s.delete(k8s.apps().delete_namespaced_deployment, name, ns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +435,7 @@ class TrafficResult:
 
 
 def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceSpec, body: dict[str, Any],
-                 capture: ResolvedCapture | None) -> TrafficResult:
+                 capture: ResolvedCapture | None, existing: Mapping[str, dict[str, Any]]) -> TrafficResult:
     """Apply or remove the canary, the shadow and the router, in an order that drops nothing:
 
     - the Service selects the router while a router pod is ready, else the stable pods (until
@@ -440,7 +450,6 @@ def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceS
     only when there is one), never from the status, so a lost status write orphans nothing."""
     image = state.settings.images.workload
     old = (body.get("status") or {}).get("traffic") or {}
-    existing = role_deployments(owner)
     ns = owner.namespace
     router_pods = k8s.list_pods(ns, manifests.role_selector(owner.name, manifests.ROUTER)) \
         if existing or old else []
@@ -474,7 +483,7 @@ def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceS
         k8s.apply(manifests.build_role_service(owner, manifests.STABLE))
         k8s.apply(manifests.build_router_configmap(owner, spec))
         router = k8s.apply(manifests.build_router_deployment(owner, spec, image))
-    to_router = routing and int(((router or {}).get("status") or {}).get("readyReplicas") or 0) > 0
+    to_router = routing and _ready(router)
     service_name = manifests.child_name(owner.name)
     k8s.apply(manifests.build_service(owner, to_router))
     if to_router and not old.get("routed"):
@@ -489,25 +498,32 @@ def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceS
         _delete_role(owner, manifests.ROUTER)  # after the Service switch: its pods drain what they hold
         k8s.record_event(body, "RouterRemoved", "deleting the router; the canary and shadow go once its pods are gone")
     quiet = not routing and router is None and not router_pods
-    safe = quiet or (routing and router is not None and _rolled_out(router))
+    safe = quiet or (routing and router is not None and _rolled_out(router, router_pods))
     gone, draining = set(), []
     for role in (manifests.CANARY, manifests.SHADOW):
-        if role in views or role not in existing:
+        if role in views or not (role in existing or old.get(role) or role in (old.get("draining") or [])):
             continue
         if safe:
             _delete_role(owner, role)
             gone.add(role)
-            k8s.record_event(body, f"{role.capitalize()}Removed", f"spec.{role} removed: deleted its Deployment and Service")
+            if role in existing:
+                k8s.record_event(body, f"{role.capitalize()}Removed",
+                                 f"spec.{role} removed: deleted its Deployment and Service")
         else:
             draining.append(role)
     if quiet and (existing or old):
+        for role in (manifests.CANARY, manifests.SHADOW):
+            if role not in views:
+                k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, role), ns)
+                gone.add(role)
         k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, manifests.STABLE), ns)
         k8s.delete(k8s.core().delete_namespaced_config_map, manifests.role_child_name(owner.name, manifests.ROUTER), ns)
         gone.add(manifests.ROUTER)
     live = set(views) | set(draining)
     if routing or router_pods or router is not None:
         live.add(manifests.ROUTER)
-    return TrafficResult(traffic_status(spec, views, router, to_router, draining), frozenset(live), frozenset(gone))
+    return TrafficResult(traffic_status(spec, views, router, to_router, draining, bool(router_pods)),
+                         frozenset(live), frozenset(gone))
 
 
 def _behavior_matches(observed: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -576,8 +592,26 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
     """One reconciliation: resolve, apply the children, write the status (here, not through
     kopf's patch after the handler: the Deployment's pods may have turned ready meanwhile, and
     their events found no status to update; a re-read after the write leaves no such gap)."""
+    meta = body["metadata"]
+    lock = state.reconcile_lock((meta["namespace"], meta["name"]))
+    if not lock.acquire(blocking=False):
+        # another pass ran meanwhile: what this one read may be older than what it wrote
+        lock.acquire()
+        fresh = k8s.get_custom(meta["namespace"], InferenceService.plural, meta["name"])
+        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+            lock.release()
+            return
+        body, meta = fresh, fresh["metadata"]
+    try:
+        _reconcile_locked(state, body, logger)
+    finally:
+        lock.release()
+
+
+def _reconcile_locked(state: InferenceServices, body: dict[str, Any],
+                      logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     meta, status = body["metadata"], body.get("status") or {}
-    with state.reconcile_lock((meta["namespace"], meta["name"])), reconciling(InferenceService.kind):
+    with reconciling(InferenceService.kind):
         parsed, error = parse_spec(InferenceServiceSpec, body.get("spec"))
         generation = meta.get("generation")
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
@@ -585,6 +619,11 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
             logger.warning("invalid spec: %s", error)
             _write_status(owner, lambda st: conditions_patch(st, generation, [("Ready", False, "InvalidSpec", str(error))]))
             return
+        existing = role_deployments(owner)
+        if manifests.ROUTER in existing:
+            # first of all (any later step may fail): the Service selects a router only while
+            # one of its pods is ready
+            k8s.apply(manifests.build_service(owner, manifests.routed(parsed) and _ready(existing[manifests.ROUTER])))
         deployment = read_deployment(owner)
         served = model_of_status(deployment) if deployment is not None else None
         resolution = resolve_model(state, owner, parsed.model, served)
@@ -597,8 +636,8 @@ def reconcile_service(state: InferenceServices, body: dict[str, Any], logger: lo
                                                               capture.capture if capture else None))
         k8s.apply(manifests.build_pdb(owner, parsed))
         sync_hpa(owner, parsed, body)
-        guard_new_roles(state, owner, parsed, body)
-        result = sync_traffic(state, owner, parsed, body, capture.capture if capture else None)
+        guard_new_roles(state, owner, parsed, body, existing)
+        result = sync_traffic(state, owner, parsed, body, capture.capture if capture else None, existing)
         sync_network_policy(state, owner, parsed, body, result.live, result.gone)
         traffic = result.status
         track_capture(state, owner, parsed, capture, resolution)
@@ -634,7 +673,8 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.on.event(GROUP, VERSION, InferenceService.plural)
-def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
+                    **_: Any) -> None:
     key = (str(meta["namespace"]), str(meta["name"]))
     state = _state(memo)
     if type == "DELETED" or meta.get("deletionTimestamp"):
@@ -643,7 +683,8 @@ def track_followers(type: str | None, spec: kopf.Spec, meta: kopf.Meta, memo: ko
     state.deleted.discard(key)
     # the export poll also passes over services with a canary or a shadow: their models may
     # come from exports, and their routing converges without an event to wake it
-    if (spec.get("model") or {}).get("trainingJobRef") or spec.get("canary") or spec.get("shadow"):
+    if (spec.get("model") or {}).get("trainingJobRef") or spec.get("canary") or spec.get("shadow") or \
+            status.get("traffic"):
         state.following.add(key)
     else:
         state.following.discard(key)

@@ -51,6 +51,7 @@ ROUTER_CONTAINER = "router"
 ROUTER_CONFIG_DIR = "/etc/kubeforge/router"
 ROUTER_CONFIG_FILE = "config.json"
 ROUTER_CONFIG_ANNOTATION = "kubeforge.dev/router-config-sha256"
+ROUTER_MIN_PRE_STOP_S = 5
 COMPONENT = "inference-server"
 #: Pod-template annotation naming the served export revision: a new value rolls the pods.
 REVISION_ANNOTATION = "kubeforge.dev/model-revision"
@@ -465,14 +466,18 @@ def build_router_deployment(owner: Owner, spec: InferenceServiceSpec,
         # ready while the stable revision answers /health through <name>-stable
         "readinessProbe": _probe("/health", 2, 2),
         "livenessProbe": _probe("/metrics", 10, 3),
-        "lifecycle": {"preStop": {"sleep": {"seconds": spec.lifecycle.pre_stop_sleep_seconds}}},
+        # the Service leaves a router before it is deleted; the sleep covers the endpoints' update
+        "lifecycle": {"preStop": {"sleep": {"seconds": max(ROUTER_MIN_PRE_STOP_S,
+                                                           spec.lifecycle.pre_stop_sleep_seconds)}}},
         "volumeMounts": [{"name": "config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
                          {"name": "tmp", "mountPath": TMP_DIR}],
         "securityContext": container_security(read_only_root=True),
     }
     volumes = [{"name": "config", "configMap": {"name": role_child_name(owner.name, ROUTER)}},
                {"name": "tmp", "emptyDir": {}}]
-    pod_spec = {**_pod_spec(owner, spec, container, volumes, ROUTER), **off_gpu_placement()}
+    pod_spec = {**_pod_spec(owner, spec, container, volumes, ROUTER), **off_gpu_placement(),
+                "terminationGracePeriodSeconds": max(ROUTER_MIN_PRE_STOP_S, spec.lifecycle.pre_stop_sleep_seconds)
+                + drain + GRACE_MARGIN_S}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(owner, role=ROUTER),
         "spec": {

@@ -384,10 +384,11 @@ def revision_status(view: RevisionView) -> dict[str, Any]:
 
 def traffic_status(spec: InferenceServiceSpec, revisions: dict[str, RevisionView],
                    router: dict[str, Any] | None, to_router: bool,
-                   draining: list[str] | None = None) -> dict[str, Any] | None:
+                   draining: list[str] | None = None, router_pods_left: bool = False) -> dict[str, Any] | None:
     """status.traffic: None when neither a canary nor a shadow is set and nothing is left
-    (``draining``: removed roles kept until no router pod can call them)."""
-    if not manifests.routed(spec) and not draining and router is None:
+    (``draining``: removed roles kept until no router pod can call them; while a router pod
+    is left the status stays, so the next pass looks again)."""
+    if not manifests.routed(spec) and not draining and router is None and not router_pods_left:
         return None
     return {"routed": to_router, "draining": sorted(draining or []),
             "routerReadyReplicas": int(((router or {}).get("status") or {}).get("readyReplicas") or 0),
