@@ -94,6 +94,13 @@ def test_the_router_deployment_rolls_when_its_config_changes() -> None:
     assert ch.SERVICE_LABEL not in pod["metadata"]["labels"]
 
 
+def test_the_routers_have_their_own_disruption_budget() -> None:
+    pdb = ch.build_pdb(OWNER, spec(canary=CANARY), ch.ROUTER)
+    assert pdb["metadata"]["name"] == "chat-router" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == {ch.ROLE_POD_LABEL: "chat.router"}
+    assert ch.build_pdb(OWNER, spec()) == ch.build_pdb(OWNER, spec(canary=CANARY))  # the stable one unchanged
+
+
 def test_the_service_selects_the_router_or_the_stable_pods() -> None:
     stable_pods = ch.build_deployment(OWNER, spec(), STABLE)["spec"]["template"]["metadata"]["labels"]
     router_pods = ch.build_router_deployment(OWNER, spec(canary=CANARY))["spec"]["template"]["metadata"]["labels"]

@@ -32,7 +32,8 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
                      delete its canary, shadow and router Deployments when they go.
   horizontalpodautoscalers   get, apply (create, patch), delete when spec.autoscaling goes;
                      list and watch (a deleted one is made again).
-  poddisruptionbudgets   apply (create, patch); list and watch (a deleted one is made again).
+  poddisruptionbudgets   apply (create, patch); list and watch (a deleted one is made again);
+                     delete: an InferenceService's router budget when the router goes.
   nodes              TrainingJob: watch node health, get a node not seen yet (cluster-scoped).
   namespaces, customresourcedefinitions   kopf's own scanning (list, watch).
   kopf.dev           peering (only with replicaCount > 1): clusterkopfpeerings, or kopfpeerings
@@ -74,7 +75,7 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 {{- end }}
 {{- define "kubeforge.rules.secrets" }}
 - apiGroups: [""]

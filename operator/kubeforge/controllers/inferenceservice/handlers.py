@@ -483,6 +483,7 @@ def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceS
         k8s.apply(manifests.build_role_service(owner, manifests.STABLE))
         k8s.apply(manifests.build_router_configmap(owner, spec))
         router = k8s.apply(manifests.build_router_deployment(owner, spec, image))
+        k8s.apply(manifests.build_pdb(owner, spec, manifests.ROUTER))
     to_router = routing and _ready(router)
     service_name = manifests.child_name(owner.name)
     k8s.apply(manifests.build_service(owner, to_router))
@@ -518,6 +519,8 @@ def sync_traffic(state: InferenceServices, owner: Owner, spec: InferenceServiceS
                 gone.add(role)
         k8s.delete(k8s.core().delete_namespaced_service, manifests.role_child_name(owner.name, manifests.STABLE), ns)
         k8s.delete(k8s.core().delete_namespaced_config_map, manifests.role_child_name(owner.name, manifests.ROUTER), ns)
+        k8s.delete(k8s.policy().delete_namespaced_pod_disruption_budget,
+                   manifests.role_child_name(owner.name, manifests.ROUTER), ns)
         gone.add(manifests.ROUTER)
     live = set(views) | set(draining)
     if routing or router_pods or router is not None:

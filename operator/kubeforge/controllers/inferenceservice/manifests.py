@@ -495,13 +495,15 @@ def build_router_deployment(owner: Owner, spec: InferenceServiceSpec,
     }
 
 
-def build_pdb(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+def build_pdb(owner: Owner, spec: InferenceServiceSpec, role: str = STABLE) -> dict[str, Any]:
     """Node drains take at most maxUnavailable serving pods at a time; pods that never became
-    ready may always be evicted (they serve nothing, and would otherwise block a drain)."""
+    ready may always be evicted (they serve nothing, and would otherwise block a drain).
+    ``role`` router: one router pod at a time (a drain never takes the split away)."""
     return {
-        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(owner),
-        "spec": {"maxUnavailable": spec.disruption_budget.max_unavailable,
-                 "selector": {"matchLabels": pod_labels(owner.name)},
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, role=None if role == STABLE else role),
+        "spec": {"maxUnavailable": spec.disruption_budget.max_unavailable if role == STABLE else 1,
+                 "selector": {"matchLabels": role_pod_labels(owner.name, role)},
                  "unhealthyPodEvictionPolicy": "AlwaysAllow"},
     }
 
