@@ -327,7 +327,8 @@ class Router:
                     body = json.dumps({**doc, "stream": False}).encode()
             try:
                 async with self.session.post(shadow.url.rstrip("/") + path, headers=headers, data=body,
-                                             timeout=aiohttp.ClientTimeout(total=self.config.shadow_timeout_s)) as r:
+                                             timeout=aiohttp.ClientTimeout(total=self.config.shadow_timeout_s,
+                                                                           sock_connect=CONNECT_TIMEOUT_S)) as r:
                     raw = await r.read()
                     status = r.status
             except TimeoutError:
