@@ -104,7 +104,7 @@ bench-operator: install tools ## 200 TrainingJobs on 100 fake GPU nodes -> bench
 bench-e2e: install tools ## apply -> train -> serve -> answer, node loss, image builds, on real pods -> bench/results/e2e.json
 	$(PY) bench/e2e.py
 
-bench-flywheel: install ## capture overhead, dedup precision/recall, curation of 100k records, PSI on shifted traffic -> bench/results/flywheel.json
+bench-flywheel: install ## capture overhead, router split error and shadow overhead, dedup precision/recall, curation of 100k records, PSI on shifted traffic -> bench/results/flywheel.json
 	$(PY) bench/flywheel.py
 
 bench-store-outage: install tools ## node loss of a job without S3 while 30 jobs' S3 is dead, this operator vs BEFORE (a revision) -> bench/results/store_outage.json
