@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
 
 from kubeforge.api import contract
 from kubeforge.store.backends import ObjectBackend, S3Options, StoreError, open_backend
@@ -20,6 +21,12 @@ Settings = TypeVar("Settings", bound=BaseModel)
 
 class SettingsError(ValueError):
     """The settings cannot work; the message names the key."""
+
+
+def local_path(uri: str) -> Path | None:
+    """The path a file:// (or bare path) URI names; None for another scheme (s3://)."""
+    parsed = urlparse(uri)
+    return Path(parsed.path if parsed.scheme else uri) if parsed.scheme in ("", "file") else None
 
 
 def s3_options(endpoint: str | None, env: Mapping[str, str]) -> S3Options:

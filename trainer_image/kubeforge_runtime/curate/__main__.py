@@ -19,12 +19,10 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from urllib.parse import urlparse
 
 from kubeforge.api.contract import ExitCode
 
-from kubeforge_runtime.cli import SettingsError, open_uri, run_step
+from kubeforge_runtime.cli import SettingsError, local_path, open_uri, run_step
 from kubeforge_runtime.curate.pipeline import curate
 from kubeforge_runtime.curate.settings import parse_settings
 from kubeforge_runtime.curate.source import read_capture
@@ -36,8 +34,8 @@ SOURCE_EMPTY = 3
 
 def _missing_dir(uri: str) -> bool:
     """A file:// source that does not exist is empty (opening it would create it)."""
-    parsed = urlparse(uri)
-    return parsed.scheme in ("", "file") and not Path(parsed.path if parsed.scheme else uri).exists()
+    path = local_path(uri)
+    return path is not None and not path.exists()
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -46,7 +46,7 @@ from kubeforge.store.evaluation import (
 from kubeforge.store.flywheel import EVAL_SPLIT, VERSION_MARKER_NAME, DatasetMarker, version_dir_name
 from kubeforge.store.layout import MARKER_NAME, ExportMarker, file_digest, utc_now
 
-from kubeforge_runtime.cli import SettingsError, open_uri, run_step, s3_options
+from kubeforge_runtime.cli import SettingsError, local_path, open_uri, run_step, s3_options
 from kubeforge_runtime.curate.version import committed_versions
 from kubeforge_runtime.data.sft import SFTRecord, read_records
 from kubeforge_runtime.data.sources import SourceFile
@@ -70,11 +70,10 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 
 def fetch_golden(uri: str, tmp: Path, endpoint: str | None, env: Mapping[str, str]) -> Path:
-    parsed = urlparse(uri)
     if not uri.endswith((".jsonl", ".json", ".tar")):
         raise InputError(f"--golden {uri}: the golden set must be a .jsonl or .tar file")
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else uri)
+    path = local_path(uri)
+    if path is not None:
         if not path.is_file():
             raise InputError(f"--golden {uri}: no such file")
         return path
@@ -90,8 +89,8 @@ def fetch_golden(uri: str, tmp: Path, endpoint: str | None, env: Mapping[str, st
 def fetch_eval_split(uri: str, version: int | None, tmp: Path, endpoint: str | None,
                      env: Mapping[str, str]) -> tuple[int, Path]:
     """The committed version's eval split, checked against the version's marker."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") and not Path(parsed.path if parsed.scheme else uri).is_dir():
+    path = local_path(uri)
+    if path is not None and not path.is_dir():
         raise InputError(f"--dataset {uri}: no such directory")
     backend = open_uri(uri, endpoint, env)
     committed = committed_versions(backend)
@@ -134,8 +133,8 @@ def export_revision(uri: str, local: Path, endpoint: str | None, env: Mapping[st
 
 
 def read_committed_report(uri: str, endpoint: str | None, env: Mapping[str, str]) -> bytes | None:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") and not Path(parsed.path if parsed.scheme else uri).is_dir():
+    path = local_path(uri)
+    if path is not None and not path.is_dir():
         return None
     backend = open_uri(uri, endpoint, env)
     try:

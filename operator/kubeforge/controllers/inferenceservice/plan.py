@@ -169,13 +169,19 @@ def status_patch(owner: Owner, spec: InferenceServiceSpec, status: Any, generati
         out.update(capture=None, drift=None)
     elif capture is not None and capture.capture is not None:
         out["capture"] = {"uri": capture.capture.uri, "sampleRate": spec.logging.sample_rate}
-    served = model_of_status(deployment) if deployment is not None else None
+    served = served_model(deployment, resolution)
     if served is not None:
         out["model"] = served
-    elif resolution.model is not None:
-        m = resolution.model
-        out["model"] = {k: v for k, v in (("uri", m.uri), ("revision", m.revision), ("step", m.step)) if v is not None}
     return out
+
+
+def served_model(deployment: dict[str, Any] | None, resolution: ModelResolution) -> dict[str, Any] | None:
+    """status.model of a revision: what its Deployment rolls out, else what was resolved."""
+    served = model_of_status(deployment) if deployment is not None else None
+    if served is None and resolution.model is not None:
+        m = resolution.model
+        served = {k: v for k, v in (("uri", m.uri), ("revision", m.revision), ("step", m.step)) if v is not None}
+    return served
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,12 +370,8 @@ class RevisionView:
 
 
 def revision_status(view: RevisionView) -> dict[str, Any]:
-    dep = view.deployment
-    st = (dep or {}).get("status") or {}
-    model = model_of_status(dep) if dep is not None else None
-    if model is None and view.resolution.model is not None:
-        m = view.resolution.model
-        model = {k: v for k, v in (("uri", m.uri), ("revision", m.revision), ("step", m.step)) if v is not None}
+    st = (view.deployment or {}).get("status") or {}
+    model = served_model(view.deployment, view.resolution)
     ready = int(st.get("readyReplicas") or 0)
     message = None if view.resolution.ready else view.resolution.message
     if message is None and ready == 0:
