@@ -450,13 +450,17 @@ class Cluster:
         self.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
 
     def images(self) -> dict[str, str]:
-        """Build our images (cached) and import them into every real node; returns name → tag."""
+        """Build our images (cached) and import them into every running real node; returns name → tag."""
         import images
 
         tags = {spec.name: images.build(spec) for spec in images.ALL}
         images.prune(set(tags.values()))  # older builds: several GB each
         keep = set(tags.values())
         for i in range(self.cfg.real_nodes):
+            if self._pid(f"node-{i}-containerd") is None:  # `make images` before `make cluster-up`
+                print(f">> images: {self.nodes.node_name(i)} is not running: built only; "
+                      "`make demo` and the tests import them once it runs", file=sys.stderr, flush=True)
+                continue
             for tag in tags.values():
                 if self.nodes.has_image(i, tag):
                     continue

@@ -162,8 +162,10 @@ def test_hpa_behavior_holds_exactly_the_cooldowns_updates_and_is_removed(isvc_op
     assert b["scaleUp"]["stabilizationWindowSeconds"] == 5 and _policies(b, "scaleUp") == up
     assert _policies(b, "scaleDown") == new_down
     assert (get(c, namespace, "horizontalpodautoscaler", "chat-server") or {})["spec"]["maxReplicas"] == 4
-    events = kubectl_json(c, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
-    assert {"AutoscalerCreated", "AutoscalerUpdated"} <= {e["reason"] for e in events["items"]}
+    # the Event follows the apply: the HPA can be seen first
+    wait_for("AutoscalerCreated and AutoscalerUpdated Events", lambda: {"AutoscalerCreated", "AutoscalerUpdated"} <= {
+        e["reason"] for e in kubectl_json(c, "get", "events", "-n", namespace, "--field-selector",
+                                          "involvedObject.name=chat")["items"]}, 15)
 
     c.kubectl("patch", "inferenceservice", "chat", "-n", namespace, "--type=json", "-p",
               json.dumps([{"op": "remove", "path": "/spec/autoscaling"}]))
@@ -289,8 +291,10 @@ def test_training_job_ref_waits_for_the_export_then_follows_it(isvc_operator: Op
     wait_for("a new second", lambda: utc_now() != marker.time, 5, 0.1)
     newer = store.write_export(namespace, run, fake_export(tmp_path / "e2", "two"), step=200)
     wait_for("rolled to the newer export", lambda: template_revision(c, namespace) == newer.time, 30)
-    events = kubectl_json(c, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
-    assert "ModelRolloutStarted" in {e["reason"] for e in events["items"]}
+    # the Event is posted after the children are applied: the template can be seen first
+    wait_for("a ModelRolloutStarted Event", lambda: "ModelRolloutStarted" in {
+        e["reason"] for e in kubectl_json(c, "get", "events", "-n", namespace, "--field-selector",
+                                          "involvedObject.name=chat")["items"]}, 15)
 
     # Pinned: a newer export is reported, not rolled out
     c.kubectl("patch", "inferenceservice", "chat", "-n", namespace, "--type=merge", "-p",
