@@ -115,6 +115,10 @@ for path in files:
             spec["image"], spec["imagePullPolicy"] = image, "Never"
             if "s3Endpoint" in spec["source"].get("store", {}):
                 spec["source"]["store"]["s3Endpoint"] = endpoint
+        if doc["kind"] == "Flywheel":
+            trainer = spec["training"]["template"].setdefault("trainer", {})
+            trainer["image"], trainer["imagePullPolicy"] = image, "Never"
+            spec.setdefault("evaluation", {})["image"] = image
         if doc["kind"] == "CheckpointPolicy" and "s3" in spec["storage"]:
             spec["storage"]["s3"]["endpoint"] = endpoint
         docs.append(doc)

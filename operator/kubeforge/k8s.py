@@ -81,9 +81,26 @@ def get_custom(namespace: str, plural: str, name: str) -> Object | None:
     return get_or_none(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
 
 
-def list_custom(namespace: str, plural: str) -> list[Object]:
-    listed = get_or_none(custom().list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
+def list_custom(namespace: str, plural: str, selector: str | None = None) -> list[Object]:
+    kwargs = {"label_selector": selector} if selector else {}
+    listed = get_or_none(custom().list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **kwargs)
     return list((listed or {}).get("items") or [])
+
+
+def patch_custom(namespace: str, plural: str, name: str, body: Mapping[str, Any],
+                 resource_version: str | None = None) -> bool:
+    """Merge-patch one of our resources (spec or metadata; None deletes a field). With
+    ``resource_version`` only onto that version: False when it changed meanwhile (or is gone)."""
+    patch: Object = dict(body)
+    if resource_version is not None:
+        patch["metadata"] = {**dict(patch.get("metadata") or {}), "resourceVersion": resource_version}
+    try:
+        custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, patch, _content_type=MERGE)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404 or (resource_version is not None and e.status == 409):
+            return False
+        raise
+    return True
 
 
 def list_pods(namespace: str, selector: str) -> list[Object]:

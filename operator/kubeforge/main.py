@@ -22,7 +22,8 @@ from kubeforge.settings import OperatorSettings
 
 #: The handler modules; importing one registers its handlers (nothing else imports them).
 HANDLERS = ("kubeforge.controllers.trainingjob.handlers", "kubeforge.controllers.checkpointpolicy.handlers",
-            "kubeforge.controllers.inferenceservice.handlers", "kubeforge.controllers.dataset.handlers")
+            "kubeforge.controllers.inferenceservice.handlers", "kubeforge.controllers.dataset.handlers",
+            "kubeforge.controllers.flywheel.handlers")
 
 ANNOTATION_PREFIX = "kubeforge.dev"
 

@@ -62,6 +62,12 @@ DATASET_CURATIONS = Counter("kubeforge_dataset_curations_total",
 DATASET_RETENTION_DELETED = Counter("kubeforge_dataset_retention_deleted_total",
                                     "What a Dataset's retention deleted from its store: version, incomplete_version "
                                     "or shard.", ["namespace", "dataset", "what"])
+FLYWHEEL_CYCLES = Counter("kubeforge_flywheel_cycles_total",
+                          "Flywheel cycles by outcome: Promoted, RolledBack, Rejected (the evaluation gate), Failed.",
+                          ["namespace", "flywheel", "outcome"])
+FLYWHEEL_CANDIDATE_PERCENT = Gauge("kubeforge_flywheel_candidate_percent",
+                                   "The share of requests the current candidate answers (canary) or is copied (shadow); "
+                                   "0 between rollouts.", ["namespace", "flywheel", "role"])
 
 
 def remove_series(metric: Counter | Gauge | Histogram, *labels: str) -> None:

@@ -19,7 +19,7 @@ from lupa import lua51
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMIZATIONS = REPO / "deploy" / "argocd" / "resource_customizations" / "kubeforge.dev"
-KINDS = ("TrainingJob", "CheckpointPolicy", "InferenceService", "Dataset")
+KINDS = ("TrainingJob", "CheckpointPolicy", "InferenceService", "Dataset", "Flywheel")
 HEALTH = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 #: What Argo CD's Lua VM does not offer a health script (it opens base, table, string, math).
 SANDBOXED = ("io", "os", "debug", "require", "dofile", "loadfile", "load", "loadstring", "package")
@@ -71,6 +71,7 @@ def test_every_health_status_a_kind_needs_is_covered() -> None:
     assert seen["InferenceService"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
     assert seen["CheckpointPolicy"] == {"Healthy", "Progressing", "Degraded"}
     assert seen["Dataset"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
+    assert seen["Flywheel"] == {"Healthy", "Progressing", "Degraded", "Suspended"}
 
 
 @pytest.mark.parametrize("kind,input_path", [(k, p) for k, p, _ in cases()], ids=lambda v: v)
@@ -93,6 +94,41 @@ def test_reasons_the_scripts_name_are_written_by_the_controllers() -> None:
         for reason in named:
             assert f'"{reason}"' in controllers, f"{kind}/health.lua names reason {reason}, no controller writes it"
     assert seen >= 3, "the scripts name almost no reason: did their wording change?"
+
+
+def test_flywheel_stages_and_outcomes_the_script_names_are_the_apis() -> None:
+    from typing import get_args
+
+    from kubeforge.api.flywheel import STAGES, Outcome
+
+    script = (CUSTOMIZATIONS / "Flywheel" / "health.lua").read_text()
+    stages = set(re.findall(r'stage == "(\w+)"', script))
+    outcomes = set(re.findall(r'outcome == "(\w+)"', script))
+    assert stages and outcomes, "the Flywheel script names no stage or outcome: did its wording change?"
+    assert stages <= set(STAGES), stages - set(STAGES)
+    assert outcomes <= set(get_args(Outcome)), outcomes - set(get_args(Outcome))
+
+
+def test_flywheel_cases_cover_every_stage_a_cycle_reports_and_every_unpromoted_outcome() -> None:
+    from typing import get_args
+
+    from kubeforge.api.flywheel import Outcome
+
+    d = CUSTOMIZATIONS / "Flywheel"
+    stages: set[str] = set()
+    outcomes: set[str] = set()
+    for _, input_path, expected in (c for c in cases() if c[0] == "Flywheel"):
+        status = yaml.safe_load((d / input_path).read_text()).get("status") or {}
+        if expected["status"] == "Progressing" and status.get("stage"):
+            stages.add(status["stage"])
+        if expected["status"] == "Healthy" and status.get("cycles"):
+            outcome = status["cycles"][-1]["outcome"]
+            outcomes.add(outcome)
+            assert expected["message"].startswith(f"cycle {status['cycles'][-1]['cycle']}: {outcome}"), input_path
+            if outcome not in ("Promoted", "Superseded"):
+                assert "not promoted" in expected["message"], input_path
+    assert {"Curating", "Training", "Evaluating", "Canary", "AwaitingPromotion", "RollingBack"} <= stages
+    assert {"Promoted", "RolledBack", "Rejected", "Failed"} <= outcomes <= set(get_args(Outcome))
 
 
 def test_a_script_error_is_not_hidden() -> None:

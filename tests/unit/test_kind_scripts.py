@@ -90,13 +90,17 @@ def test_examples_rewritten_for_kind_are_valid(tmp_path: Path) -> None:
                           *map(str, sorted((REPO / "examples").glob("*.yaml")))],
                          input=code, capture_output=True, text=True, check=True)
     docs = list(yaml.safe_load_all(out.stdout))
-    assert {d["kind"] for d in docs} == {"CheckpointPolicy", "TrainingJob", "InferenceService", "Dataset"}
+    assert {d["kind"] for d in docs} == {"CheckpointPolicy", "TrainingJob", "InferenceService", "Dataset", "Flywheel"}
     for d in docs:
         spec = getattr(api, f"{d['kind']}Spec").model_validate(d["spec"])
         if d["kind"] == "TrainingJob":
             assert spec.trainer.image.endswith("-cpu") and spec.trainer.image_pull_policy == "Never"
         if d["kind"] in ("InferenceService", "Dataset"):
             assert spec.image.endswith("-cpu") and spec.image_pull_policy == "Never"
+        if d["kind"] == "Flywheel":
+            trainer = spec.training.template.trainer
+            assert trainer.image.endswith("-cpu") and trainer.image_pull_policy == "Never"
+            assert spec.evaluation.image.endswith("-cpu")
         assert "127.0.0.1" not in yaml.safe_dump(d), "the host's loopback is not reachable from kind nodes"
 
 

@@ -1,19 +1,26 @@
 {{- /*
 Exactly what the operator calls; no wildcards. Where each rule comes from:
-  kubeforge.dev      kopf watches all four kinds (list, watch) and patches them (progress and
-                     diff-base annotations; no kind gets a finalizer); the
+  kubeforge.dev      kopf watches all five kinds (list, watch) and patches them (progress and
+                     diff-base annotations); the
                      controllers get TrainingJobs and CheckpointPolicies, list TrainingJobs
                      (CheckpointPolicy job summaries) and delete a finished TrainingJob (ttl);
                      the Dataset controller gets Datasets and the InferenceService or
-                     CheckpointPolicy a Dataset's source names.
-  <kind>/status      status patches of all four kinds.
+                     CheckpointPolicy a Dataset's source names. The Flywheel controller gets
+                     its InferenceService, Dataset and TrainingJobs, creates a cycle's candidate
+                     TrainingJob <flywheel>-c<cycle> and deletes finished ones past
+                     training.maxRetainedJobs, patches the InferenceService (shadow, canary,
+                     promotion, rollback) and annotates the Dataset (kubeforge.dev/curate), and
+                     puts a finalizer on a Flywheel while its candidate is on the
+                     InferenceService (patch).
+  <kind>/status      status patches of all five kinds.
   <kind>/finalizers  children carry ownerReferences with blockOwnerDeletion: clusters running
                      the OwnerReferencesPermissionEnforcement admission plugin ask for update
-                     (Datasets own their curation pods).
+                     (Datasets own their curation pods, Flywheels their evaluation pods).
   pods               TrainingJob: watch, list by label, create workers and the rendezvous pod, delete.
                      CheckpointPolicy on a volume: create, get and delete its store inspector pod.
                      Dataset: watch and list its curation pods by label, create one per version,
                      delete finished ones.
+                     Flywheel: watch and list its evaluation pods by label, create one per cycle.
   services, configmaps   server-side apply of job and InferenceService children: patch, and
                      create for an apply that creates the object; list and watch, so that a
                      deleted child is made again; delete: an InferenceService's canary,
@@ -42,15 +49,17 @@ Exactly what the operator calls; no wildcards. Where each rule comes from:
 {{- define "kubeforge.rules.namespaced" }}
 - apiGroups: ["kubeforge.dev"]
   resources: ["trainingjobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["checkpointpolicies", "inferenceservices", "datasets"]
+  resources: ["checkpointpolicies", "inferenceservices", "datasets", "flywheels"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["trainingjobs/status", "checkpointpolicies/status", "inferenceservices/status", "datasets/status"]
+  resources: ["trainingjobs/status", "checkpointpolicies/status", "inferenceservices/status", "datasets/status",
+              "flywheels/status"]
   verbs: ["patch"]
 - apiGroups: ["kubeforge.dev"]
-  resources: ["trainingjobs/finalizers", "inferenceservices/finalizers", "datasets/finalizers"]
+  resources: ["trainingjobs/finalizers", "inferenceservices/finalizers", "datasets/finalizers",
+              "flywheels/finalizers"]
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]

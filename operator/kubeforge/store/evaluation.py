@@ -20,9 +20,10 @@ reads the same for all of them.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -132,6 +133,18 @@ class ReportMarker(BaseModel):
 
     def to_json(self) -> builtins.bytes:
         return self.model_dump_json(indent=1).encode()
+
+
+def committed_report_bytes(get_bytes: Callable[[str], builtins.bytes]) -> builtins.bytes | None:
+    """The report's bytes when its marker exists and names them (``get_bytes`` reads a file of
+    the report's directory and raises ``FileNotFoundError`` for a missing one); None for no
+    report, a half-written one, or one the marker does not describe."""
+    try:
+        marker = ReportMarker.model_validate_json(get_bytes(REPORT_MARKER_NAME))
+        body = get_bytes(REPORT_NAME)
+    except FileNotFoundError:
+        return None
+    return body if hashlib.sha256(body).hexdigest() == marker.sha256 else None
 
 
 def flat_metrics(suites: Mapping[str, SuiteScores], preference: PreferenceScore | None = None) -> dict[str, float]:

@@ -40,6 +40,7 @@ from kubeforge.store.evaluation import (
     ModelRef,
     ReportMarker,
     SuiteScores,
+    committed_report_bytes,
     flat_metrics,
     gate,
 )
@@ -136,13 +137,7 @@ def read_committed_report(uri: str, endpoint: str | None, env: Mapping[str, str]
     path = local_path(uri)
     if path is not None and not path.is_dir():
         return None
-    backend = open_uri(uri, endpoint, env)
-    try:
-        marker = ReportMarker.model_validate_json(backend.get_bytes(REPORT_MARKER_NAME))
-        body = backend.get_bytes(REPORT_NAME)
-    except NotFound:
-        return None
-    return body if hashlib.sha256(body).hexdigest() == marker.sha256 else None
+    return committed_report_bytes(open_uri(uri, endpoint, env).get_bytes)
 
 
 def score(m: ScoredModel, suites: Mapping[str, list[SFTRecord]],

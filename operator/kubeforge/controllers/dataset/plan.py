@@ -300,11 +300,12 @@ def _short(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def pod_outcome(pod: dict[str, Any]) -> PodOutcome:
+def pod_outcome(pod: dict[str, Any], container: str = manifests.CONTAINER) -> PodOutcome:
+    """How a one-container step pod (curation, evaluation) ended, or why it has not."""
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
     term: dict[str, Any] = next(((cs.get("state") or {}).get("terminated") or {}
-                                 for cs in status.get("containerStatuses") or [] if cs.get("name") == manifests.CONTAINER),
+                                 for cs in status.get("containerStatuses") or [] if cs.get("name") == container),
                                 {})
     if phase not in ("Succeeded", "Failed") and not term:
         why = not_starting([pod]) or next((f"{c.get('reason')}: {c.get('message')}" for c in status.get("conditions") or []
