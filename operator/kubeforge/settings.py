@@ -108,6 +108,10 @@ class SecuritySettings:
     #: Prometheus (Helm value ``workloadNetworkPolicies.scrapeFrom``). A server's /metrics is
     #: on its API port, so these reach its API too (with the API key where one is set).
     scrape_from: tuple[dict[str, Any], ...] = ()
+    #: NetworkPolicyPeers (JSON objects) that select the operator's own pods (set by the chart):
+    #: an InferenceService's router admits them, because a Flywheel's guard rails read the
+    #: router's per-revision counters on its port.
+    operator_peers: tuple[dict[str, Any], ...] = ()
     #: Servers of a TrainingJob's export without spec.model.credentialsSecretRef get the
     #: CheckpointPolicy's (read-write) Secret (Helm value ``security.servingPolicyCredentials``).
     #: Off, such a service shows ModelReady False, ReadOnlyCredentialsRequired.
@@ -173,6 +177,7 @@ class OperatorSettings:
                                               SecuritySettings.allow_host_path_volumes),
                 network_policies=_flag(env.get("KUBEFORGE_NETWORK_POLICIES"), SecuritySettings.network_policies),
                 scrape_from=_peers(env.get("KUBEFORGE_SCRAPE_FROM")),
+                operator_peers=_peers(env.get("KUBEFORGE_OPERATOR_PEERS")),
                 serving_policy_credentials=_flag(env.get("KUBEFORGE_SERVING_POLICY_CREDENTIALS"),
                                                  SecuritySettings.serving_policy_credentials),
             ),

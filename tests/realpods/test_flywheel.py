@@ -6,13 +6,16 @@ preferences and rates the answers; a rating sent to the replica that did not ser
 accepted. The Dataset (examples/06) is curated by a real pod; its manifest's counts follow
 from what the user sent and liked, and no PII reaches it. A fine-tune (examples/07) of the
 export on that Dataset succeeds on a real pod, and when the user's traffic shifts, the
-operator sets DriftDetected.
+operator sets DriftDetected. Then a Flywheel (examples/10) runs one whole cycle while the user
+keeps chatting: a version curated for it, a fine-tune on real pods, the evaluation pod's gate,
+shadow and a canary step judged on the router's counters, and promotion, with no failed request.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -31,7 +34,7 @@ from tests.fixtures.cluster import REPO, kubectl_json, wait_for
 from tests.fixtures.realpods import ChartOperator, s3_secret
 from tests.realpods.test_train_and_serve import in_node, wait_succeeded
 
-pytestmark = [pytest.mark.realpods, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.realpods, pytest.mark.timeout(3000)]
 SERVICE, DATASET, FINETUNE = "tiny-llama-chat", "tiny-llama-traffic", "tiny-llama-sft"
 #: what hack/flywheel_client.py puts into its prompts, and what must never be stored
 PII = ["jane.roe@example.com", "867-5309", "4111 1111 1111 1111", "ORD-123456"]
@@ -223,3 +226,71 @@ print(json.dumps({{"chat": status,
     wait_for("DriftDetected True", lambda: condition(c, ns, "inferenceservice", SERVICE, "DriftDetected")
              .get("status") == "True", 240, interval=5)
     print(f"train+serve {serve_s:.0f}s, capture+curate {curate_s:.0f}s, drift before {before}, after {reading()}")
+
+    # one whole Flywheel cycle (examples/10, paced for a test) while a user keeps chatting:
+    # a version curated for the cycle, a fine-tune of the served export on it, the evaluation
+    # gate, shadow, a canary step, promotion; no request of the user fails
+    fw = yaml.safe_load((REPO / "examples/10-flywheel.yaml").read_text())
+    spec = fw["spec"]
+    spec["trigger"] = {}
+    spec["evaluation"] = {"maxRecords": 40, "maxNewTokens": 16, "gate": {"eval.mean_logprob": {"minGain": 0.0}}}
+    spec["rollout"] = {"shadow": {"samplePercent": 100, "minSeconds": 20, "minRequests": 5},
+                       "canarySteps": [{"trafficPercent": 50, "minSeconds": 20, "minRequests": 5}],
+                       "guardRails": {"maxErrorRateIncrease": 0.05, "maxP95LatencyRatio": 4, "minRequests": 5}}
+    name = fw["metadata"]["name"]
+    stop = f"/tmp/kubeforge-chat-{uuid.uuid4().hex[:8]}"
+    user_loop = subprocess.Popen(["ip", "netns", "exec", c.nodes.net.netns(0), sys.executable, "-c", f"""
+import json, os, time, urllib.error, urllib.request
+codes = {{}}
+while not os.path.exists({stop!r}):
+    req = urllib.request.Request("{base}/v1/completions", headers={{"content-type": "application/json"}},
+                                 data=json.dumps({{"prompt": "Once upon a time", "max_tokens": 8}}).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            code = r.status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    except OSError as e:
+        code = type(e).__name__
+    codes[str(code)] = codes.get(str(code), 0) + 1
+    time.sleep(0.2)
+print(json.dumps(codes))
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t_cycle = time.monotonic()
+        c.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(fw))
+        c.kubectl("annotate", "flywheel", name, "-n", ns, "kubeforge.dev/run-cycle=1")
+
+        def cycle() -> dict[str, Any] | None:
+            st = kubectl_json(c, "get", "flywheel", name, "-n", ns).get("status") or {}
+            rec = (st.get("cycles") or [{}])[-1]
+            if rec.get("outcome") and rec["outcome"] != "Promoted":
+                raise AssertionError(f"the cycle ended {rec['outcome']}: {json.dumps(st)[:3000]}\n"
+                                     f"operator:\n{op.logs()}")
+            return rec if rec.get("outcome") == "Promoted" and st.get("stage") == "Idle" else None
+
+        try:
+            record = wait_for("the cycle Promoted", is_(cycle), 1200, interval=5)
+        except AssertionError as e:
+            st = kubectl_json(c, "get", "flywheel", name, "-n", ns).get("status")
+            raise AssertionError(f"{e}\n{json.dumps(st)[:3000]}\noperator:\n{op.logs()}") from e
+        cycle_s = time.monotonic() - t_cycle
+    finally:
+        open(stop, "w").close()
+        out, err = user_loop.communicate(timeout=180)
+        os.unlink(stop)
+    codes = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    assert set(codes) == {"200"} and codes["200"] > 20, (codes, err[-2000:])
+    job = f"{name}-c1"
+    assert record["trainingJob"] == job and record["gatePassed"] is True, record
+    assert record["datasetVersion"] > ds["newestVersion"], (record, ds)  # curated for this cycle
+    assert record["scores"]["eval.mean_logprob"] >= record["baselineScores"]["eval.mean_logprob"], record
+    served = kubectl_json(c, "get", "inferenceservice", SERVICE, "-n", ns)
+    assert served["spec"]["model"]["trainingJobRef"] == {"name": job}, served["spec"]
+    assert "canary" not in served["spec"] and "shadow" not in served["spec"], served["spec"]
+    assert served["status"]["model"]["uri"] == job_status(c, ns, job)["exportUri"] == record["candidateUri"]
+    reasons = {e["reason"] for e in kubectl_json(c, "get", "events", "-n", ns, "--field-selector",
+                                                 f"involvedObject.name={name}")["items"]}
+    assert {"CycleStarted", "TrainingStarted", "EvaluationStarted", "ShadowStarted", "CanaryStep", "StepPassed",
+            "Promoting", "Promoted"} <= reasons, reasons
+    print(f"flywheel cycle {cycle_s:.0f}s: {json.dumps(record)}; user requests {codes}")

@@ -255,12 +255,41 @@ def test_no_trigger_no_cycle_and_a_manual_one_starts_exactly_one() -> None:
     assert w.status["cycle"] == 1  # the same value does not start another
 
 
-def test_new_records_trigger_counts_from_the_last_cycle() -> None:
+def test_new_records_trigger_counts_from_when_the_dataset_was_first_seen_then_from_the_last_cycle() -> None:
     w = World(example_spec(trigger={"newRecords": 100}))
     assert w.dataset is not None
+    w.step()  # the 240 captured before the Flywheel existed do not count
+    assert "cycle" not in w.status and w.status["lastSourceRecords"] == 240 and w.status["cycles"] == []
+    w.dataset["status"]["sourceRecords"] = 339
     w.step()
-    assert w.status["cycle"] == 1 and "240 new request record(s)" in w.record()["trigger"]
-    assert w.status["lastSourceRecords"] == 240
+    assert "cycle" not in w.status
+    w.dataset["status"]["sourceRecords"] = 340
+    w.step()
+    assert w.status["cycle"] == 1 and "100 new request record(s)" in w.record()["trigger"]
+    assert w.status["lastSourceRecords"] == 340 and [r["cycle"] for r in w.status["cycles"]] == [1]
+
+
+def test_the_service_gone_mid_rollout_fails_the_cycle() -> None:
+    w = World()
+    run_to_shadow(w)
+    w.isvc = None
+    w.step()
+    assert w.record()["outcome"] == "Failed" and "does not exist" in w.record()["reason"]
+    assert w.status["stage"] == "Idle"
+    ready = condition(w.status["conditions"], "Ready")
+    assert ready is not None and ready["reason"] == "InferenceServiceNotFound"
+
+
+def test_a_model_changed_to_a_uri_mid_rollout_takes_the_candidate_off() -> None:
+    w = World()
+    run_to_shadow(w)
+    assert w.isvc is not None
+    w.isvc["spec"]["model"] = {"uri": "s3://models/other"}
+    w.step()
+    assert w.record()["outcome"] == "Failed" and w.status["stage"] == "RollingBack"
+    assert "shadow" not in w.isvc["spec"]
+    w.step()
+    assert w.status["stage"] == "Idle" and [o for p in w.plans for o in p.outcomes] == ["Failed"]
 
 
 def test_every_seconds_trigger_waits_its_interval() -> None:

@@ -32,8 +32,8 @@ class FlywheelTrigger(ApiModel):
     demand: annotate the Flywheel with kubeforge.dev/run-cycle=<any new value>."""
 
     new_records: int | None = Field(default=None, ge=1, description=(
-        "Start once the Dataset's source has this many request records more than when the last cycle started "
-        "(status.sourceRecords of the Dataset)."))
+        "Start once the Dataset's source has this many request records more than when the last cycle started, "
+        "or before the first cycle than when the Flywheel first saw the Dataset (its status.sourceRecords)."))
     on_drift: bool = Field(default=False, description=(
         "Start when the InferenceService's DriftDetected condition turns True after the last cycle started."))
     every_seconds: int | None = Field(default=None, ge=300, description=(
@@ -217,7 +217,8 @@ class FlywheelStatus(StatusBase):
     stable_training_job: str | None = Field(default=None, description="The TrainingJob whose export is served.")
     last_trigger_time: str | None = Field(default=None, description="When the last cycle started.")
     last_source_records: int | None = Field(default=None, description=(
-        "The Dataset's status.sourceRecords when the last cycle started (trigger.newRecords counts from it)."))
+        "The Dataset's status.sourceRecords when the last cycle started, or when the Flywheel first saw it "
+        "(trigger.newRecords counts from it)."))
     last_run_request: str | None = Field(default=None, description="The kubeforge.dev/run-cycle value acted on.")
     curation_request: str | None = Field(default=None, description=(
         "The kubeforge.dev/curate value this cycle put on the Dataset, while it curates."))

@@ -169,12 +169,16 @@ class _Pass:
 
     @property
     def record(self) -> dict[str, Any]:
+        """The current cycle's record (empty before the first cycle)."""
         cycles = self.status["cycles"]
+        if not self.cycle:
+            return {}
         if not cycles or cycles[-1].get("cycle") != self.cycle:
             cycles.append(CycleRecord(cycle=self.cycle).dump())
         return dict(cycles[-1])
 
     def update(self, **fields: Any) -> None:
+        assert self.cycle, "a cycle's record is written only once a cycle started"
         rec = self.record
         rec.update({k: v for k, v in CycleRecord.model_validate({**rec, **fields}).dump().items()})
         self.status["cycles"][-1] = rec
@@ -237,12 +241,18 @@ def plan(obs: Observed) -> Plan:
         return _done(p)
     problem = _references(obs)
     stage = p.status.get("stage") or "Idle"
-    if problem is not None and stage in ("Idle", "Curating"):
+    if problem is not None:
         p.cond("Ready", False, problem.reason, problem.message)
         p.status["stage"] = stage
-        p.status["message"] = problem.message
-        if stage == "Curating":
-            p.wait()
+        if stage in ("Idle", "Curating", "Training", "Evaluating"):
+            # nothing serves the candidate yet: wait for the references (a job trains on meanwhile)
+            p.status["message"] = problem.message
+            if stage != "Idle":
+                p.wait()
+        elif stage == "RollingBack":  # its outcome is recorded: the candidate only has to go
+            _rolling_back(p, spec)
+        else:  # the candidate is on (or going to) the service: the cycle cannot be judged
+            p.finish("Failed", problem.message, warning=True)
         return _done(p)
     p.cond("Ready", True, "Suspended" if spec.suspend else "LoopReady",
            "spec.suspend: no cycle starts" if spec.suspend else "the InferenceService and the Dataset resolve")
@@ -295,7 +305,10 @@ def _trigger(p: _Pass, spec: FlywheelSpec) -> tuple[str | None, float | None]:
         return f"{RUN_ANNOTATION}={ann}", None
     t = spec.trigger
     ds = (p.obs.dataset or {}).get("status") or {}
-    if t.new_records is not None:
+    if t.new_records is not None and p.status.get("lastSourceRecords") is None:
+        # counted from when the Flywheel first saw the Dataset, not from the capture's start
+        p.status["lastSourceRecords"] = int(ds.get("sourceRecords") or 0)
+    elif t.new_records is not None:
         grown = int(ds.get("sourceRecords") or 0) - int(p.status.get("lastSourceRecords") or 0)
         if grown >= t.new_records:
             return f"{grown} new request record(s) (trigger.newRecords {t.new_records})", None

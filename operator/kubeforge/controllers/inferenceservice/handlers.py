@@ -344,8 +344,10 @@ def _apply_policy(state: InferenceServices, owner: Owner, spec: InferenceService
                   role: str, router_peer: bool) -> None:
     name = manifests.child_name(owner.name) if role == manifests.STABLE else manifests.role_child_name(owner.name, role)
     existing = k8s.get_or_none(k8s.networking().read_namespaced_network_policy, name, owner.namespace)
-    desired = manifests.build_network_policy(owner, spec, state.settings.security.scrape_from, role,
-                                             router_peer=router_peer)
+    security = state.settings.security
+    # the router's counters are read by the operator (a Flywheel's guard rails)
+    scrape = security.scrape_from + (security.operator_peers if role == manifests.ROUTER else ())
+    desired = manifests.build_network_policy(owner, spec, scrape, role, router_peer=router_peer)
     k8s.apply(desired)
     peers = desired["spec"]["ingress"][0]["from"]
     stored = ((existing or {}).get("spec") or {}).get("ingress", [{}])[0].get("from")
