@@ -24,7 +24,7 @@ STAGES = ("Idle", "Curating", "Training", "Evaluating", "Shadow", "Canary", "Awa
           "RollingBack")
 Stage = Literal["Idle", "Curating", "Training", "Evaluating", "Shadow", "Canary", "AwaitingPromotion", "Promoting",
                 "RollingBack"]
-Outcome = Literal["Promoted", "RolledBack", "Rejected", "Failed", "Superseded"]
+Outcome = Literal["Promoted", "RolledBack", "Rejected", "Failed"]
 
 
 class FlywheelTrigger(ApiModel):
@@ -167,7 +167,7 @@ class FlywheelSpec(ApiModel):
     rollout: FlywheelRollout = Field(default_factory=FlywheelRollout, description="Shadow, canary, promotion.")
     suspend: bool = Field(default=False, description=(
         "Start no cycle; a cycle in shadow or canary is rolled back (no traffic stays on a candidate nobody "
-        "watches), one training or evaluating finishes that step and waits."))
+        "watches); one curating, training or evaluating goes on and waits before shadow."))
 
 
 class CycleRecord(ApiModel):
