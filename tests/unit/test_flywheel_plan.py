@@ -605,6 +605,7 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
     duration = Histogram("kubeforge:router_request_duration_seconds", "", ["revision"],
                          buckets=(0.1, 0.5, 1.0), registry=reg)
     shadow = Counter("kubeforge:shadow_requests", "", ["revision", "outcome"], registry=reg)
+    fallbacks = Counter("kubeforge:router_fallbacks", "", ["revision"], registry=reg)
     for _ in range(18):
         requests.labels("stable", "200").inc()
         duration.labels("stable").observe(0.05)
@@ -612,6 +613,8 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
     for _ in range(10):
         requests.labels("canary", "200").inc()
         duration.labels("canary").observe(0.7)
+    requests.labels("canary", "client_closed").inc(4)  # neither a success nor a failure
+    fallbacks.labels("canary").inc(2)  # could not be connected to: the stable one answered
     shadow.labels("shadow", "ok").inc(3)
     shadow.labels("shadow", "timeout").inc(1)
     shadow.labels("shadow", "dropped").inc(5)
@@ -619,7 +622,7 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
     stable = router_stats.revision_stats(parsed, "stable")
     canary = router_stats.revision_stats(parsed, "canary")
     assert (stable.requests, stable.errors, stable.p95_s) == (20, 2, 0.1)
-    assert (canary.requests, canary.errors, canary.p95_s) == (10, 0, 1.0)
+    assert (canary.requests, canary.errors, canary.p95_s) == (12, 2, 1.0)
     sh = router_stats.shadow_stats(parsed)
     assert (sh.requests, sh.errors) == (4, 1)  # dropped copies are not the shadow's answers
     # a pod in the baseline counts its growth; a new pod all; a restarted one (below) from zero

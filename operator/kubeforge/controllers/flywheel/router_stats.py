@@ -21,10 +21,12 @@ from collections.abc import Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 #: series name → value; names: ``req|<revision>|<code>``, ``shadow|<revision>|<outcome>``,
-#: ``dur|<revision>|<le>`` and ``sdur|<revision>|<le>`` (cumulative histogram buckets)
+#: ``fb|<revision>|`` (requests the revision could not be connected to, answered by the stable
+#: one), ``dur|<revision>|<le>`` and ``sdur|<revision>|<le>`` (cumulative histogram buckets)
 Counters = dict[str, float]
 SCRAPE_TIMEOUT_S = 2.0
 _FAMILIES = {"kubeforge:router_requests": "req", "kubeforge:shadow_requests": "shadow",
+             "kubeforge:router_fallbacks": "fb",
              "kubeforge:router_request_duration_seconds": "dur", "kubeforge:shadow_request_duration_seconds": "sdur"}
 
 
@@ -36,8 +38,8 @@ def parse(text: str) -> Counters:
             continue
         for s in family.samples:
             rev = s.labels.get("revision", "")
-            if prefix in ("req", "shadow") and s.name.endswith("_total"):
-                out[f"{prefix}|{rev}|{s.labels.get('code') or s.labels.get('outcome')}"] = s.value
+            if prefix in ("req", "shadow", "fb") and s.name.endswith("_total"):
+                out[f"{prefix}|{rev}|{s.labels.get('code') or s.labels.get('outcome') or ''}"] = s.value
             elif prefix in ("dur", "sdur") and s.name.endswith("_bucket"):
                 out[f"{prefix}|{rev}|{s.labels['le']}"] = s.value
     return out
@@ -85,14 +87,21 @@ def p95(counts: Counters, prefix: str, revision: str) -> float | None:
 
 
 def revision_stats(counts: Counters, revision: str) -> RevisionStats:
-    """A primary revision's requests, its 5xx answers and its p95."""
+    """A primary revision's requests, its failures and its p95. A failure is a 5xx answer or a
+    request it could not be connected to (the client got the stable revision's answer: the
+    fallback costs the candidate, not the client); a client that hung up counts for neither."""
     total = errors = 0.0
     for k, v in counts.items():
         kind, rev, code = k.split("|", 2)
-        if kind == "req" and rev == revision:
+        if rev != revision or code == "client_closed":
+            continue
+        if kind == "req":
             total += v
             if code.startswith("5"):
                 errors += v
+        elif kind == "fb":
+            total += v
+            errors += v
     return RevisionStats(int(total), int(errors), p95(counts, "dur", revision))
 
 
