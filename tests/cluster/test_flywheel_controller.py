@@ -3,8 +3,8 @@ the Dataset and TrainingJob controllers of the same operator: a Flywheel waits o
 InferenceService with a condition naming it; a manual trigger asks the Dataset for a version
 (its curation pod's exit is simulated as in test_dataset_controller), the cycle trains on the
 version committed for it, from the served job's export, under a name fixed by the cycle; an
-operator restarted mid-cycle does not start a second job; deleting the Flywheel leaves the
-candidate job (a promoted one is served from it)."""
+operator restarted mid-cycle does not start a second job; deleting the Flywheel mid-training
+deletes the unfinished candidate job and then lets the Flywheel go (its finalizer)."""
 
 from __future__ import annotations
 
@@ -124,8 +124,12 @@ def test_a_cycle_asks_for_a_version_and_trains_one_candidate_on_it(operator: Ope
     assert [(j["metadata"]["name"], j["metadata"]["uid"]) for j in jobs] == [(f"{NAME}-c1", uid)]
     assert fw_status(c, namespace)["stage"] == "Training" and fw_status(c, namespace)["cycle"] == 1
 
-    # the Flywheel goes at once (no candidate on the InferenceService, no finalizer); its job stays
-    c.kubectl("delete", "flywheel", NAME, "-n", namespace, "--timeout=30s")
-    assert [j["metadata"]["uid"] for j in candidate_jobs(c, namespace)] == [uid]
+    # deleted mid-training: the finalizer held since the cycle began lets it go once the
+    # unfinished candidate job is deleted
+    assert "kubeforge.dev/flywheel-rollout" in get(c, namespace, "flywheel", NAME)["metadata"]["finalizers"]  # type: ignore[index]
+    c.kubectl("delete", "flywheel", NAME, "-n", namespace, "--timeout=60s")
+    wait_for("the candidate job deleted", lambda: not [j for j in candidate_jobs(c, namespace)
+                                                      if not j["metadata"].get("deletionTimestamp")], 30)
+    wait_for("the CandidateDeleted Event", lambda: "CandidateDeleted" in fw_events(c, namespace), 15)
     assert json.loads(c.kubectl("get", "inferenceservice", "chat", "-n", namespace, "-o", "json").stdout)["spec"].get(
         "canary") is None

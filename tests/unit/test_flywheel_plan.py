@@ -159,8 +159,11 @@ class World:
         st["versions"].append({"version": version, "uri": f"s3://ckpt/root/ml/chat-data/dataset/v-{version:010d}"})
 
     def train(self, job: str, phase: str = "Succeeded", export: str | None = CANDIDATE_URI) -> None:
+        version = self.jobs[job]["spec"]["data"]["datasetRef"]["version"]
         self.jobs[job]["status"] = {"phase": phase, **({"exportUri": export} if export else {}),
-                                    "message": "loss diverged" if phase == "Failed" else ""}
+                                    "message": "loss diverged" if phase == "Failed" else "",
+                                    "dataset": {"name": "chat-data", "version": version,
+                                                "uri": f"s3://ckpt/root/ml/chat-data/dataset/v-{version:010d}"}}
 
     def evaluate(self, metrics: dict[str, float], baseline: dict[str, float]) -> None:
         spec = FlywheelSpec.model_validate(self.flywheel["spec"])
@@ -327,7 +330,7 @@ def test_curation_is_asked_of_the_dataset_and_its_new_version_is_trained_on() ->
     w = World()
     w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
     w.step()
-    assert w.plans[-1].curate == "chat-fw-c1" and w.status["curationBaseVersion"] == 1
+    assert w.plans[-1].curate == "chat-fw-fw-uid-c1" and w.status["curationBaseVersion"] == 1
     w.step()
     assert w.status["stage"] == "Curating" and w.plans[-1].curate is None  # asked once, annotation is there
     w.curate(2)
@@ -354,7 +357,7 @@ def test_a_failed_curation_fails_the_cycle() -> None:
     w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
     w.step()
     assert w.dataset is not None
-    w.dataset["status"]["lastCurationRequest"] = "chat-fw-c1"
+    w.dataset["status"]["lastCurationRequest"] = "chat-fw-fw-uid-c1"
     w.dataset["status"]["conditions"] = [{"type": "Curating", "status": "False", "reason": "CurationFailed",
                                           "message": "exit 78: bad settings"}]
     w.step()
@@ -588,8 +591,8 @@ def test_deleting_the_flywheel_mid_rollout_returns_all_traffic_to_stable() -> No
 def test_retention_keeps_the_served_and_the_newest_finished_jobs() -> None:
     w = World(example_spec(training={**example_spec()["training"], "maxRetainedJobs": 1}))
     for c in (1, 2, 3):
-        w.jobs[f"chat-fw-c{c}"] = {"metadata": {"name": f"chat-fw-c{c}", "labels": {fm.CYCLE_LABEL: str(c)}},
-                                   "status": {"phase": "Succeeded"}}
+        w.jobs[f"chat-fw-c{c}"] = {"metadata": {"name": f"chat-fw-c{c}", "labels": {
+            fm.CYCLE_LABEL: str(c), fm.FLYWHEEL_UID_LABEL: "fw-uid"}}, "status": {"phase": "Succeeded"}}
     assert w.isvc is not None
     w.isvc["spec"]["model"]["trainingJobRef"] = {"name": "chat-fw-c1"}
     w.step()
@@ -629,3 +632,106 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
     base = {"a": {"req|stable|200": 10.0}, "b": {"req|stable|200": 50.0}}
     now = {"a": {"req|stable|200": 15.0}, "b": {"req|stable|200": 4.0}, "c": {"req|stable|200": 7.0}}
     assert router_stats.delta(now, base) == {"req|stable|200": 5.0 + 4.0 + 7.0}
+
+
+# ---------------------------------------------------------------------------- a recreated Flywheel, refusals, deadlines
+
+
+def test_a_recreated_flywheel_numbers_its_cycles_past_the_jobs_of_the_name_and_adopts_none() -> None:
+    w = World()
+    w.dataset["status"]["pendingRecords"] = 0  # type: ignore[index]
+    w.jobs["chat-fw-c1"] = {"metadata": {"name": "chat-fw-c1", "labels": {
+        fm.FLYWHEEL_LABEL: NAME, fm.FLYWHEEL_UID_LABEL: "old-uid", fm.CYCLE_LABEL: "1"}}, "status": {"phase": "Succeeded"}}
+    assert w.isvc is not None
+    w.isvc["spec"]["model"]["trainingJobRef"] = {"name": "chat-fw-c1"}  # the old one's promoted candidate
+    w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
+    w.step()
+    assert w.status["cycle"] == 2 and w.plans[-1].create_job is not None
+    assert w.plans[-1].create_job["metadata"]["name"] == "chat-fw-c2"
+    assert w.plans[-1].create_job["spec"]["initFrom"] == {"trainingJobRef": {"name": "chat-fw-c1"}}
+    w.step()
+    assert w.plans[-1].delete_jobs == []  # never the old object's jobs
+
+
+def test_a_job_of_the_cycles_name_made_by_someone_else_fails_the_cycle() -> None:
+    w = World()
+    w.dataset["status"]["pendingRecords"] = 0  # type: ignore[index]
+    w.jobs["chat-fw-c1"] = {"metadata": {"name": "chat-fw-c1", "labels": {}}, "status": {"phase": "Running"}}
+    w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
+    w.step()
+    assert w.record()["outcome"] == "Failed" and "is not this Flywheel's" in w.record()["reason"]
+
+
+def test_a_refused_job_fails_the_cycle_instead_of_retrying_forever() -> None:
+    w = World()
+    w.dataset["status"]["pendingRecords"] = 0  # type: ignore[index]
+    w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
+    obs = w.observe()
+    decided = plan(obs)
+    assert decided.create_job is not None
+    w.flywheel["status"] = {k: v for k, v in decided.status.items() if v is not None}
+    obs = w.observe()
+    obs.refused = "422 Unprocessable Entity: spec.workers.maxReplicas: must be >= minReplicas"
+    decided = plan(obs)
+    assert decided.create_job is None and decided.outcomes == ["Failed"]
+    assert "422" in decided.status["cycles"][-1]["reason"]
+
+
+def test_a_report_of_another_candidate_is_not_taken_for_this_one() -> None:
+    w = World()
+    run_to_evaluating(w)
+    w.evaluate({"eval.mean_logprob": -1.0}, {"eval.mean_logprob": -1.2})
+    assert w.report is not None
+    w.report = w.report.model_copy(update={"candidate": ModelRef(uri="s3://ckpt/root/ml/other/export", revision="x")})
+    w.step()
+    assert w.record()["outcome"] == "Failed" and "not this cycle's candidate" in w.record()["reason"]
+    assert w.isvc is not None and "shadow" not in w.isvc["spec"]
+
+
+def test_router_counters_unreadable_too_long_roll_back() -> None:
+    w = World()
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    w.router = None
+    w.later(600)
+    w.step()
+    assert w.status["stage"] == "Shadow" and "waiting for the router's counters" in w.status["message"]
+    w.later(301)
+    w.step()
+    assert w.record()["outcome"] == "RolledBack" and "could not be read" in w.record()["reason"]
+
+
+def test_a_step_without_enough_traffic_rolls_back_at_its_deadline() -> None:
+    w = World()
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    w.router = {"p": counters((0, 0, 0.4), (0, 0, 0.4), "shadow")}
+    w.step()
+    w.router = {"p": counters((3, 0, 0.4), (2, 0, 0.4), "shadow")}
+    w.later(3601)
+    w.step()
+    assert w.record()["outcome"] == "RolledBack" and "too little traffic" in w.record()["reason"]
+
+
+def test_the_finalizer_is_held_from_the_cycle_start_and_deleting_mid_training_deletes_the_job() -> None:
+    w = World()
+    w.dataset["status"]["pendingRecords"] = 0  # type: ignore[index]
+    w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
+    w.step()
+    assert w.flywheel["metadata"]["finalizers"] == [fm.FINALIZER] and w.status["stage"] == "Training"
+    w.step()
+    w.flywheel["metadata"]["deletionTimestamp"] = fmt_time(w.now)
+    decided = w.step(deleting=True)
+    assert decided.delete_jobs == ["chat-fw-c1"] and decided.finalizer is False
+    assert "CandidateDeleted" in w.events()
+
+
+def test_a_suspended_dataset_fails_the_cycle_that_waits_for_it() -> None:
+    w = World()
+    w.flywheel["metadata"]["annotations"][RUN_ANNOTATION] = "1"
+    w.step()
+    assert w.dataset is not None
+    w.dataset["spec"] = {"suspend": True}
+    w.step()
+    assert w.record()["outcome"] == "Failed" and "suspended" in w.record()["reason"]
+    assert w.flywheel["metadata"]["finalizers"] == []

@@ -51,6 +51,18 @@ class FlywheelTraining(ApiModel):
     max_retained_jobs: int = Field(default=3, ge=1, le=100, description=(
         "Finished candidate jobs kept (the served one and the running one are always kept)."))
 
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("!has(self.template.data) && !has(self.template.initFrom)",
+             "template.data and template.initFrom must not be set: each cycle sets them (the Dataset version, the "
+             "served export)", field_path=".template", reason="FieldValueForbidden"),
+        Rule("!has(self.template.trainer.config) || ((!has(self.template.trainer.config.data) || "
+             "!has(self.template.trainer.config.data.paths)) && (!has(self.template.trainer.config.model) || "
+             "!has(self.template.trainer.config.model.init_from)))",
+             "template.trainer.config.data.paths and template.trainer.config.model.init_from must not be set: each "
+             "cycle trains on its Dataset version, from the served export", field_path=".template.trainer.config",
+             reason="FieldValueForbidden"),
+    )
+
 
 class GateRuleSpec(ApiModel):
     """What one metric must show, as a gain of the candidate over the served model in the
@@ -141,7 +153,10 @@ class FlywheelRollout(ApiModel):
         "Promote after the last step. False waits in AwaitingPromotion (the last step's share stays) until the "
         "Flywheel is annotated kubeforge.dev/promote=<cycle>."))
     candidate_ready_seconds: int = Field(default=900, ge=30, description=(
-        "A candidate revision without a ready pod this long (its export does not load) is rolled back."))
+        "A candidate revision without a ready pod this long (its export does not load), or router counters that "
+        "cannot be read this long, roll back."))
+    max_step_seconds: int = Field(default=3600, ge=60, description=(
+        "A step that has not had its minRequests this long rolls back: too little traffic to judge the candidate."))
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule("self.canarySteps.all(s, self.canarySteps.exists_one(t, t.trafficPercent == s.trafficPercent)) && "
@@ -201,6 +216,7 @@ class StepProgress(ApiModel):
     candidate_p95_seconds: float | None = Field(default=None, description="Candidate's p95 request time.")
     stable_p95_seconds: float | None = Field(default=None, description="Stable revision's p95 request time.")
     baseline_taken: bool = Field(default=False, description="Whether the router counters were read since the step began.")
+    last_read_time: str | None = Field(default=None, description="When the router counters were last read.")
     baseline: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
         "The router counters at the step's start, per router pod uid (series → value): the step counts from them."))
 

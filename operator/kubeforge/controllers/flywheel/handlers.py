@@ -79,6 +79,8 @@ class Flywheels:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.tuning.workers, thread_name_prefix="flywheel")
         self.seen: set[Key] = set()
         self.fresh_wanted: dict[Key, float] = {}
+        #: why the API server refused a Flywheel's job or pod: (cycle, message), for its next plan
+        self.refused: dict[Key, tuple[int, str]] = {}
 
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
         self.queue.add(key, delay)
@@ -92,6 +94,7 @@ class Flywheels:
     def forget(self, key: Key) -> None:
         self.seen.discard(key)
         self.fresh_wanted.pop(key, None)
+        self.refused.pop(key, None)
         self.stores.forget(lambda k: isinstance(k, tuple) and k[:2] == ("flywheel", key))
         for outcome in OUTCOMES:
             remove_series(FLYWHEEL_CYCLES, *key, outcome)
@@ -244,12 +247,22 @@ def observe(state: Flywheels, namespace: str, name: str) -> Observed | None:
     if obs.isvc is not None:
         obs.isvc_spec, obs.isvc_error = parse_spec(InferenceServiceSpec, obs.isvc.get("spec"))
     obs.dataset = k8s.get_custom(namespace, Dataset.plural, spec.dataset_ref.name)
+    # every job of the name (an earlier Flywheel's too: the plan numbers cycles past them and
+    # adopts none), and the current cycle's by name, labelled or not
     obs.jobs = {j["metadata"]["name"]: j for j in k8s.list_custom(namespace, TrainingJob.plural,
                                                                    f"{manifests.FLYWHEEL_LABEL}={name}")}
+    cycle_now = int((body.get("status") or {}).get("cycle") or 0)
+    current = manifests.job_name(name, cycle_now)
+    if cycle_now and current not in obs.jobs:
+        found = k8s.get_custom(namespace, TrainingJob.plural, current)
+        if found is not None:
+            obs.jobs[current] = found
     obs.eval_pods = k8s.list_pods(namespace, f"{manifests.FLYWHEEL_LABEL}={name}")
     resolved = resolve_eval_store(namespace, spec)
     status = body.get("status") or {}
     stage, cycle = status.get("stage"), int(status.get("cycle") or 0)
+    refused = state.refused.get(key)
+    obs.refused = refused[1] if refused is not None and refused[0] == cycle else None
     if isinstance(resolved, Problem):
         obs.eval_store = resolved
         return obs
@@ -269,7 +282,8 @@ def observe(state: Flywheels, namespace: str, name: str) -> Observed | None:
                                     max_age=(now - wanted) if wanted is not None else state.tuning.store_refresh_s,
                                     on_done=lambda: state.enqueue_from_thread(key))
         obs.report, obs.report_error = reading.value, reading.error
-        obs.report_fresh = wanted is None or reading.newer_than(wanted)
+        # a read that found no report is an answer too (its value is None)
+        obs.report_fresh = wanted is None or (reading.taken is not None and reading.taken >= wanted)
     if stage in ROLLOUT_STAGES:
         obs.router, obs.router_error = read_router(namespace, spec.inference_service_ref.name)
     return obs
@@ -285,12 +299,12 @@ def reconcile_flywheel(state: Flywheels, namespace: str, name: str) -> float | N
             if manifests.FINALIZER not in (obs.flywheel["metadata"].get("finalizers") or []):
                 return None
             decided = plan_deletion(obs)
-            apply_children(obs, decided)
+            apply_children(state, obs, decided)
             return decided.requeue_after
         decided = plan(obs)
         if not apply_status(obs, decided):
             return 0.5  # someone wrote the Flywheel meanwhile: observe again
-        apply_children(obs, decided)
+        apply_children(state, obs, decided)
         _publish(state, (namespace, name), decided.status)
         return decided.requeue_after
 
@@ -306,32 +320,39 @@ def apply_status(obs: Observed, decided: Plan) -> bool:
                             resource_version=meta["resourceVersion"])
 
 
-def _set_finalizer(obs: Observed, present: bool) -> None:
+def _set_finalizer(obs: Observed, present: bool) -> bool:
+    """Add or remove our finalizer; True when it is as asked (a Flywheel being deleted or gone
+    gets none added: False)."""
     meta = obs.flywheel["metadata"]
     ns, name = meta["namespace"], meta["name"]
     for _ in range(5):
         current = k8s.get_custom(ns, Flywheel.plural, name)
         if current is None:
-            return
+            return not present
         have = list(current["metadata"].get("finalizers") or [])
         if (manifests.FINALIZER in have) == present:
-            return
+            return True
+        if present and current["metadata"].get("deletionTimestamp"):
+            return False  # the API server refuses new finalizers on an object being deleted
         want = [*have, manifests.FINALIZER] if present else [f for f in have if f != manifests.FINALIZER]
         if k8s.patch_custom(ns, Flywheel.plural, name, {"metadata": {"finalizers": want}},
                             resource_version=current["metadata"]["resourceVersion"]):
             log.info("Flywheel %s/%s: finalizer %s %s", ns, name, manifests.FINALIZER, "added" if present else "removed")
-            return
+            return True
     raise RuntimeError(f"the finalizers of Flywheel {ns}/{name} kept changing")
 
 
-def apply_children(obs: Observed, decided: Plan) -> None:
-    """Finalizer (added before the candidate goes on), the InferenceService patch, the
-    Dataset's curate annotation, the job, the pod, deletions, Events, outcomes; a finalizer
-    is removed last."""
+def apply_children(state: Flywheels, obs: Observed, decided: Plan) -> None:
+    """Finalizer (held before any child is made or the candidate goes on: nothing else is
+    done without it), the InferenceService patch, the Dataset's curate annotation, the job,
+    the pod, deletions, Events, outcomes; a finalizer is removed last."""
     meta = obs.flywheel["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    if decided.finalizer is True:
-        _set_finalizer(obs, True)
+    key = (ns, name)
+    cycle = int(decided.status.get("cycle") or 0)
+    if decided.finalizer is True and not _set_finalizer(obs, True):
+        log.info("Flywheel %s/%s: no finalizer (being deleted): nothing else is applied", ns, name)
+        return
     if decided.isvc_patch is not None and obs.spec is not None:
         service = obs.spec.inference_service_ref.name
         if k8s.patch_custom(ns, InferenceService.plural, service, decided.isvc_patch):
@@ -347,17 +368,23 @@ def apply_children(obs: Observed, decided: Plan) -> None:
                           ns, decided.create_job):
                 log.info("Flywheel %s/%s: created TrainingJob %s", ns, name, decided.create_job["metadata"]["name"])
         except kubernetes.client.ApiException as e:
-            why = f"TrainingJob {decided.create_job['metadata']['name']} was refused: {e.status} {e.reason}: " \
-                  f"{str(e.body)[:400]}"
-            log.warning("Flywheel %s/%s: %s", ns, name, why)
-            events.append(Event("TrainingJobNotCreated", why, warning=True))
+            why = f"{e.status} {e.reason}: {str(e.body)[:400]}"
+            log.warning("Flywheel %s/%s: TrainingJob %s was refused: %s", ns, name,
+                        decided.create_job["metadata"]["name"], why)
+            events.append(Event("TrainingJobNotCreated", f"TrainingJob {decided.create_job['metadata']['name']} "
+                                                         f"was refused: {why}", warning=True))
+            if e.status is not None and 400 <= e.status < 500 and e.status not in (409, 429):
+                state.refused[key] = (cycle, why)  # the next plan fails the cycle
     if decided.create_pod is not None:
         try:
             k8s.create(k8s.core().create_namespaced_pod, ns, decided.create_pod)
         except kubernetes.client.ApiException as e:
-            why = f"pod {decided.create_pod['metadata']['name']} was refused: {e.status} {e.reason}: {str(e.body)[:300]}"
-            log.warning("Flywheel %s/%s: %s", ns, name, why)
-            events.append(Event("EvaluationNotCreated", why, warning=True))
+            why = f"{e.status} {e.reason}: {str(e.body)[:300]}"
+            log.warning("Flywheel %s/%s: pod %s was refused: %s", ns, name, decided.create_pod["metadata"]["name"], why)
+            events.append(Event("EvaluationNotCreated", f"pod {decided.create_pod['metadata']['name']} was refused: "
+                                                        f"{why}", warning=True))
+            if e.status is not None and 400 <= e.status < 500 and e.status not in (409, 429):
+                state.refused[key] = (cycle, why)
     for pod_name, uid in decided.delete_pods:
         k8s.delete_pod(pod_name, ns, uid=uid or None)
     for job in decided.delete_jobs:

@@ -19,10 +19,15 @@ Rules that keep it safe:
 - a candidate takes traffic only after it passed the gate, and its share goes to the stable
   revision while it has no ready pod (the InferenceService's router); one without a ready
   pod for ``rollout.candidateReadySeconds`` is rolled back;
-- a guard-rail breach, ``suspend`` or a candidate that disappears rolls back at once: no
-  stage leaves traffic on a candidate nobody judges. Deleting the Flywheel does too
-  (``plan_deletion``: the finalizer is held only while the InferenceService carries the
-  candidate).
+- a guard-rail breach, ``suspend``, a candidate that disappears, router counters that cannot
+  be read, or a step that cannot gather its requests in ``rollout.maxStepSeconds`` rolls back
+  at once: no stage leaves traffic on a candidate nobody judges. Deleting the Flywheel does
+  too, and deletes a candidate job still training (``plan_deletion``: the finalizer is held
+  from a cycle's start to its end, and the handlers change nothing else until it is held);
+- children are this object's: jobs and reports of an earlier Flywheel of the same name (a
+  recreated one) are never adopted: cycles are numbered past every job that carries the name,
+  a job of the cycle's name with another uid fails the cycle, and a report counts only when it
+  scored this cycle's candidate on its version.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class Observed:
     report: EvaluationReport | None = None
     report_error: str | None = None
     report_fresh: bool = True
+    #: why the API server refused the cycle's job or evaluation pod (a 4xx other than 409)
+    refused: str | None = None
     router: dict[str, router_stats.Counters] | None = None
     router_error: str | None = None
     now: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -251,6 +258,8 @@ def plan(obs: Observed) -> Plan:
                 p.wait()
         elif stage == "RollingBack":  # its outcome is recorded: the candidate only has to go
             _rolling_back(p, spec)
+        elif stage == "Promoting" and obs.isvc_spec is not None and obs.isvc_spec.model.training_job_ref:
+            _promoting(p, spec)  # the Dataset or the evaluation store are not needed any more
         else:  # the candidate is on (or going to) the service: the cycle cannot be judged
             p.finish("Failed", problem.message, warning=True)
         return _done(p)
@@ -265,6 +274,11 @@ def plan(obs: Observed) -> Plan:
 def _done(p: _Pass) -> Plan:
     stage = p.status.get("stage") or "Idle"
     p.status["stage"] = stage
+    held = manifests.FINALIZER in (p.meta.get("finalizers") or [])
+    if stage != "Idle" and not held:
+        p.out.finalizer = True
+    elif stage == "Idle" and held and not p.carrying() and p.out.isvc_patch is None:
+        p.out.finalizer = False
     p.cond("Cycling", stage != "Idle", stage if stage != "Idle" else "Idle",
            f"cycle {p.cycle}: {stage}" if stage != "Idle" else "no cycle runs")
     serving = stage in ROLLOUT_STAGES and p.carrying()
@@ -336,9 +350,8 @@ def _idle(p: _Pass, spec: FlywheelSpec) -> None:
         p.out.isvc_patch = manifests.rollback_patch()
         p.wait(1.0)
         return
-    if manifests.FINALIZER in (p.meta.get("finalizers") or []):
-        p.out.finalizer = False
     p.out.delete_jobs = _retention(p, spec, stable)
+    p.out.delete_pods = _old_eval_pods(p)
     if spec.suspend:
         return
     raw = p.isvc_spec_raw()
@@ -353,7 +366,7 @@ def _idle(p: _Pass, spec: FlywheelSpec) -> None:
         p.wait(30.0)
         return
     ds = (obs.dataset or {}).get("status") or {}
-    p.status["cycle"] = p.cycle + 1
+    p.status["cycle"] = max([p.cycle, *(_job_cycle(j) for j in obs.jobs.values())]) + 1
     p.status["lastTriggerTime"] = p.now
     p.status["lastSourceRecords"] = int(ds.get("sourceRecords") or 0)
     ann = (p.meta.get("annotations") or {}).get(RUN_ANNOTATION)
@@ -371,7 +384,7 @@ def _curating(p: _Pass, spec: FlywheelSpec) -> None:
     request = p.status.get("curationRequest")
     if request is None:
         if int(ds.get("pendingRecords") or 0) > 0 or newest is None or ds.get("curating"):
-            request = f"{p.name}-c{p.cycle}"
+            request = f"{p.name}-{str(p.meta.get('uid', ''))[:8]}-c{p.cycle}"
             p.status["curationRequest"] = request
             p.status["curationBaseVersion"] = newest
             p.status["message"] = f"asked Dataset {dataset} for a new version ({CURATE_ANNOTATION}={request})"
@@ -381,6 +394,10 @@ def _curating(p: _Pass, spec: FlywheelSpec) -> None:
     if ((p.obs.dataset or {}).get("metadata", {}).get("annotations") or {}).get(CURATE_ANNOTATION) != request:
         p.out.curate = request
     if ds.get("lastCurationRequest") != request or ds.get("curating"):
+        if ((p.obs.dataset or {}).get("spec") or {}).get("suspend"):
+            p.finish("Failed", f"Dataset {dataset} is suspended (spec.suspend): it curates no version for the cycle",
+                     warning=True)
+            return
         p.wait()
         return
     base = p.status.get("curationBaseVersion")
@@ -411,6 +428,14 @@ def _training(p: _Pass, spec: FlywheelSpec) -> None:
     name = manifests.job_name(p.name, p.cycle)
     job = p.obs.jobs.get(name)
     rec = p.record
+    uid = str(p.meta.get("uid", ""))
+    if job is not None and (job["metadata"].get("labels") or {}).get(manifests.FLYWHEEL_UID_LABEL) != uid:
+        p.finish("Failed", f"TrainingJob {name} exists and is not this Flywheel's (another object of the name made "
+                           "it, or someone else did): the cycle does not adopt it", warning=True)
+        return
+    if job is None and p.obs.refused:
+        p.finish("Failed", f"TrainingJob {name} was refused: {p.obs.refused}", warning=True)
+        return
     if job is None:
         if rec.get("trainingJob"):
             p.finish("Failed", f"TrainingJob {name} was deleted before it finished", warning=True)
@@ -418,7 +443,7 @@ def _training(p: _Pass, spec: FlywheelSpec) -> None:
         owner = Owner(p.name, str(p.meta["namespace"]), str(p.meta.get("uid", "")), "Flywheel")
         p.out.create_job = manifests.candidate_job(owner, spec, p.cycle, spec.dataset_ref.name,
                                                    int(rec["datasetVersion"]), str(p.status.get("stableTrainingJob")))
-        p.wait(2.0)
+        p.wait(5.0)
         return
     if not rec.get("trainingJob"):
         p.update(trainingJob=name)
@@ -444,6 +469,12 @@ def _evaluating(p: _Pass, spec: FlywheelSpec) -> None:
     pname = manifests.eval_pod_name(p.name, p.cycle)
     pods = [x for x in obs.eval_pods if x["metadata"]["name"] == pname]
     report = obs.report
+    if report is not None and (report.candidate.uri != rec.get("candidateUri")
+                               or report.dataset_version != rec.get("datasetVersion")):
+        p.finish("Failed", f"the committed report for cycle {p.cycle} scored {report.candidate.uri} on version "
+                           f"{report.dataset_version}, not this cycle's candidate: a report is never rewritten; the "
+                           "next cycle writes its own", warning=True)
+        return
     if report is not None:
         gate = report.gate
         p.update(scores=report.metrics, baselineScores=report.baseline_metrics,
@@ -457,15 +488,19 @@ def _evaluating(p: _Pass, spec: FlywheelSpec) -> None:
             return
         _enter_step(p, spec, 0)
         return
+    if not pods and obs.refused:
+        p.finish("Failed", f"evaluation pod {pname} was refused: {obs.refused}", warning=True)
+        return
     if not pods:
         store = obs.eval_store
         baseline = (((obs.isvc or {}).get("status") or {}).get("model") or {}).get("uri")
-        ds = (obs.dataset or {}).get("status") or {}
-        version_uri = next((v.get("uri") for v in ds.get("versions") or [] if v.get("version") == rec.get("datasetVersion")),
-                           None)
+        # the version the job trained on, as it resolved it (retention may since have pruned it from
+        # the Dataset's status list)
+        job = obs.jobs.get(str(rec.get("trainingJob"))) or {}
+        version_uri = ((job.get("status") or {}).get("dataset") or {}).get("uri")
         if not isinstance(store, EvalStore) or not baseline or not version_uri:
             missing = ("the InferenceService's served model (status.model.uri)" if not baseline else
-                       f"version {rec.get('datasetVersion')} in Dataset {spec.dataset_ref.name}'s status"
+                       f"the Dataset version in TrainingJob {rec.get('trainingJob')}'s status.dataset"
                        if not version_uri else "the evaluation store")
             p.status["message"] = f"waiting for {missing}"
             p.wait()
@@ -503,7 +538,6 @@ def _enter_step(p: _Pass, spec: FlywheelSpec, index: int) -> None:
         p.out.isvc_patch = manifests.shadow_patch(stable, job, step.percent)
     else:
         p.out.isvc_patch = manifests.canary_patch(stable, job, step.percent)
-    p.out.finalizer = True
     stage = "Shadow" if step.role == "shadow" else "Canary"
     what = f"a copy of {step.percent:g}% of requests" if step.role == "shadow" else f"{step.percent:g}% of requests"
     p.goto(stage, f"{job} answers {what} (step {index + 1} of {len(all_steps)}: at least {step.min_seconds}s and "
@@ -556,9 +590,17 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
         p.wait()
         return
     if obs.router is None:
-        p.status["message"] = f"{step.name}: waiting for the router's counters ({obs.router_error or 'not read yet'})"
+        since = p.elapsed(cur.get("lastReadTime") or cur.get("startTime"))
+        why = obs.router_error or "not read yet"
+        if since >= spec.rollout.candidate_ready_seconds:
+            p.finish("RolledBack", f"the router's counters could not be read for {since:.0f}s "
+                                   f"(rollout.candidateReadySeconds): {why}; the guard rails cannot be judged",
+                     warning=True)
+            return
+        p.status["message"] = f"{step.name}: waiting for the router's counters ({why})"
         p.wait()
         return
+    cur["lastReadTime"] = p.now
     if not cur.get("baselineTaken"):
         cur["baseline"] = obs.router
         cur["baselineTaken"] = True
@@ -578,6 +620,10 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
             _promote(p, spec, f"{PROMOTE_ANNOTATION}={p.cycle}")
         else:
             p.wait()
+        return
+    if elapsed >= spec.rollout.max_step_seconds and cand.requests < step.min_requests:
+        p.finish("RolledBack", f"{step.name}: {cand.requests} of {step.min_requests} request(s) in {elapsed:.0f}s "
+                               "(rollout.maxStepSeconds): too little traffic to judge the candidate")
         return
     if elapsed < step.min_seconds or cand.requests < step.min_requests:
         p.status["message"] = (f"{step.name}: {cand.requests}/{step.min_requests} request(s), "
@@ -615,7 +661,7 @@ def _guard_rails(spec: FlywheelSpec, cand: router_stats.RevisionStats, stable: r
         return (f"error rate {_pct(cand_rate)} over {cand.requests} request(s) vs the stable revision's "
                 f"{_pct(stable_rate)} (guardRails.maxErrorRateIncrease {g.max_error_rate_increase:g})")
     if (stable.requests >= g.min_requests and cand.p95_s is not None and stable.p95_s is not None
-            and cand.p95_s > g.max_p95_latency_ratio * stable.p95_s):
+            and cand.p95_s > g.max_p95_latency_ratio * stable.p95_s):  # inf: beyond the last bucket
         return (f"p95 {cand.p95_s:g}s vs the stable revision's {stable.p95_s:g}s "
                 f"(guardRails.maxP95LatencyRatio {g.max_p95_latency_ratio:g})")
     return None
@@ -660,6 +706,20 @@ def _rolling_back(p: _Pass, spec: FlywheelSpec) -> None:
     p.goto("Idle", f"{rec.get('outcome')}: {rec.get('reason')}; all traffic is on the stable revision", "RolledBack")
 
 
+def _job_cycle(job: dict[str, Any]) -> int:
+    try:
+        return int((job["metadata"].get("labels") or {}).get(manifests.CYCLE_LABEL, "0"))
+    except ValueError:
+        return 0
+
+
+def _old_eval_pods(p: _Pass) -> list[tuple[str, str]]:
+    """Finished evaluation pods of earlier cycles (the last cycle's stays for its logs)."""
+    last = manifests.eval_pod_name(p.name, p.cycle) if p.cycle else None
+    return [(x["metadata"]["name"], str(x["metadata"].get("uid", ""))) for x in p.obs.eval_pods
+            if x["metadata"]["name"] != last and pod_outcome(x, manifests.CONTAINER).finished]
+
+
 def _retention(p: _Pass, spec: FlywheelSpec, stable: str) -> list[str]:
     """Finished candidate jobs beyond ``training.maxRetainedJobs`` (never the served one)."""
     finished = []
@@ -667,11 +727,9 @@ def _retention(p: _Pass, spec: FlywheelSpec, stable: str) -> list[str]:
         phase = (job.get("status") or {}).get("phase")
         if name == stable or phase not in ("Succeeded", "Failed"):
             continue
-        try:
-            cycle = int((job["metadata"].get("labels") or {}).get(manifests.CYCLE_LABEL, "0"))
-        except ValueError:
-            cycle = 0
-        finished.append((cycle, name))
+        if (job["metadata"].get("labels") or {}).get(manifests.FLYWHEEL_UID_LABEL) != p.meta.get("uid"):
+            continue  # an earlier Flywheel's: not this one's to delete
+        finished.append((_job_cycle(job), name))
     finished.sort()
     return [name for _c, name in finished[:-spec.training.max_retained_jobs]] if \
         len(finished) > spec.training.max_retained_jobs else []
@@ -685,5 +743,13 @@ def plan_deletion(obs: Observed) -> Plan:
         p.event("RollingBack", "the Flywheel is being deleted: taking the candidate off the InferenceService")
         p.wait(1.0)
         return p.out
+    job = p.record.get("trainingJob") or (manifests.job_name(p.name, p.cycle) if p.cycle else None)
+    current = obs.jobs.get(str(job)) if job else None
+    served = obs.isvc_spec.model.training_job_ref if obs.isvc_spec is not None else None
+    if current is not None and (current.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and \
+            (current["metadata"].get("labels") or {}).get(manifests.FLYWHEEL_UID_LABEL) == p.meta.get("uid") and \
+            (served is None or served.name != job):
+        p.out.delete_jobs = [str(job)]
+        p.event("CandidateDeleted", f"the Flywheel is being deleted: deleting its unfinished TrainingJob {job}")
     p.out.finalizer = False
     return p.out
