@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -526,6 +527,18 @@ def test_a_slower_candidate_is_rolled_back_on_p95() -> None:
     w.router = {"pod-a": counters((40, 0, 0.4), (20, 0, 3.0), "shadow")}
     w.step()
     assert w.record()["outcome"] == "RolledBack" and "p95 5s vs the stable revision's 0.5s" in w.record()["reason"]
+
+
+def test_a_candidate_slower_than_the_last_bucket_breaches_and_status_stays_json() -> None:
+    w = World()
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    w.router = {"pod-a": counters((0, 0, 0.4), (0, 0, 0.4), "shadow")}
+    w.step()
+    w.router = {"pod-a": counters((40, 0, 0.4), (20, 0, 900.0), "shadow")}
+    w.step()
+    assert w.record()["outcome"] == "RolledBack" and "beyond the router's last latency bucket" in w.record()["reason"]
+    json.dumps(w.plans[-1].status, allow_nan=False)
 
 
 def test_a_candidate_that_never_gets_ready_is_rolled_back() -> None:

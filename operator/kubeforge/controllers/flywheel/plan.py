@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from typing import Any
 
 from kubeforge.api import FlywheelSpec, InferenceServiceSpec
@@ -607,8 +608,9 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
     counts = router_stats.delta(obs.router, cur.get("baseline") or {})
     cand = router_stats.shadow_stats(counts) if step.role == "shadow" else router_stats.revision_stats(counts, "canary")
     stable = router_stats.revision_stats(counts, "stable")
+    finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - status is JSON: no inf
     cur.update(candidateRequests=cand.requests, candidateErrorRate=cand.error_rate, stableErrorRate=stable.error_rate,
-               candidateP95Seconds=cand.p95_s, stableP95Seconds=stable.p95_s)
+               candidateP95Seconds=finite(cand.p95_s), stableP95Seconds=finite(stable.p95_s))
     p.status["step"] = StepProgress.model_validate(cur).dump()
     breach = _guard_rails(spec, cand, stable)
     if breach is not None:
@@ -648,6 +650,8 @@ def _pct(v: float | None) -> str:
 
 
 def _secs(v: float | None) -> str:
+    if v is not None and math.isinf(v):
+        return "beyond the router's last latency bucket"
     return "n/a" if v is None else f"{v:g}s"
 
 
@@ -662,7 +666,7 @@ def _guard_rails(spec: FlywheelSpec, cand: router_stats.RevisionStats, stable: r
                 f"{_pct(stable_rate)} (guardRails.maxErrorRateIncrease {g.max_error_rate_increase:g})")
     if (stable.requests >= g.min_requests and cand.p95_s is not None and stable.p95_s is not None
             and cand.p95_s > g.max_p95_latency_ratio * stable.p95_s):  # inf: beyond the last bucket
-        return (f"p95 {cand.p95_s:g}s vs the stable revision's {stable.p95_s:g}s "
+        return (f"p95 {_secs(cand.p95_s)} vs the stable revision's {_secs(stable.p95_s)} "
                 f"(guardRails.maxP95LatencyRatio {g.max_p95_latency_ratio:g})")
     return None
 

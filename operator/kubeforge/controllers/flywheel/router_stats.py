@@ -14,7 +14,6 @@ restarted mid-step continues from the same baseline.
 from __future__ import annotations
 
 import dataclasses
-import math
 import urllib.request
 from collections.abc import Mapping
 
@@ -74,7 +73,8 @@ class RevisionStats:
 
 
 def p95(counts: Counters, prefix: str, revision: str) -> float | None:
-    """The upper bound of the bucket holding the 95th percentile (conservative: never below it)."""
+    """The upper bound of the bucket holding the 95th percentile (conservative: never below it);
+    ``math.inf`` when it lies beyond the last bucket."""
     buckets = sorted(((float(k.rsplit("|", 1)[1]), v) for k, v in counts.items()
                       if k.startswith(f"{prefix}|{revision}|")), key=lambda b: b[0])
     if not buckets or buckets[-1][1] <= 0:
@@ -82,7 +82,7 @@ def p95(counts: Counters, prefix: str, revision: str) -> float | None:
     total = buckets[-1][1]
     for le, cum in buckets:
         if cum >= 0.95 * total:
-            return le if math.isfinite(le) else None
+            return le
     return None
 
 
