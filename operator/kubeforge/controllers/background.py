@@ -11,7 +11,8 @@ all stopped by the operator's cleanup handler.
   one whose store is dead (a retry deadline per call) delays neither the others nor kopf's
   handlers.
 - ``WorkQueue``: keys due at a time, one worker per key at a time (controller-runtime's
-  work queue), for a kind whose events only say "look at this object again".
+  work queue), for a kind whose events only say "look at this object again";
+  ``queue_worker`` is one worker of it: each key reconciled in a thread of the kind's pool.
 
 A failing pass is logged and the next one runs; a task that ends by an exception is logged.
 """
@@ -159,3 +160,29 @@ class SideBySide(Generic[K]):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def queue_worker(queue: WorkQueue[K], background: Background, pool: concurrent.futures.Executor,
+                       reconcile: Callable[[K], float | None], what: str, *, standby_retry_s: float,
+                       error_backoff_s: float) -> None:
+    """Hand the queue's keys to ``reconcile`` (in ``pool``: the Kubernetes client blocks) one
+    at a time, forever; a key comes back when ``reconcile`` returns a delay, after
+    ``error_backoff_s`` when it raises. In a standby replica (or one a moment before its next
+    look at the peering object: kopf resumes the handlers at once) a key is kept and tried
+    again after ``standby_retry_s``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await queue.get()
+        if not background.active():
+            queue.done(key)
+            queue.add(key, standby_retry_s)
+            continue
+        try:
+            again = await loop.run_in_executor(pool, reconcile, key)
+        except Exception:
+            log.exception("reconciling %s %s failed", what, key)
+            again = error_backoff_s
+        finally:
+            queue.done(key)
+        if again is not None:
+            queue.add(key, again)

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from kubeforge.api.common import API_VERSION
+from kubeforge.api.contract import ENV_S3_FORCE_PATH_STYLE, ENV_S3_REGION
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -88,3 +89,37 @@ def gpu_product_affinity(product: str | None) -> dict[str, Any] | None:
         return None
     term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]}]}
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+
+
+#: Where a step pod's scratch space (an emptyDir) is mounted: files before upload, not the image's layer.
+STEP_SCRATCH_DIR = "/tmp"
+
+
+def s3_env(region: str | None, force_path_style: bool) -> list[dict[str, Any]]:
+    """The S3 settings a step pod's store client reads from its environment (besides the Secret's keys)."""
+    env = [{"name": ENV_S3_REGION, "value": region}] if region else []
+    if not force_path_style:
+        env.append({"name": ENV_S3_FORCE_PATH_STYLE, "value": "false"})
+    return env
+
+
+def step_pod(metadata: dict[str, Any], container: dict[str, Any], secret: str, env: list[dict[str, Any]],
+             deadline_s: int) -> dict[str, Any]:
+    """A one-shot CPU pod of the operator's (a curation, an evaluation): restricted PodSecurity,
+    no ServiceAccount token, never restarted, killed after ``deadline_s``; store credentials only
+    through ``envFrom`` of ``secret``; ``FallbackToLogsOnError``, so the module's reason for
+    exiting is in the pod's status, where the controller reads it."""
+    c = {**container, "envFrom": [{"secretRef": {"name": secret}}], "securityContext": container_security(),
+         "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "FallbackToLogsOnError",
+         "volumeMounts": [{"name": "scratch", "mountPath": STEP_SCRATCH_DIR}]}
+    if env:
+        c["env"] = env
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+        "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": deadline_s, "automountServiceAccountToken": False,
+                 "enableServiceLinks": False, "securityContext": pod_security(), "containers": [c],
+                 "volumes": [{"name": "scratch", "emptyDir": {}}],
+                 # CPU only: off GPU nodes where there are others, onto them where there are not
+                 # (a step left Pending on a GPU-only cluster would never run)
+                 **off_gpu_placement()},
+    }

@@ -33,7 +33,7 @@ from kubeforge.api import (
 )
 from kubeforge.api.common import GROUP, VERSION, StoreRef
 from kubeforge.api.contract import ENV_S3_ACCESS_KEY_ID, ENV_S3_SECRET_ACCESS_KEY
-from kubeforge.controllers.background import Background, WorkQueue
+from kubeforge.controllers.background import Background, WorkQueue, queue_worker
 from kubeforge.controllers.checkpointpolicy.plan import secret_check
 from kubeforge.controllers.dataset import manifests
 from kubeforge.controllers.dataset.manifests import SourceStore
@@ -142,7 +142,9 @@ async def start_datasets(memo: kopf.Memo, **_: Any) -> None:
     state = memo.datasets = Datasets(settings, shared_stores(memo))
     state.loop = asyncio.get_running_loop()
     for n in range(state.tuning.workers):
-        background.spawn(f"dataset-worker-{n}", _work(state, background))
+        background.spawn(f"dataset-worker-{n}", queue_worker(
+            state.queue, background, state.pool, lambda key: reconcile_dataset(state, *key), "Dataset",
+            standby_retry_s=STANDBY_RETRY_S, error_backoff_s=ERROR_BACKOFF_S))
     background.close_with(lambda: state.pool.shutdown(wait=False, cancel_futures=True))
 
     async def resync() -> None:
@@ -189,25 +191,6 @@ async def dataset_source_changed(type: str | None, body: kopf.Body, meta: kopf.M
 
 
 # ---- the reconciliation ---------------------------------------------------------------
-
-async def _work(state: Datasets, background: Background) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        key = await state.queue.get()
-        if not background.active():
-            state.queue.done(key)
-            state.queue.add(key, STANDBY_RETRY_S)
-            continue
-        try:
-            again = await loop.run_in_executor(state.pool, reconcile_dataset, state, *key)
-        except Exception:
-            log.exception("reconciling Dataset %s/%s failed", *key)
-            again = ERROR_BACKOFF_S
-        finally:
-            state.queue.done(key)
-        if again is not None:
-            state.queue.add(key, again)
-
 
 def resolve_source(namespace: str, name: str, spec: DatasetSpec) -> tuple[SourceStore, dict[str, str]] | SourceProblem:
     """The store the Dataset reads and writes, and its Secret's data; or why not."""

@@ -20,14 +20,12 @@ import json
 from typing import Any
 
 from kubeforge.api import Dataset, DatasetSpec
-from kubeforge.api.contract import ENV_S3_FORCE_PATH_STYLE, ENV_S3_REGION
 from kubeforge.controllers.workload import (
     MANAGED_BY,
     Owner,
-    container_security,
-    off_gpu_placement,
-    pod_security,
     resources,
+    s3_env,
+    step_pod,
 )
 
 DATASET_LABEL = "kubeforge.dev/dataset"
@@ -37,8 +35,6 @@ VERSION_LABEL = "kubeforge.dev/dataset-version"
 ATTEMPT_ANNOTATION = "kubeforge.dev/curation-attempt"
 COMPONENT = "dataset-curation"
 CONTAINER = "curate"
-#: Scratch space of the curate module (tar files before upload), not the image's layer.
-SCRATCH_DIR = "/tmp"
 #: What a curation pod asks for when the Dataset names no resources: MinHash over 100k
 #: records fits in about 1 GiB.
 DEFAULT_REQUESTS = {"cpu": "500m", "memory": "1Gi"}
@@ -96,40 +92,13 @@ def curation_command(spec: DatasetSpec, store: SourceStore, version: int) -> lis
 def build_curation_pod(owner: Owner, spec: DatasetSpec, store: SourceStore, version: int, attempt: int,
                        image: str, deadline_s: int) -> dict[str, Any]:
     """The pod that curates ``version`` of the Dataset ``owner``."""
-    env = []
-    if store.region:
-        env.append({"name": ENV_S3_REGION, "value": store.region})
-    if not store.force_path_style:
-        env.append({"name": ENV_S3_FORCE_PATH_STYLE, "value": "false"})
+    env = s3_env(store.region, store.force_path_style)
     wanted = resources(spec.resources.cpu, spec.resources.memory) or {"requests": dict(DEFAULT_REQUESTS)}
-    container: dict[str, Any] = {
-        "name": CONTAINER, "image": image, "imagePullPolicy": spec.image_pull_policy,
-        "command": curation_command(spec, store, version),
-        "envFrom": [{"secretRef": {"name": store.secret}}],
-        "securityContext": container_security(),
-        "resources": wanted,
-        "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_DIR}],
-    }
-    if env:
-        container["env"] = env
+    container: dict[str, Any] = {"name": CONTAINER, "image": image, "imagePullPolicy": spec.image_pull_policy,
+                                 "command": curation_command(spec, store, version), "resources": wanted}
     labels = {**MANAGED_BY, "app.kubernetes.io/component": COMPONENT, DATASET_LABEL: owner.name,
               DATASET_UID_LABEL: owner.uid, VERSION_LABEL: str(version)}
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": curation_pod_name(owner.name, version), "namespace": owner.namespace, "labels": labels,
-                     "annotations": {ATTEMPT_ANNOTATION: str(attempt)},
-                     "ownerReferences": [Owner(owner.name, owner.namespace, owner.uid, Dataset.kind).reference()]},
-        "spec": {
-            "restartPolicy": "Never",
-            "activeDeadlineSeconds": deadline_s,
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "securityContext": pod_security(),
-            "containers": [container],
-            "volumes": [{"name": "scratch", "emptyDir": {}}],
-            # CPU only: off GPU nodes where there are others, onto them where there are not
-            # (a curation left Pending on a GPU-only cluster would never run)
-            **off_gpu_placement(),
-        },
-    }
+    metadata = {"name": curation_pod_name(owner.name, version), "namespace": owner.namespace, "labels": labels,
+                "annotations": {ATTEMPT_ANNOTATION: str(attempt)},
+                "ownerReferences": [Owner(owner.name, owner.namespace, owner.uid, Dataset.kind).reference()]}
+    return step_pod(metadata, container, store.secret, env, deadline_s)

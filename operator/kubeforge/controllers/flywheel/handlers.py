@@ -33,7 +33,7 @@ from kubeforge.api import (
 )
 from kubeforge.api.common import GROUP, VERSION
 from kubeforge.api.contract import ENV_S3_ACCESS_KEY_ID, ENV_S3_SECRET_ACCESS_KEY, SERVING_PORT
-from kubeforge.controllers.background import Background, WorkQueue
+from kubeforge.controllers.background import Background, WorkQueue, queue_worker
 from kubeforge.controllers.checkpointpolicy.plan import secret_check
 from kubeforge.controllers.dataset.plan import CURATE_ANNOTATION, pod_outcome
 from kubeforge.controllers.flywheel import manifests, router_stats
@@ -115,7 +115,9 @@ async def start_flywheels(memo: kopf.Memo, **_: Any) -> None:
     state = memo.flywheels = Flywheels(settings, shared_stores(memo))
     state.loop = asyncio.get_running_loop()
     for n in range(state.tuning.workers):
-        background.spawn(f"flywheel-worker-{n}", _work(state, background))
+        background.spawn(f"flywheel-worker-{n}", queue_worker(
+            state.queue, background, state.pool, lambda key: reconcile_flywheel(state, *key), "Flywheel",
+            standby_retry_s=STANDBY_RETRY_S, error_backoff_s=ERROR_BACKOFF_S))
     background.close_with(lambda: state.pool.shutdown(wait=False, cancel_futures=True))
 
     async def resync() -> None:
@@ -155,25 +157,6 @@ async def flywheel_input_changed(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> 
 
 
 # ---- the reconciliation ---------------------------------------------------------------
-
-async def _work(state: Flywheels, background: Background) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        key = await state.queue.get()
-        if not background.active():
-            state.queue.done(key)
-            state.queue.add(key, STANDBY_RETRY_S)
-            continue
-        try:
-            again = await loop.run_in_executor(state.pool, reconcile_flywheel, state, *key)
-        except Exception:
-            log.exception("reconciling Flywheel %s/%s failed", *key)
-            again = ERROR_BACKOFF_S
-        finally:
-            state.queue.done(key)
-        if again is not None:
-            state.queue.add(key, again)
-
 
 def resolve_eval_store(namespace: str, spec: FlywheelSpec) -> tuple[EvalStore, dict[str, str]] | Problem:
     """The training CheckpointPolicy's S3 store (candidate exports and evaluation reports)."""

@@ -20,15 +20,13 @@ from typing import Any
 
 from kubeforge.api import Flywheel, FlywheelSpec, TrainingJob
 from kubeforge.api.common import API_VERSION
-from kubeforge.api.contract import ENV_S3_FORCE_PATH_STYLE, ENV_S3_REGION
 from kubeforge.api.inferenceservice import ModelSource
 from kubeforge.controllers.workload import (
     MANAGED_BY,
     Owner,
-    container_security,
-    off_gpu_placement,
-    pod_security,
     resources,
+    s3_env,
+    step_pod,
 )
 from kubeforge.store.evaluation import cycle_dir_name, evaluation_prefix
 
@@ -37,7 +35,6 @@ FLYWHEEL_UID_LABEL = "kubeforge.dev/flywheel-uid"
 CYCLE_LABEL = "kubeforge.dev/flywheel-cycle"
 COMPONENT = "flywheel-evaluation"
 CONTAINER = "evaluate"
-SCRATCH_DIR = "/tmp"
 #: Scoring the tiny models needs little; a real one asks through spec.evaluation.resources.
 DEFAULT_REQUESTS = {"cpu": "500m", "memory": "1Gi"}
 #: Held by a Flywheel while the InferenceService carries its candidate: deleting the Flywheel
@@ -108,32 +105,16 @@ def evaluation_command(spec: FlywheelSpec, store: EvalStore, namespace: str, fly
 def evaluation_pod(owner: Owner, spec: FlywheelSpec, store: EvalStore, cycle: int, image: str,
                    command: list[str]) -> dict[str, Any]:
     ev = spec.evaluation
-    env = []
-    if store.region:
-        env.append({"name": ENV_S3_REGION, "value": store.region})
-    if not store.force_path_style:
-        env.append({"name": ENV_S3_FORCE_PATH_STYLE, "value": "false"})
+    env = s3_env(store.region, store.force_path_style)
     container: dict[str, Any] = {
         "name": CONTAINER, "image": image, "imagePullPolicy": spec.training.template.trainer.image_pull_policy,
-        "command": command, "envFrom": [{"secretRef": {"name": store.secret}}],
-        "securityContext": container_security(),
-        "resources": resources(ev.resources.cpu, ev.resources.memory) or {"requests": dict(DEFAULT_REQUESTS)},
-        "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_DIR}],
-    }
-    if env:
-        container["env"] = env
+        "command": command,
+        "resources": resources(ev.resources.cpu, ev.resources.memory) or {"requests": dict(DEFAULT_REQUESTS)}}
     labels = {**MANAGED_BY, "app.kubernetes.io/component": COMPONENT, FLYWHEEL_LABEL: owner.name,
               FLYWHEEL_UID_LABEL: owner.uid, CYCLE_LABEL: str(cycle)}
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": eval_pod_name(owner.name, cycle), "namespace": owner.namespace, "labels": labels,
-                     "ownerReferences": [Owner(owner.name, owner.namespace, owner.uid, Flywheel.kind).reference()]},
-        "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": ev.deadline_seconds,
-                 "automountServiceAccountToken": False, "enableServiceLinks": False,
-                 "securityContext": pod_security(), "containers": [container],
-                 "volumes": [{"name": "scratch", "emptyDir": {}}], **off_gpu_placement()},
-    }
+    metadata = {"name": eval_pod_name(owner.name, cycle), "namespace": owner.namespace, "labels": labels,
+                "ownerReferences": [Owner(owner.name, owner.namespace, owner.uid, Flywheel.kind).reference()]}
+    return step_pod(metadata, container, store.secret, env, ev.deadline_seconds)
 
 
 def candidate_model(stable: ModelSource, job: str) -> dict[str, Any]:

@@ -608,9 +608,8 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
     counts = router_stats.delta(obs.router, cur.get("baseline") or {})
     cand = router_stats.shadow_stats(counts) if step.role == "shadow" else router_stats.revision_stats(counts, "canary")
     stable = router_stats.revision_stats(counts, "stable")
-    finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - status is JSON: no inf
     cur.update(candidateRequests=cand.requests, candidateErrorRate=cand.error_rate, stableErrorRate=stable.error_rate,
-               candidateP95Seconds=finite(cand.p95_s), stableP95Seconds=finite(stable.p95_s))
+               candidateP95Seconds=_finite(cand.p95_s), stableP95Seconds=_finite(stable.p95_s))
     p.status["step"] = StepProgress.model_validate(cur).dump()
     breach = _guard_rails(spec, cand, stable)
     if breach is not None:
@@ -643,6 +642,11 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
         p.goto("AwaitingPromotion", f"every step passed; annotate {PROMOTE_ANNOTATION}={p.cycle} to promote "
                                     f"(the last step's share stays meanwhile)")
         p.wait()
+
+
+def _finite(v: float | None) -> float | None:
+    """Status is JSON: no inf."""
+    return v if v is None or math.isfinite(v) else None
 
 
 def _pct(v: float | None) -> str:

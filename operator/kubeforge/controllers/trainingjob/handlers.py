@@ -27,7 +27,7 @@ from kubeforge import k8s
 from kubeforge.api import CheckpointPolicy, CheckpointPolicySpec, Dataset, TrainingJob
 from kubeforge.api.common import GROUP, VERSION
 from kubeforge.api.trainingjob import DatasetRef, InitFrom
-from kubeforge.controllers.background import Background, WorkQueue
+from kubeforge.controllers.background import Background, WorkQueue, queue_worker
 from kubeforge.controllers.store_access import StoreAccess, shared_stores
 from kubeforge.controllers.trainingjob import manifests as pods_
 from kubeforge.controllers.trainingjob.plan import (
@@ -114,7 +114,10 @@ async def start_queue(memo: kopf.Memo, **_: Any) -> None:
     state = memo.trainingjobs = TrainingJobs(settings, shared_stores(memo))
     state.loop = asyncio.get_running_loop()
     for n in range(settings.trainingjob.workers):
-        background.spawn(f"trainingjob-worker-{n}", _work(state, background))
+        background.spawn(f"trainingjob-worker-{n}", queue_worker(
+            state.queue, background, state.pool, lambda key: reconcile_job(state, *key), "TrainingJob",
+            standby_retry_s=state.settings.trainingjob.standby_retry_s,
+            error_backoff_s=state.settings.trainingjob.error_backoff_s))
     # no wait for a reconciliation blocked on a slow API or store call: the process is ending
     background.close_with(lambda: state.pool.shutdown(wait=False, cancel_futures=True))
 
@@ -224,27 +227,6 @@ async def node_event(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: k
 
 
 # ---- the reconciliation ---------------------------------------------------------------
-
-async def _work(state: TrainingJobs, background: Background) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        key = await state.queue.get()
-        if not background.active():
-            # standby, or active a moment before this replica's next look at the peering
-            # object (kopf resumes the handlers at once): kept, tried again at that look
-            state.queue.done(key)
-            state.queue.add(key, state.settings.trainingjob.standby_retry_s)
-            continue
-        try:
-            again = await loop.run_in_executor(state.pool, reconcile_job, state, *key)
-        except Exception:
-            log.exception("reconciling TrainingJob %s/%s failed", *key)
-            again = state.settings.trainingjob.error_backoff_s
-        finally:
-            state.queue.done(key)
-        if again is not None:
-            state.queue.add(key, again)
-
 
 def _nodes_for(caches: Caches, pods: list[dict[str, Any]]) -> dict[str, NodeHealth]:
     """Node health from the watch; a node the watch has not shown yet is read directly, so a
