@@ -86,9 +86,10 @@ def test_a_cycle_asks_for_a_version_and_trains_one_candidate_on_it(operator: Ope
              .get("pendingRecords") == 12, 60)
     c.kubectl("annotate", "flywheel", NAME, "-n", namespace, "kubeforge.dev/run-cycle=1")
     st = wait_for("Curating", lambda: fw_status(c, namespace).get("stage") == "Curating" and fw_status(c, namespace), 30)
-    assert st["cycle"] == 1 and st["curationRequest"] == f"{NAME}-c1" and st["lastRunRequest"] == "1"
+    request = f"{NAME}-{get(c, namespace, 'flywheel', NAME)['metadata']['uid'][:8]}-c1"  # type: ignore[index]
+    assert st["cycle"] == 1 and st["curationRequest"] == request and st["lastRunRequest"] == "1"
     ds = wait_for("the curate annotation", lambda: (x := get(c, namespace, "dataset", DATASET)) and
-                  (x["metadata"].get("annotations") or {}).get("kubeforge.dev/curate") == f"{NAME}-c1" and x, 30)
+                  (x["metadata"].get("annotations") or {}).get("kubeforge.dev/curate") == request and x, 30)
     assert ds is not None
     wait_for("the v2 curation pod", lambda: [p for p in curation_pods(c, namespace)
                                              if p["metadata"]["name"] == f"{DATASET}-curate-v2"
