@@ -224,8 +224,8 @@ class RealNodes:
 
     def _write_chart_values(self) -> None:
         """With NetworkPolicy enforced, the chart's defaults do not fit this cluster: the
-        operator's egress policy names the API server's and S3's usual ports (443, 6443, 9000),
-        but here they listen on the port base's (a Service's policy sees the endpoint's port,
+        operator's egress policy names the API server's and S3's usual ports (443, 6443, 9000)
+        and the routers' (8000), but here the first two listen on the port base's (a Service's policy sees the endpoint's port,
         after kube-proxy's DNAT); and the tests' and benchmarks' HTTP clients run in a real
         node's network namespace, which kube-router lets reach only that node's own pods, so
         the nodes' network may reach the workloads' metrics (and server) ports as a node-local
@@ -233,7 +233,8 @@ class RealNodes:
         c = self.cfg
         self.dir.mkdir(parents=True, exist_ok=True)
         self.chart_values.write_text(json.dumps({
-            "networkPolicy": {"egressPorts": [443, 6443, 9000, c.apiserver_port, c.minio_port]},
+            # 8000: the InferenceService routers' /metrics, which a Flywheel's guard rails read
+            "networkPolicy": {"egressPorts": [443, 6443, 9000, 8000, c.apiserver_port, c.minio_port]},
             "workloadNetworkPolicies": {"scrapeFrom": [{"ipBlock": {"cidr": self.net.nodes_cidr}}]},
         }, indent=1))
 
