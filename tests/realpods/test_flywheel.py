@@ -234,9 +234,9 @@ print(json.dumps({{"chat": status,
     spec = fw["spec"]
     spec["trigger"] = {}
     spec["evaluation"] = {"maxRecords": 40, "maxNewTokens": 16, "gate": {"eval.mean_logprob": {"minGain": 0.0}}}
-    spec["rollout"] = {"shadow": {"samplePercent": 100, "minSeconds": 20, "minRequests": 5},
-                       "canarySteps": [{"trafficPercent": 50, "minSeconds": 20, "minRequests": 5}],
-                       "guardRails": {"maxErrorRateIncrease": 0.05, "maxP95LatencyRatio": 4, "minRequests": 5}}
+    spec["rollout"] = {"shadow": {"samplePercent": 100, "minSeconds": 20, "minRequests": 10},
+                       "canarySteps": [{"trafficPercent": 50, "minSeconds": 20, "minRequests": 10}],
+                       "guardRails": {"maxErrorRateIncrease": 0.05, "maxP95LatencyRatio": 4, "minRequests": 10}}
     name = fw["metadata"]["name"]
     stop = f"/tmp/kubeforge-chat-{uuid.uuid4().hex[:8]}"
     user_loop = subprocess.Popen(["ip", "netns", "exec", c.nodes.net.netns(0), sys.executable, "-c", f"""

@@ -52,6 +52,7 @@ def example_spec(**overrides: Any) -> dict[str, Any]:
     spec["rollout"]["shadow"] = {"samplePercent": 100, "minSeconds": 60, "minRequests": 20}
     spec["rollout"]["canarySteps"] = [{"trafficPercent": 10, "minSeconds": 60, "minRequests": 10},
                                       {"trafficPercent": 50, "minSeconds": 60, "minRequests": 10}]
+    spec["rollout"]["guardRails"]["warmupSeconds"] = 0  # test_counting_starts_after_the_warm_up has its own
     for k, v in overrides.items():
         spec[k] = v
     return spec
@@ -748,3 +749,24 @@ def test_a_suspended_dataset_fails_the_cycle_that_waits_for_it() -> None:
     w.step()
     assert w.record()["outcome"] == "Failed" and "suspended" in w.record()["reason"]
     assert w.flywheel["metadata"]["finalizers"] == []
+
+
+def test_counting_starts_after_the_warm_up() -> None:
+    spec = example_spec()
+    spec["rollout"]["guardRails"]["warmupSeconds"] = 15
+    w = World(spec)
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    # the first copies fail while the routers cannot reach the new revision yet: not judged
+    w.router = {"pod-a": counters((10, 0, 0.4), (5, 5, 0.4), "shadow")}
+    w.step()
+    assert w.status["stage"] == "Shadow" and "counting starts in 15s" in w.status["message"]
+    assert not w.status["step"]["baselineTaken"] and w.plans[-1].requeue_after == 15
+    w.later(16)
+    w.router = {"pod-a": counters((20, 0, 0.4), (10, 5, 0.4), "shadow")}
+    w.step()
+    assert w.status["step"]["baselineTaken"] and w.status["stage"] == "Shadow"
+    w.router = {"pod-a": counters((60, 0, 0.4), (40, 5, 0.4), "shadow")}
+    w.later(61)
+    w.step()
+    assert w.status["stage"] == "Canary", w.status["message"]

@@ -139,6 +139,10 @@ class GuardRails(ApiModel):
     min_requests: int = Field(default=10, ge=1, description=(
         "Candidate requests at the step before the rules are judged; the latency rule also needs as many of the "
         "stable revision (at a 100 % canary it is not judged)."))
+    warmup_seconds: int = Field(default=15, ge=0, le=600, description=(
+        "A step counts from this long after the candidate's revision first has a ready pod: the routers reach a "
+        "new revision a moment after it is Ready (Service endpoints, NetworkPolicy sets), and those first "
+        "requests do not judge it."))
 
 
 class FlywheelRollout(ApiModel):
@@ -215,6 +219,7 @@ class StepProgress(ApiModel):
     stable_error_rate: float | None = Field(default=None, description="Stable revision's failed share.")
     candidate_p95_seconds: float | None = Field(default=None, description="Candidate's p95 request time.")
     stable_p95_seconds: float | None = Field(default=None, description="Stable revision's p95 request time.")
+    ready_since: str | None = Field(default=None, description="When the candidate's revision first had a ready pod at this step.")
     baseline_taken: bool = Field(default=False, description="Whether the router counters were read since the step began.")
     last_read_time: str | None = Field(default=None, description="When the router counters were last read.")
     baseline: dict[str, dict[str, float]] = Field(default_factory=dict, description=(

@@ -590,6 +590,16 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
         p.status["message"] = f"waiting for the candidate's {step.role} pod: {revision.get('message') or 'not created'}"
         p.wait()
         return
+    if not cur.get("readySince"):
+        cur["readySince"] = p.now
+        p.status["step"] = StepProgress.model_validate(cur).dump()
+    warm = spec.rollout.guard_rails.warmup_seconds - p.elapsed(cur.get("readySince"))
+    if warm > 0 and not cur.get("baselineTaken"):
+        # the routers reach a new revision a moment after its pod is Ready (endpoints, the
+        # NetworkPolicy's sets): those first requests do not judge the candidate
+        p.status["message"] = f"{step.name}: the candidate is ready; counting starts in {warm:.0f}s (guardRails.warmupSeconds)"
+        p.wait(max(1.0, warm))
+        return
     if obs.router is None:
         since = p.elapsed(cur.get("lastReadTime") or cur.get("startTime"))
         why = obs.router_error or "not read yet"
