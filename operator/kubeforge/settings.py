@@ -108,14 +108,14 @@ class SecuritySettings:
     #: Prometheus (Helm value ``workloadNetworkPolicies.scrapeFrom``). A server's /metrics is
     #: on its API port, so these reach its API too (with the API key where one is set).
     scrape_from: tuple[dict[str, Any], ...] = ()
-    #: NetworkPolicyPeers (JSON objects) that select the operator's own pods (set by the chart):
-    #: an InferenceService's router admits them, because a Flywheel's guard rails read the
-    #: router's per-revision counters on its port.
-    operator_peers: tuple[dict[str, Any], ...] = ()
     #: Servers of a TrainingJob's export without spec.model.credentialsSecretRef get the
     #: CheckpointPolicy's (read-write) Secret (Helm value ``security.servingPolicyCredentials``).
     #: Off, such a service shows ModelReady False, ReadOnlyCredentialsRequired.
     serving_policy_credentials: bool = False
+    #: NetworkPolicyPeers (JSON objects) that select the operator's own pods (set by the chart):
+    #: an InferenceService's router admits them, because a Flywheel's guard rails read the
+    #: router's per-revision counters on its port.
+    operator_peers: tuple[dict[str, Any], ...] = ()
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -124,11 +124,11 @@ def _flag(value: str | None, default: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes")
 
 
-def _peers(value: str | None) -> tuple[dict[str, Any], ...]:
+def _peers(value: str | None, name: str = "KUBEFORGE_SCRAPE_FROM") -> tuple[dict[str, Any], ...]:
     """A JSON list of NetworkPolicyPeer objects; a malformed one stops the operator at start."""
     peers = json.loads(value) if value else []
     if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
-        raise ValueError(f"KUBEFORGE_SCRAPE_FROM must be a JSON list of NetworkPolicyPeer objects: {value}")
+        raise ValueError(f"{name} must be a JSON list of NetworkPolicyPeer objects: {value}")
     return tuple(peers)
 
 
@@ -177,8 +177,8 @@ class OperatorSettings:
                                               SecuritySettings.allow_host_path_volumes),
                 network_policies=_flag(env.get("KUBEFORGE_NETWORK_POLICIES"), SecuritySettings.network_policies),
                 scrape_from=_peers(env.get("KUBEFORGE_SCRAPE_FROM")),
-                operator_peers=_peers(env.get("KUBEFORGE_OPERATOR_PEERS")),
                 serving_policy_credentials=_flag(env.get("KUBEFORGE_SERVING_POLICY_CREDENTIALS"),
                                                  SecuritySettings.serving_policy_credentials),
+                operator_peers=_peers(env.get("KUBEFORGE_OPERATOR_PEERS"), "KUBEFORGE_OPERATOR_PEERS"),
             ),
         )

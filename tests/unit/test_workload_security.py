@@ -4,6 +4,7 @@ TrainingJob and InferenceService, and the settings that govern them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -190,6 +191,12 @@ def test_security_settings_from_the_environment() -> None:
                                    "KUBEFORGE_SCRAPE_FROM": '[{"namespaceSelector": {}}]',
                                    "KUBEFORGE_SERVING_POLICY_CREDENTIALS": "true"}).security
     assert s == SecuritySettings(True, False, ({"namespaceSelector": {}},), True)
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kf"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubeforge"}}}
+    s = OperatorSettings.from_env({"KUBEFORGE_OPERATOR_PEERS": json.dumps([peer])}).security
+    assert s.operator_peers == (peer,)
+    with pytest.raises(ValueError, match="KUBEFORGE_OPERATOR_PEERS"):
+        OperatorSettings.from_env({"KUBEFORGE_OPERATOR_PEERS": "[1]"})
     with pytest.raises(ValueError, match="KUBEFORGE_SCRAPE_FROM"):
         OperatorSettings.from_env({"KUBEFORGE_SCRAPE_FROM": '{"namespaceSelector": {}}'})
 
