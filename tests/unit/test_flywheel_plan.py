@@ -631,6 +631,7 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
         requests.labels("canary", "200").inc()
         duration.labels("canary").observe(0.7)
     requests.labels("canary", "client_closed").inc(4)  # neither a success nor a failure
+    requests.labels("canary", "aborted").inc(1)  # broke off mid-answer: a failure
     fallbacks.labels("canary").inc(2)  # could not be connected to: the stable one answered
     shadow.labels("shadow", "ok").inc(3)
     shadow.labels("shadow", "timeout").inc(1)
@@ -639,7 +640,7 @@ def test_router_counters_from_a_real_exposition_and_their_growth_per_pod() -> No
     stable = router_stats.revision_stats(parsed, "stable")
     canary = router_stats.revision_stats(parsed, "canary")
     assert (stable.requests, stable.errors, stable.p95_s) == (20, 2, 0.1)
-    assert (canary.requests, canary.errors, canary.p95_s) == (12, 2, 1.0)
+    assert (canary.requests, canary.errors, canary.p95_s) == (13, 3, 1.0)
     sh = router_stats.shadow_stats(parsed)
     assert (sh.requests, sh.errors) == (4, 1)  # dropped copies are not the shadow's answers
     # a pod in the baseline counts its growth; a new pod all; a restarted one (below) from zero
@@ -770,3 +771,19 @@ def test_counting_starts_after_the_warm_up() -> None:
     w.later(61)
     w.step()
     assert w.status["stage"] == "Canary", w.status["message"]
+
+
+def test_a_candidate_that_loses_its_ready_pod_late_in_a_step_gets_the_whole_grace_again() -> None:
+    w = World()
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    w.router = {"p": counters((0, 0, 0.4), (0, 0, 0.4), "shadow")}
+    w.later(1000)  # a long step (too few requests yet)
+    w.step()
+    w.revision_ready("shadow", 0, "no pod ready (restarting)")
+    w.later(10)
+    w.step()
+    assert w.status["stage"] == "Shadow", w.status.get("message")  # 10 s without, not 1010
+    w.later(900)
+    w.step()
+    assert w.record()["outcome"] == "RolledBack" and "no ready pod for 9" in w.record()["reason"]

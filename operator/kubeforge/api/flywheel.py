@@ -151,14 +151,14 @@ class FlywheelRollout(ApiModel):
     shadow: ShadowStep | None = Field(default_factory=ShadowStep, description="Shadow first; null skips it.")
     canary_steps: list[CanaryStep] = Field(
         default_factory=lambda: [CanaryStep(traffic_percent=10), CanaryStep(traffic_percent=50)],
-        max_length=16, description="Canary steps, in order; the shares must grow.")
+        max_length=16, description="Canary steps, in order: distinct shares, the last the largest.")
     guard_rails: GuardRails = Field(default_factory=GuardRails, description="Per step, against the stable revision.")
     auto_promote: bool = Field(default=True, description=(
         "Promote after the last step. False waits in AwaitingPromotion (the last step's share stays) until the "
         "Flywheel is annotated kubeforge.dev/promote=<cycle>."))
     candidate_ready_seconds: int = Field(default=900, ge=30, description=(
-        "A candidate revision without a ready pod this long (its export does not load), or router counters that "
-        "cannot be read this long, roll back."))
+        "A candidate revision without a ready pod this long (from the step's start, or since it last had one: its "
+        "export does not load, its pod is gone), or router counters that cannot be read this long, roll back."))
     max_step_seconds: int = Field(default=3600, ge=60, description=(
         "A step that has not had its minRequests this long rolls back: too little traffic to judge the candidate."))
 
@@ -220,6 +220,7 @@ class StepProgress(ApiModel):
     candidate_p95_seconds: float | None = Field(default=None, description="Candidate's p95 request time.")
     stable_p95_seconds: float | None = Field(default=None, description="Stable revision's p95 request time.")
     ready_since: str | None = Field(default=None, description="When the candidate's revision first had a ready pod at this step.")
+    last_ready_time: str | None = Field(default=None, description="When the candidate's revision last had a ready pod.")
     baseline_taken: bool = Field(default=False, description="Whether the router counters were read since the step began.")
     last_read_time: str | None = Field(default=None, description="When the router counters were last read.")
     baseline: dict[str, dict[str, float]] = Field(default_factory=dict, description=(

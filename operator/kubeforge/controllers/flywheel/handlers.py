@@ -387,6 +387,7 @@ def _publish(state: Flywheels, key: Key, status: dict[str, Any]) -> None:
         return
     step = status.get("step") or {}
     stage = status.get("stage")
-    for role, stage_name in (("shadow", "Shadow"), ("canary", "Canary")):
-        on = stage == stage_name or (role == "canary" and stage == "AwaitingPromotion")
+    for role in ("shadow", "canary"):
+        # the step's role is in its name (shadow, canary-<percent>); AwaitingPromotion keeps the last step's
+        on = stage in ROLLOUT_STAGES and (step.get("name") == "shadow") == (role == "shadow")
         FLYWHEEL_CANDIDATE_PERCENT.labels(*key, role).set(float(step.get("percent") or 0) if on else 0.0)

@@ -582,17 +582,19 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
     revision = traffic.get(step.role) or {}
     elapsed = p.elapsed(cur.get("startTime"))
     if int(revision.get("readyReplicas") or 0) < 1:
-        if elapsed >= spec.rollout.candidate_ready_seconds:
-            p.finish("RolledBack", f"the candidate's {step.role} revision had no ready pod after {elapsed:.0f}s "
+        unready = p.elapsed(cur.get("lastReadyTime") or cur.get("startTime"))
+        if unready >= spec.rollout.candidate_ready_seconds:
+            p.finish("RolledBack", f"the candidate's {step.role} revision had no ready pod for {unready:.0f}s "
                                    f"(rollout.candidateReadySeconds): {revision.get('message') or 'not created'}",
                      warning=True)
             return
         p.status["message"] = f"waiting for the candidate's {step.role} pod: {revision.get('message') or 'not created'}"
         p.wait()
         return
+    cur["lastReadyTime"] = p.now
     if not cur.get("readySince"):
         cur["readySince"] = p.now
-        p.status["step"] = StepProgress.model_validate(cur).dump()
+    p.status["step"] = StepProgress.model_validate(cur).dump()
     warm = spec.rollout.guard_rails.warmup_seconds - p.elapsed(cur.get("readySince"))
     if warm > 0 and not cur.get("baselineTaken"):
         # the routers reach a new revision a moment after its pod is Ready (endpoints, the

@@ -87,8 +87,8 @@ def p95(counts: Counters, prefix: str, revision: str) -> float | None:
 
 
 def revision_stats(counts: Counters, revision: str) -> RevisionStats:
-    """A primary revision's requests, its failures and its p95. A failure is a 5xx answer or a
-    request it could not be connected to (the client got the stable revision's answer: the
+    """A primary revision's requests, its failures and its p95. A failure is a 5xx answer, an
+    answer it broke off mid-stream (``aborted``), or a request it could not be connected to (the client got the stable revision's answer: the
     fallback costs the candidate, not the client); a client that hung up counts for neither."""
     total = errors = 0.0
     for k, v in counts.items():
@@ -97,7 +97,7 @@ def revision_stats(counts: Counters, revision: str) -> RevisionStats:
             continue
         if kind == "req":
             total += v
-            if code.startswith("5"):
+            if code.startswith("5") or code == "aborted":  # aborted: it broke off mid-answer
                 errors += v
         elif kind == "fb":
             total += v
