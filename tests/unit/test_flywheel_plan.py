@@ -787,3 +787,29 @@ def test_a_candidate_that_loses_its_ready_pod_late_in_a_step_gets_the_whole_grac
     w.later(900)
     w.step()
     assert w.record()["outcome"] == "RolledBack" and "no ready pod for 9" in w.record()["reason"]
+
+
+def test_a_router_pod_that_appears_mid_step_counts_after_its_own_warm_up() -> None:
+    spec = example_spec()
+    spec["rollout"]["guardRails"]["warmupSeconds"] = 15
+    w = World(spec)
+    run_to_shadow(w)
+    w.revision_ready("shadow")
+    w.router = {"old": counters((0, 0, 0.4), (0, 0, 0.4), "shadow")}
+    w.step()
+    w.later(16)
+    w.step()  # "old" counts from here
+    # a router pod rolled in: its first copies fail while it cannot reach the shadow yet
+    w.router = {"old": counters((20, 0, 0.4), (10, 0, 0.4), "shadow"),
+                "new": counters((5, 0, 0.4), (5, 5, 0.4), "shadow")}
+    w.step()
+    assert w.status["stage"] == "Shadow" and w.status["step"]["candidateRequests"] == 10
+    w.later(16)
+    w.router = {"old": counters((30, 0, 0.4), (15, 0, 0.4), "shadow"),
+                "new": counters((10, 0, 0.4), (10, 5, 0.4), "shadow")}
+    w.step()  # "new" counts from here, its early failures left out
+    w.router = {"old": counters((40, 0, 0.4), (20, 0, 0.4), "shadow"),
+                "new": counters((20, 0, 0.4), (15, 5, 0.4), "shadow")}
+    w.later(30)
+    w.step()
+    assert w.status["stage"] == "Canary", w.status.get("message")

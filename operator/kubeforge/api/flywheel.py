@@ -223,8 +223,11 @@ class StepProgress(ApiModel):
     last_ready_time: str | None = Field(default=None, description="When the candidate's revision last had a ready pod.")
     baseline_taken: bool = Field(default=False, description="Whether the router counters were read since the step began.")
     last_read_time: str | None = Field(default=None, description="When the router counters were last read.")
+    router_seen: dict[str, str] = Field(default_factory=dict, description=(
+        "When each router pod (by uid) was first seen at this step."))
     baseline: dict[str, dict[str, float]] = Field(default_factory=dict, description=(
-        "The router counters at the step's start, per router pod uid (series → value): the step counts from them."))
+        "Per router pod uid, its counters (series → value) when it began to count, guardRails.warmupSeconds after "
+        "it was first seen: the step counts from them."))
 
 
 class FlywheelStatus(StatusBase):

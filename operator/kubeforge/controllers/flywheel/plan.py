@@ -596,6 +596,10 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
         cur["readySince"] = p.now
     p.status["step"] = StepProgress.model_validate(cur).dump()
     warm = spec.rollout.guard_rails.warmup_seconds - p.elapsed(cur.get("readySince"))
+    if obs.router is not None:  # the routers' first sightings count toward their own warm-up
+        seen = {uid: t for uid, t in (cur.get("routerSeen") or {}).items() if uid in obs.router}
+        cur["routerSeen"] = {**{uid: p.now for uid in obs.router}, **seen}
+        p.status["step"] = StepProgress.model_validate(cur).dump()
     if warm > 0 and not cur.get("baselineTaken"):
         # the routers reach a new revision a moment after its pod is Ready (endpoints, the
         # NetworkPolicy's sets): those first requests do not judge the candidate
@@ -614,10 +618,18 @@ def _rollout(p: _Pass, spec: FlywheelSpec) -> None:
         p.wait()
         return
     cur["lastReadTime"] = p.now
-    if not cur.get("baselineTaken"):
-        cur["baseline"] = obs.router
-        cur["baselineTaken"] = True
-    counts = router_stats.delta(obs.router, cur.get("baseline") or {})
+    cur["baselineTaken"] = True
+    # each router pod counts from warmupSeconds after it was first seen: the routers roll when
+    # the share changes, and a new router reaches the revisions a moment after it is Ready
+    # (a CI run rolled a good canary back on one such request)
+    warmup = spec.rollout.guard_rails.warmup_seconds
+    seen = dict(cur.get("routerSeen") or {})
+    baseline = {uid: b for uid, b in (cur.get("baseline") or {}).items() if uid in obs.router}
+    for uid, series in obs.router.items():
+        if uid not in baseline and p.elapsed(seen[uid]) >= warmup:
+            baseline[uid] = series
+    cur["routerSeen"], cur["baseline"] = seen, baseline
+    counts = router_stats.delta({uid: obs.router[uid] for uid in baseline}, baseline)
     cand = router_stats.shadow_stats(counts) if step.role == "shadow" else router_stats.revision_stats(counts, "canary")
     stable = router_stats.revision_stats(counts, "stable")
     cur.update(candidateRequests=cand.requests, candidateErrorRate=cand.error_rate, stableErrorRate=stable.error_rate,
